@@ -1,0 +1,55 @@
+"""Classifier-free guidance in its two conventions, and the guidance-scale embedding of w-conditioned students.
+
+diffusers (and every UI's "CFG scale") writes uncond + s (cond - uncond); s = 1 means no guidance.
+Imagen and Meng et al. write (1 + w) cond - w uncond; w = 0 means no guidance. So s = 1 + w.
+fewstep's adapter files and the guided-distillation student use Meng's w.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, diffusers convention: uncond + scale (cond - uncond)."""
+    return uncond + _bcast(scale, cond) * (cond - uncond)
+
+
+def cfg_imagen(cond: torch.Tensor, uncond: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance, Imagen / Meng et al. convention: (1 + w) cond - w uncond."""
+    w = _bcast(w, cond)
+    return (1 + w) * cond - w * uncond
+
+
+def imagen_w_from_cfg_scale(scale: float) -> float:
+    """Meng's w for a UI's CFG scale s: w = s - 1."""
+    return scale - 1.0
+
+
+def cfg_scale_from_imagen_w(w: float) -> float:
+    """A UI's CFG scale for Meng's w: s = 1 + w."""
+    return w + 1.0
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal features of w for a UNet's ``time_cond_proj_dim`` input, as diffusers' LCM pipelines compute them.
+
+    Like the timestep embedding of Vaswani et al., applied to 1000 w. LCM passes w = CFG scale - 1, i.e. Meng's w.
+    Returns shape (len(w), embedding_dim).
+    """
+    w = torch.as_tensor(w).reshape(-1) * 1000.0
+    half_dim = embedding_dim // 2
+    # float32 arithmetic throughout, as diffusers: 1000 w reaches ~1e4, where float64 rounding would differ.
+    log_base = torch.log(torch.tensor(10000.0)) / (half_dim - 1)
+    freqs = torch.exp(torch.arange(half_dim, dtype=dtype) * -log_base)
+    args = w.to(dtype)[:, None] * freqs.to(w.device)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def _bcast(value, like: torch.Tensor):
+    if torch.is_tensor(value) and value.ndim == 1:
+        return value.reshape(value.shape + (1,) * (like.ndim - 1))
+    return value

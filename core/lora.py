@@ -1,0 +1,229 @@
+"""UNet LoRA weights in the key layouts the field uses, converted without losing alpha.
+
+Layouts (module paths are diffusers UNet names, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``):
+
+- ``peft``: ``<path>.lora_A.weight`` / ``.lora_B.weight``; alpha lives in the LoraConfig, not the file.
+- ``diffusers``: PEFT keys behind ``unet.`` (what ``save_lora_weights`` writes today).
+- ``diffusers_old``: ``unet.<block>.attn1.processor.to_q_lora.down.weight`` / ``.up.weight`` (LoRAAttnProcessor era).
+- ``kohya``: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, which ComfyUI's and
+  A1111's stock LoRA loaders map. The delta is up @ down * alpha / rank in every layout.
+
+diffusers' ``convert_state_dict_to_kohya`` writes alpha = rank, silently rescaling LoRAs trained with
+alpha != rank; here alpha always travels with the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal, Mapping, Optional
+
+import torch
+
+LoraLayout = Literal["peft", "diffusers", "diffusers_old", "kohya"]
+LAYOUTS: tuple[str, ...] = ("peft", "diffusers", "diffusers_old", "kohya")
+
+KOHYA_UNET_PREFIX = "lora_unet_"
+KOHYA_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+DIFFUSERS_UNET_PREFIX = "unet."
+
+# Segments of diffusers UNet module names that contain an underscore. kohya flattens "." to "_";
+# rejoining these (longest first) inverts that unambiguously for SD1.5/SDXL UNets.
+COMPOUND_SEGMENTS: tuple[str, ...] = tuple(sorted((
+    "down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_q", "to_k", "to_v", "to_out",
+    "proj_in", "proj_out", "time_emb_proj", "conv_shortcut", "conv_in", "conv_out", "conv_norm_out",
+    "time_embedding", "linear_1", "linear_2", "add_embedding", "add_k_proj", "add_v_proj",
+), key=lambda s: -s.count("_")))
+
+_OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: delta W = up @ down * alpha / rank (convolutions: over the flattened kernel)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def delta(self) -> torch.Tensor:
+        """The weight change this module applies, shaped like the base layer's weight."""
+        down = self.down.flatten(1).float()
+        up = self.up.flatten(1).float()
+        out = (up @ down) * self.scale
+        return out.reshape(self.up.shape[:1] + self.down.shape[1:])
+
+
+LoraModules = dict[str, LoraModule]
+
+
+class LoraKeyError(ValueError):
+    """A LoRA state dict whose keys do not form complete, recognisable modules."""
+
+
+def detect_layout(keys) -> Optional[LoraLayout]:
+    """The LoRA layout of a state dict's keys, or None if it holds no LoRA weights."""
+    keys = list(keys)
+    if any(k.startswith(KOHYA_UNET_PREFIX) or k.startswith(KOHYA_TEXT_PREFIXES) for k in keys):
+        return "kohya"
+    if any(_OLD_PROCESSOR.search(k) for k in keys):
+        return "diffusers_old"
+    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+        return "diffusers" if any(k.startswith(DIFFUSERS_UNET_PREFIX) for k in keys) else "peft"
+    return None
+
+
+def kohya_name_to_module(name: str) -> str:
+    """``down_blocks_0_attentions_0_proj_in`` -> ``down_blocks.0.attentions.0.proj_in``."""
+    parts = name.split("_")
+    out, i = [], 0
+    while i < len(parts):
+        for compound in COMPOUND_SEGMENTS:
+            n = compound.count("_") + 1
+            if "_".join(parts[i:i + n]) == compound:
+                out.append(compound)
+                i += n
+                break
+        else:
+            out.append(parts[i])
+            i += 1
+    return ".".join(out)
+
+
+def module_to_kohya_name(module: str) -> str:
+    return KOHYA_UNET_PREFIX + module.replace(".", "_")
+
+
+def read_lora(
+    state_dict: Mapping[str, torch.Tensor],
+    alpha: float | Mapping[str, float] | None = None,
+    layout: Optional[LoraLayout] = None,
+) -> tuple[LoraModules, list[str]]:
+    """Parse UNet LoRA weights in any layout into ``{module path: LoraModule}``.
+
+    Args:
+        alpha: for layouts that do not store it (PEFT/diffusers): one value, or per-module values;
+            defaults to the rank (PEFT's default lora_alpha is 8 regardless of rank, so pass it when known).
+    Returns:
+        (modules, ignored keys): text-encoder weights are returned as ignored, not dropped silently.
+    Raises:
+        LoraKeyError on half modules (a down without its up) or keys of no known layout.
+    """
+    layout = layout or detect_layout(state_dict)
+    if layout is None:
+        raise LoraKeyError("no LoRA weights found: expected lora_down/lora_up, lora_A/lora_B or *_lora.down/up keys")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    stored_alpha: dict[str, float] = {}
+    ignored: list[str] = []
+    for key, tensor in state_dict.items():
+        parsed = _parse_key(key, layout)
+        if parsed is None:
+            ignored.append(key)
+            continue
+        module, part = parsed
+        if part == "alpha":
+            stored_alpha[module] = float(tensor)
+        else:
+            pairs.setdefault(module, {})[part] = tensor
+    modules: LoraModules = {}
+    for module, parts in pairs.items():
+        if set(parts) != {"down", "up"}:
+            raise LoraKeyError(f"LoRA module {module!r} has {sorted(parts)} but needs both down and up weights")
+        rank = parts["down"].shape[0]
+        if module in stored_alpha:
+            a = stored_alpha[module]
+        elif isinstance(alpha, Mapping):
+            a = float(alpha.get(module, rank))
+        else:
+            a = float(alpha) if alpha is not None else float(rank)
+        modules[module] = LoraModule(parts["down"], parts["up"], a)
+    unexpected = sorted(set(stored_alpha) - set(modules))
+    if unexpected:
+        raise LoraKeyError(f"alpha without weights for {unexpected[:3]}")
+    return modules, ignored
+
+
+def _parse_key(key: str, layout: LoraLayout) -> Optional[tuple[str, str]]:
+    """(module path, "down" | "up" | "alpha") for a UNet LoRA key, None for keys outside the UNet."""
+    if layout == "kohya":
+        if not key.startswith(KOHYA_UNET_PREFIX):
+            if key.startswith(KOHYA_TEXT_PREFIXES):
+                return None
+            raise LoraKeyError(f"unexpected key {key!r} in a kohya LoRA (expected lora_unet_…/lora_te…)")
+        name, _, suffix = key[len(KOHYA_UNET_PREFIX):].partition(".")
+        part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}.get(suffix)
+        if part is None:
+            raise LoraKeyError(f"unexpected kohya key {key!r}: expected .lora_down.weight, .lora_up.weight or .alpha")
+        return kohya_name_to_module(name), part
+    elif layout == "diffusers_old":
+        if not key.startswith(DIFFUSERS_UNET_PREFIX):
+            return None
+        m = _OLD_PROCESSOR.search(key)
+        if m is None:
+            raise LoraKeyError(f"unexpected key {key!r} in an old-style diffusers LoRA")
+        proj = m.group(1) + (".0" if m.group(1) == "to_out" else "")
+        return key[len(DIFFUSERS_UNET_PREFIX):m.start()] + "." + proj, m.group(2)
+    elif layout in ("peft", "diffusers"):
+        if layout == "diffusers":
+            if not key.startswith(DIFFUSERS_UNET_PREFIX):
+                return None
+            key = key[len(DIFFUSERS_UNET_PREFIX):]
+        key = key.removeprefix("base_model.model.")
+        for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up")):
+            if key.endswith(suffix):
+                module = key[: -len(suffix)]
+                return module.removesuffix(".default"), part
+        if key.endswith(".alpha"):
+            return key[: -len(".alpha")], "alpha"
+        raise LoraKeyError(f"unexpected key {key!r} in a PEFT LoRA: expected .lora_A.weight / .lora_B.weight")
+    else:
+        raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
+
+
+def write_lora(modules: LoraModules, layout: LoraLayout = "kohya") -> dict[str, torch.Tensor]:
+    """A state dict in the given layout. Only kohya stores alpha in the file; for the others use ``alphas_of``."""
+    out: dict[str, torch.Tensor] = {}
+    for module, lora in sorted(modules.items()):
+        if layout == "kohya":
+            name = module_to_kohya_name(module)
+            out[f"{name}.lora_down.weight"] = lora.down.contiguous()
+            out[f"{name}.lora_up.weight"] = lora.up.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(lora.alpha))
+        elif layout in ("peft", "diffusers"):
+            prefix = DIFFUSERS_UNET_PREFIX if layout == "diffusers" else ""
+            out[f"{prefix}{module}.lora_A.weight"] = lora.down.contiguous()
+            out[f"{prefix}{module}.lora_B.weight"] = lora.up.contiguous()
+        elif layout == "diffusers_old":
+            block, _, proj = module.rpartition(".")
+            if proj == "0" and block.endswith(".to_out"):
+                block, proj = block[: -len(".to_out")], "to_out"
+            if proj not in ("to_q", "to_k", "to_v", "to_out"):
+                raise LoraKeyError(f"the old diffusers layout only holds attention projections; cannot write {module!r}")
+            out[f"{DIFFUSERS_UNET_PREFIX}{block}.processor.{proj}_lora.down.weight"] = lora.down.contiguous()
+            out[f"{DIFFUSERS_UNET_PREFIX}{block}.processor.{proj}_lora.up.weight"] = lora.up.contiguous()
+        else:
+            raise ValueError(f"unknown LoRA layout {layout!r}; expected one of {LAYOUTS}")
+    return out
+
+
+def alphas_of(modules: LoraModules) -> dict[str, float]:
+    """Per-module alpha, for PEFT's ``LoraConfig(alpha_pattern=...)`` when the layout does not store it."""
+    return {module: lora.alpha for module, lora in modules.items()}
+
+
+def convert_lora(
+    state_dict: Mapping[str, torch.Tensor],
+    to: LoraLayout,
+    alpha: float | Mapping[str, float] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Convert UNet LoRA weights between layouts (text-encoder keys are left out)."""
+    modules, _ = read_lora(state_dict, alpha=alpha)
+    return write_lora(modules, to)

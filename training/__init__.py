@@ -1,0 +1,1 @@
+"""Headless training and tooling: the `fewstep` CLI and the bindings to diffusers/peft/accelerate."""
