@@ -168,7 +168,7 @@ def read_header(path: str | os.PathLike) -> SafetensorsHeader:
             shapes[key], dtypes[key] = list(info["shape"]), info["dtype"]
         except (KeyError, TypeError, ValueError):
             raise AdapterFileError(f"{name}: not a safetensors file: malformed entry for {key!r}") from None
-        if end - start != math.prod(shapes[key]) * _DTYPE_BYTES.get(dtypes[key], 1) and dtypes[key] in _DTYPE_BYTES:
+        if dtypes[key] in _DTYPE_BYTES and end - start != math.prod(shapes[key]) * _DTYPE_BYTES[dtypes[key]]:
             raise AdapterFileError(f"{name}: corrupt header: {key!r} has shape {shapes[key]} but {end - start} bytes")
         data_end = max(data_end, end)
     available = size - 8 - header_len
@@ -220,7 +220,7 @@ def describe(
         notes.append(f"sampling defaults assumed: {meta.sampler} sampler, {meta.steps} steps, timesteps {meta.timesteps}")
     if expected_base is not None and meta.base not in (expected_base, UNKNOWN_BASE):
         why = f" ({key_reason})" if key_base == meta.base else ""
-        raise AdapterFileError(f"{name}: adapter is for {meta.base}{why} but the model is {expected_base}; use a {expected_base} adapter")
+        raise AdapterFileError(f"{name}: adapter is for {meta.base}{why} but the model is {expected_base}; pick an adapter made for {expected_base}")
     return meta, inferred, notes
 
 

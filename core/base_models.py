@@ -47,12 +47,12 @@ def infer_base(keys: Sequence[str], shapes: Optional[Mapping[str, Sequence[int]]
                         f"fewstep supports {', '.join(BASES)}"
                     )
                 if width in CONTEXT_DIMS:
-                    return CONTEXT_DIMS[width], f"cross-attention takes {width}-dim text features ({key})"
+                    return CONTEXT_DIMS[width], f"cross-attention takes {width}-dim text features: {key}"
                 break
     for base, pattern, why in _SIGNALS:
         hit = next((k for k in keys if pattern.search(k)), None)
         if hit is not None:
-            return base, f"{why} ({hit})"
+            return base, f"{why}: {hit}"
     return None, "no key or shape tells the base model apart"
 
 

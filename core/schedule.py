@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, Sequence
 
 import torch
@@ -77,10 +78,14 @@ class DiscreteSchedule:
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
 
-    @property
+    @cached_property
     def sigmas(self) -> torch.Tensor:
-        """sigma for every training timestep, float64, increasing."""
+        """sigma for every training timestep, float64 on the CPU, increasing."""
         return ((1.0 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    @cached_property
+    def _log_sigmas(self) -> torch.Tensor:
+        return self.sigmas.log()
 
     @property
     def sigma_min(self) -> float:
@@ -90,21 +95,25 @@ class DiscreteSchedule:
     def sigma_max(self) -> float:
         return float(self.sigmas[-1])
 
+    # Lookups run in float64 on the CPU (MPS has no float64) and return on the caller's device.
+
     def sigma(self, timestep: torch.Tensor | float | int) -> torch.Tensor:
         """sigma at a (possibly fractional) timestep: log-linear interpolation, as ComfyUI's ``sigma()``."""
         t = torch.as_tensor(timestep)
-        log_sigmas = self.sigmas.log().to(t.device)
-        t64 = t.to(torch.float64).clamp(0, self.num_train_timesteps - 1)
+        t64 = t.detach().to("cpu", torch.float64).clamp(0, self.num_train_timesteps - 1)
         low, high, w = t64.floor().long(), t64.ceil().long(), t64.frac()
-        out = ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
-        return out.to(t.dtype if t.is_floating_point() else torch.float32)
+        out = ((1 - w) * self._log_sigmas[low] + w * self._log_sigmas[high]).exp()
+        return out.to(t.device, t.dtype if t.is_floating_point() else torch.float32)
 
     def timestep(self, sigma: torch.Tensor | float) -> torch.Tensor:
         """The training timestep nearest in log-sigma, as ComfyUI's ``timestep()``; sigma 0 maps to timestep 0."""
         s = torch.as_tensor(sigma)
-        log_sigmas = self.sigmas.log().to(s.device)
-        dists = s.to(torch.float64).log().reshape(-1)[None, :] - log_sigmas[:, None]
-        return dists.abs().nan_to_num(nan=math.inf).argmin(dim=0).reshape(s.shape)
+        log_s = s.detach().to("cpu", torch.float64).reshape(-1).log()
+        # Binary search for the two neighbours, then the nearer one (the lower on a tie, as argmin picks).
+        high = torch.searchsorted(self._log_sigmas, log_s).clamp(1, self.num_train_timesteps - 1)
+        low = high - 1
+        nearer_high = (self._log_sigmas[high] - log_s) < (log_s - self._log_sigmas[low])
+        return torch.where(nearer_high, high, low).reshape(s.shape).to(s.device)
 
     def sigmas_for_timesteps(self, timesteps: Sequence[int] | torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """The sigma vector a sampler takes: sigma(t) for each timestep, then a final 0."""
