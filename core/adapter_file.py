@@ -218,7 +218,9 @@ def describe(
         notes.append(f"no fewstep metadata: inferred kind {meta.kind} from its keys ({meta.extra.get('layout', 'weights')})")
         notes.append(f"base {meta.base}: {key_reason}")
         notes.append(f"sampling defaults assumed: {meta.sampler} sampler, {meta.steps} steps, timesteps {meta.timesteps}")
-    if expected_base is not None and meta.base not in (expected_base, UNKNOWN_BASE):
+    if expected_base is not None and meta.base == UNKNOWN_BASE:
+        notes.append(f"the keys do not tell the base model; assuming it is {expected_base}, as the model is")
+    elif expected_base is not None and meta.base != expected_base:
         why = f" ({key_reason})" if key_base == meta.base else ""
         raise AdapterFileError(f"{name}: adapter is for {meta.base}{why} but the model is {expected_base}; pick an adapter made for {expected_base}")
     return meta, inferred, notes

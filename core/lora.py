@@ -36,6 +36,8 @@ COMPOUND_SEGMENTS: tuple[str, ...] = tuple(sorted((
 ), key=lambda s: -s.count("_")))
 
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+# PEFT keys, with the adapter name that a module's own state_dict() keeps ("lora_A.default.weight").
+_PEFT_KEY = re.compile(r"\.lora_([AB])(\.[^.]+)?\.weight$")
 
 
 @dataclass
@@ -177,10 +179,9 @@ def _parse_key(key: str, layout: LoraLayout) -> Optional[tuple[str, str]]:
                 return None
             key = key[len(DIFFUSERS_UNET_PREFIX):]
         key = key.removeprefix("base_model.model.")
-        for suffix, part in ((".lora_A.weight", "down"), (".lora_B.weight", "up")):
-            if key.endswith(suffix):
-                module = key[: -len(suffix)]
-                return module.removesuffix(".default"), part
+        m = _PEFT_KEY.search(key)
+        if m is not None:
+            return key[: m.start()], "down" if m.group(1) == "A" else "up"
         if key.endswith(".alpha"):
             return key[: -len(".alpha")], "alpha"
         raise LoraKeyError(f"unexpected key {key!r} in a PEFT LoRA: expected .lora_A.weight / .lora_B.weight")

@@ -154,3 +154,12 @@ def test_broken_lora_state_dicts_are_named():
         L.read_lora({"lora_unet_conv_in.hada_w1_a": torch.zeros(2, 4)})
     with pytest.raises(L.LoraKeyError, match="no LoRA weights found"):
         L.read_lora({"conv_in.weight": torch.zeros(2)})
+
+
+def test_peft_keys_with_adapter_name_from_a_module_state_dict():
+    trained = _train_peft_lora(build_tiny_unet("sd15", seed=0), rank=4, alpha=4, steps=1)
+    raw = {k: v for k, v in trained.state_dict().items() if "lora_" in k}
+    assert any(".lora_A.default.weight" in k for k in raw)
+    modules, _ = L.read_lora(raw, alpha=4)
+    clean, _ = L.read_lora(get_peft_model_state_dict(trained), alpha=4)
+    assert set(modules) == set(clean) and all(torch.equal(modules[m].up, clean[m].up) for m in clean)
