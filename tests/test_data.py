@@ -1,0 +1,76 @@
+"""training.data: captioned folders (broken images skipped and counted) and the bundled 20-class proxy set."""
+import io
+import json
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewstep.training import data as D
+
+
+def _png(path, color, size=(16, 16)):
+    Image.new("RGB", size, color).save(path)
+
+
+def test_folder_with_txt_captions_skips_and_counts_broken_images(tmp_path):
+    _png(tmp_path / "a.png", (255, 0, 0))
+    (tmp_path / "a.txt").write_text("a red square\n")
+    _png(tmp_path / "b.jpg", (0, 0, 255))
+    (tmp_path / "b.txt").write_text("a blue square")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "broken.txt").write_text("never seen")
+    _png(tmp_path / "uncaptioned.png", (0, 255, 0))
+    ds = D.read_image_folder(tmp_path)
+    assert ds.captions == ["a red square", "a blue square"]
+    assert ds.images.shape == (2, 16, 16, 3) and ds.images.dtype == np.uint8
+    assert tuple(ds.images[0, 0, 0]) == (255, 0, 0)
+    assert len(ds.skipped) == 1 and ds.skipped[0].startswith("broken.png")
+
+
+def test_folder_with_metadata_jsonl_and_resize(tmp_path):
+    _png(tmp_path / "wide.png", (10, 20, 30), size=(40, 20))
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "wide.png", "text": "a wide image"}) + "\n")
+    ds = D.read_image_folder(tmp_path, size=8)
+    assert ds.captions == ["a wide image"] and ds.images.shape == (1, 8, 8, 3)
+
+
+def test_folder_errors_say_what_was_expected(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        D.read_image_folder(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no captioned images found"):
+        D.read_image_folder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text('{"file": "x.png"}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:1: expected"):
+        D.read_image_folder(tmp_path)
+
+
+def test_mixed_sizes_need_a_size(tmp_path):
+    for name, size in [("a", (8, 8)), ("b", (16, 16))]:
+        _png(tmp_path / f"{name}.png", (0, 0, 0), size)
+        (tmp_path / f"{name}.txt").write_text(name)
+    with pytest.raises(ValueError, match="differ in size"):
+        D.read_image_folder(tmp_path)
+    assert D.read_image_folder(tmp_path, size=8).images.shape == (2, 8, 8, 3)
+
+
+def test_proxy_dataset_splits():
+    train, heldout = D.load_proxy_dataset("train"), D.load_proxy_dataset("heldout")
+    assert 13300 < len(train) <= 13500 and train.images.shape[1:] == (32, 32, 3) and heldout.images.shape == (1500, 32, 32, 3)
+    assert len(train.classes) == 20 and np.bincount(heldout.labels).tolist() == [50] * 10 + [100] * 10
+    assert train.captions[0] == "a handwritten digit " + D.DIGIT_NAMES[train.labels[0]]
+    assert set(heldout.captions) == set(D.PROXY_CLASSES)
+    # No held-out image has a copy in the training split (animal-mnist repeats some silhouettes).
+    train_rows = {im.tobytes() for im in train.images}
+    assert not any(im.tobytes() in train_rows for im in heldout.images)
+    # Digits are white on black, centred after padding 28 -> 32.
+    assert train.images[:, :2].max() == 0 and train.images.max() == 255
+
+
+def test_data_pickles_may_only_hold_arrays():
+    payload = io.BytesIO()
+    pickle.dump(print, payload)
+    payload.seek(0)
+    with pytest.raises(pickle.UnpicklingError, match="refusing builtins.print"):
+        D._ArrayOnlyUnpickler(payload).load()
