@@ -3,7 +3,7 @@
 Times each sampler driving a free network (returns zeros: what remains is schedule lookups, input scaling,
 x0 conversion, re-noising, callbacks) against the bare UNet passes it would drive, in one run, and writes
 the ratio. Subtracting two noisy UNet timings would hide a sub-percent cost in CPU jitter.
-Usage: python bench/sampler_overhead.py [--base sd15] [--batch 16] [--steps 4] [--repeats 20] [--out bench/results/sampler_overhead.json]
+Usage: python bench/sampler_overhead.py [--batch 16] [--steps 4] [--repeats 20] [--out bench/results/sampler_overhead.json]
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 
 from fewstep.core import samplers
 from fewstep.core.schedule import DiscreteSchedule, select_timesteps
-from fewstep.training.diffusers_sampling import UNetDenoiser, run_sampler
+from fewstep.core.parameterization import denoise
+from fewstep.training.diffusers_sampling import run_sampler
 from fewstep.training.tiny_models import build_tiny_unet
 
 
@@ -34,7 +35,6 @@ def _best_of(fn, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base", default="sd15", choices=["sd15", "sdxl"], help="tiny UNet layout to drive")
     parser.add_argument("--batch", type=int, default=16, help="latents per pass")
     parser.add_argument("--steps", type=int, default=4, help="sampling steps (= UNet passes)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats; the best is kept")
@@ -42,9 +42,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    unet = build_tiny_unet(args.base)
-    if args.base != "sd15":
-        raise SystemExit("only the sd15 layout is wired here (SDXL needs added_cond_kwargs)")
+    unet = build_tiny_unet("sd15")
     schedule = DiscreteSchedule.stable_diffusion()
     noise = torch.randn(args.batch, 4, 8, 8)
     cond = {"encoder_hidden_states": torch.randn(args.batch, 77, unet.config.cross_attention_dim)}
@@ -57,8 +55,8 @@ def main() -> None:
             unet(noise, t.expand(args.batch), **cond)
 
     bare_s = _best_of(bare, args.repeats)
-    free = UNetDenoiser(unet, schedule)
-    free._network = lambda x_t, timestep, **_: torch.zeros_like(x_t)  # everything but the UNet
+    free_network = lambda x_t, timestep, **_: torch.zeros_like(x_t)  # everything but the UNet
+    free = lambda x, sigma, seed=None, **c: denoise(free_network, x, sigma, schedule, **c)
     results = {}
     for name in ["consistency", "ddim", "stochastic"]:
         fn = samplers.get_sampler(name)
@@ -67,7 +65,7 @@ def main() -> None:
     report = {
         "what": "time of sampler + schedule around a free network, as a fraction of the bare UNet passes; best of repeats, one run",
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "unet": f"tiny {args.base}, {sum(p.numel() for p in unet.parameters()):,} params",
+        "unet": f"tiny sd15, {sum(p.numel() for p in unet.parameters()):,} params",
         "batch": args.batch, "steps": args.steps, "bare_unet_seconds": bare_s, "samplers": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
