@@ -71,6 +71,12 @@ def apply_consistency_boundary(
     return c_out * denoised + c_skip * scaled_input
 
 
+def diffuse(schedule: DiscreteSchedule, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The DDPM forward process in the network's (scaled) space: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
+    a = schedule.alphas_cumprod[timestep.cpu().long()].to(x0.device, x0.dtype)
+    return append_dims(a.sqrt(), x0.ndim) * x0 + append_dims((1 - a).sqrt(), x0.ndim) * noise
+
+
 NetworkFn = Callable[..., torch.Tensor]
 
 

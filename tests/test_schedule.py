@@ -110,3 +110,11 @@ def test_agrees_with_comfyui_model_sampling_discrete():
     assert torch.equal(ours.timestep(probe), comfy.timestep(probe))
     frac = torch.linspace(0, 999, 301)
     torch.testing.assert_close(ours.sigma(frac), comfy.sigma(frac), rtol=1e-5, atol=0)
+
+
+def test_diffuse_matches_diffusers_add_noise():
+    from fewstep.core.parameterization import diffuse
+
+    ref = DDPMScheduler(**sd_scheduler_config())
+    x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 400, 999])
+    torch.testing.assert_close(diffuse(S.DiscreteSchedule.stable_diffusion(), x0, noise, t), ref.add_noise(x0, noise, t))

@@ -79,6 +79,164 @@ def _numel(shape) -> int:
     return n
 
 
+def add_train(subparsers) -> None:
+    train = subparsers.add_parser("train", help="train a teacher or distil a few-step adapter",
+                                  description="Training commands. Every run is resumable: rerun the same command to continue.")
+    methods = train.add_subparsers(title="what to train", metavar="KIND")
+    p = methods.add_parser(
+        "teacher",
+        help="train an SD-architecture text-to-image teacher from scratch (the proxy benchmark's teacher)",
+        description="Train a small Stable-Diffusion-architecture model (AutoencoderKL, frozen CLIP text encoder with the real "
+        "tokenizer, cross-attention UNet, SD noise schedule, eps-prediction) in two resumable stages, and save it as a "
+        "diffusers pipeline folder that every fewstep command loads like SD1.5.",
+    )
+    p.add_argument("--data", default="proxy",
+                   help="'proxy' (the bundled digits + animal silhouettes) or a folder of images with .txt captions / metadata.jsonl")
+    p.add_argument("--run-dir", default="runs/teacher", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
+    p.add_argument("--out", default=None, help="where to write the pipeline folder (default: RUN_DIR/pipeline)")
+    p.add_argument("--preset", default="proxy", choices=["proxy", "tiny"], help="network sizes: proxy (bundled teacher) or tiny (tests)")
+    p.add_argument("--vae-steps", type=int, default=3000, help="autoencoder training steps")
+    p.add_argument("--unet-steps", type=int, default=12000, help="UNet training steps")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--vae-lr", type=float, default=1e-3, help="autoencoder learning rate")
+    p.add_argument("--unet-lr", type=float, default=5e-4, help="UNet learning rate")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by the empty prompt (for CFG)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported UNet weights")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="accelerate mixed precision; auto = bf16 on CUDA, off on CPU")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (RUN_DIR/samples)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise")
+    p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR holds checkpoints")
+    p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this many steps (resume later)")
+    p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
+    p.set_defaults(run=run_train_teacher)
+
+
+def run_train_teacher(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    config = {
+        "run_dir": args.run_dir, "out": args.out or str(Path(args.run_dir) / "pipeline"), "preset": args.preset,
+        "vae_steps": args.vae_steps, "unet_steps": args.unet_steps, "batch_size": args.batch_size, "vae_lr": args.vae_lr,
+        "unet_lr": args.unet_lr, "caption_dropout": args.caption_dropout, "ema_decay": args.ema_decay,
+        "mixed_precision": _mixed_precision(args.mixed_precision), "checkpoint_every": args.checkpoint_every,
+        "sample_every": args.sample_every, "seed": args.seed, "resume": not args.no_resume, "stop_after": args.stop_after,
+    }
+    if not 0 <= args.caption_dropout < 1:
+        print("error: --caption-dropout must be in [0, 1)", file=sys.stderr)
+        return 2
+    print(json.dumps({"data": args.data, **config}, indent=2))
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_dir) / "training_options.json").write_text(json.dumps({"data": args.data, **config}, indent=2) + "\n")
+    if args.dry_run:
+        return 0
+    from .data import load_proxy_dataset, read_image_folder
+    from .teacher import train_teacher
+
+    data = load_proxy_dataset("train") if args.data == "proxy" else read_image_folder(args.data, size=32)
+    out = train_teacher(data, **config)
+    print(f"teacher pipeline written to {out}" if out else f"stopped after step {args.stop_after}; rerun to continue")
+    return 0
+
+
+def _mixed_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "no"
+
+
+def add_bench(subparsers) -> None:
+    p = subparsers.add_parser(
+        "bench", help="measure a named set of configurations on the proxy benchmark",
+        description="Sample every configuration of a bench set on the same prompts and seeds; score FID against the held-out "
+        "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
+        "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
+    )
+    p.add_argument("--set", default="teacher", help="bench set: 'teacher' (50/25/8/4/2 steps with CFG)")
+    p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
+    p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
+    p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
+    p.add_argument("--out-dir", default="bench/results", help="where results go")
+    p.set_defaults(run=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from .bench import BUNDLED_TEACHER, markdown_table, run_bench
+
+    document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir)
+    print(markdown_table(document), end="")
+    return 0
+
+
+def add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="score a model or a folder of images (FID, prompt accuracy, NFE, seconds per image)",
+        description="Either sample a teacher pipeline at --steps/--cfg on the proxy prompt set and score it, or score an "
+        "existing folder of captioned images (--images) by FID against the proxy held-out set or a --reference folder.",
+    )
+    p.add_argument("--teacher", default=None, help="pipeline folder to sample (default: the bundled proxy teacher)")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--cfg", type=float, default=4.0, help="CFG scale (diffusers convention; 1 disables guidance)")
+    p.add_argument("--per-class", type=int, default=50, help="samples per prompt class")
+    p.add_argument("--images", default=None, help="score this folder of images with .txt captions / metadata.jsonl instead")
+    p.add_argument("--reference", default=None, help="with --images: real images to compare with (default: proxy held-out set)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(run=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    if args.images:
+        from .data import PROXY_CLASSES, read_image_folder
+        from .metrics import fid, fid_to_heldout, prompt_accuracy
+
+        data = read_image_folder(args.images, size=32 if args.reference is None else None)
+        result = {"images": len(data), "skipped": len(data.skipped)}
+        if args.reference:
+            result["fid"] = fid(data.images, read_image_folder(args.reference).images)
+        else:
+            result["fid"] = fid_to_heldout(data.images)
+        if set(data.captions) <= set(PROXY_CLASSES):
+            result["prompt_accuracy"] = prompt_accuracy(data.images, [PROXY_CLASSES.index(c) for c in data.captions])
+    else:
+        from .bench import BUNDLED_TEACHER, TeacherEntry, evaluate_entry
+        from .teacher import load_pipeline
+
+        result = evaluate_entry(load_pipeline(args.teacher or BUNDLED_TEACHER), TeacherEntry(args.steps, args.cfg), args.per_class, 250)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
+    return 0
+
+
+def add_quickstart(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quickstart", help="the main job end to end on the bundled teacher, in minutes on a CPU",
+        description="Sample the bundled teacher at 25 and 4 steps, distil a few-step student with the best available method, "
+        "sample it, and write OUT_DIR/grid.png (one row per configuration) and OUT_DIR/metrics.md.",
+    )
+    p.add_argument("--out-dir", default="quickstart", help="where the grid and metrics go")
+    p.add_argument("--per-class", type=int, default=10, help="samples per prompt class used for the metrics")
+    p.set_defaults(run=run_quickstart_command)
+
+
+def run_quickstart_command(args: argparse.Namespace) -> int:
+    from .bench import markdown_table
+    from .quickstart import STUDENT_METHODS, run_quickstart
+
+    document = run_quickstart(args.out_dir, per_class=args.per_class)
+    print(markdown_table(document), end="")
+    print(f"grid: {args.out_dir}/grid.png (rows: teacher 25 steps, teacher 4 steps; columns: the 20 prompts)")
+    if not STUDENT_METHODS:
+        print("No distillation method is available yet, so the quickstart stops after the teacher part. "
+              "The 4-step row shows the quality gap a few-step student closes.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewstep",
@@ -87,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fewstep {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     add_inspect(subparsers)
+    add_train(subparsers)
+    add_bench(subparsers)
+    add_eval(subparsers)
+    add_quickstart(subparsers)
     return parser
 
 

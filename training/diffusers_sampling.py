@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from ..core.guidance import cfg
 from ..core.parameterization import denoise, start_noise_scaling
 from ..core.schedule import DiscreteSchedule
 
@@ -58,3 +59,20 @@ def run_sampler(
                 callback(info)
 
         return sampler(model, x, sigmas, extra_args=extra_args, callback=on_step, **options)
+
+
+class CFGDenoiser:
+    """Classifier-free guidance around a ``UNetDenoiser``: one batched pass over [cond, uncond] per step.
+
+    ``scale`` is the UI/diffusers CFG scale (1 = no guidance, and then the unconditional pass is skipped).
+    """
+
+    def __init__(self, denoiser: UNetDenoiser, cond: torch.Tensor, uncond: torch.Tensor, scale: float):
+        self.denoiser, self.cond, self.uncond, self.scale = denoiser, cond, uncond, scale
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, seed: Optional[int] = None, **_) -> torch.Tensor:
+        if self.scale == 1.0:
+            return self.denoiser(x, sigma, encoder_hidden_states=self.cond)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), encoder_hidden_states=torch.cat([self.cond, self.uncond]))
+        cond, uncond = both.chunk(2)
+        return cfg(cond, uncond, self.scale)

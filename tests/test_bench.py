@@ -1,0 +1,53 @@
+"""`fewstep bench` / `eval` plumbing on a tiny teacher: fixed prompts and seeds, metrics keys, grids, tables."""
+import json
+
+import numpy as np
+import pytest
+
+from fewstep.training import bench
+from fewstep.training.data import PROXY_CLASSES
+from fewstep.training.teacher import load_pipeline, train_teacher
+
+from .test_teacher import _small_proxy
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teacher")
+    return train_teacher(_small_proxy(), root / "run", root / "pipe", preset="tiny", vae_steps=2, unet_steps=2,
+                         batch_size=8, sample_every=0, progress=False)
+
+
+def test_prompt_set_is_fixed():
+    captions, labels, seeds = bench.prompt_set(3)
+    assert len(captions) == 60 and captions[:3] == [PROXY_CLASSES[0]] * 3 and seeds[:4] == [0, 1, 2, 0]
+    again = bench.prompt_set(3)
+    assert again[0] == captions and np.array_equal(again[1], labels) and again[2] == seeds
+
+
+def test_entries_count_guided_passes():
+    assert bench.TeacherEntry(50).nfe == 100 and bench.TeacherEntry(4, cfg_scale=1.0).nfe == 4
+    assert [e.steps for e in bench.BENCH_SETS["teacher"]] == [50, 25, 8, 4, 2]
+
+
+def test_evaluate_entry_is_deterministic_and_writes_a_grid(tiny_teacher, tmp_path):
+    pipe = load_pipeline(tiny_teacher)
+    entry = bench.TeacherEntry(2)
+    a = bench.evaluate_entry(pipe, entry, per_class=2, batch_size=16, grid_path=tmp_path / "g.png")
+    b = bench.evaluate_entry(pipe, entry, per_class=2, batch_size=40)
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-4) and a["prompt_accuracy"] == b["prompt_accuracy"]
+    assert a["nfe"] == 4 and 0 <= a["prompt_accuracy"] <= 1 and a["seconds_per_image"] > 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.png").size == (32 * 20, 32 * 2)
+
+
+def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkeypatch):
+    monkeypatch.setitem(bench.BENCH_SETS, "smoke", [bench.TeacherEntry(2), bench.TeacherEntry(1)])
+    doc = bench.run_bench("smoke", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path, progress=False)
+    assert json.loads((tmp_path / "smoke.json").read_text()) == doc
+    table = (tmp_path / "smoke.md").read_text()
+    assert "teacher-2steps-cfg4" in table and "teacher-1steps-cfg4" in table
+    assert sorted(p.name for p in (tmp_path / "smoke-grids").iterdir()) == ["teacher-1steps-cfg4.png", "teacher-2steps-cfg4.png"]
+    with pytest.raises(ValueError, match="unknown bench set"):
+        bench.run_bench("nope", tiny_teacher, out_dir=tmp_path)

@@ -1,0 +1,75 @@
+"""The shared training loop: the loss falls, checkpoints are atomic, and a killed run resumes exactly."""
+import json
+
+import pytest
+import torch
+
+from fewstep.training.loop import latest_checkpoint, load_checkpoint, training_loop
+
+
+class Regression(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+
+
+TRUE_W = torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
+
+
+def batch_fn(gen):
+    x = torch.randn(32, 4, generator=gen)
+    return {"x": x, "y": x @ TRUE_W}
+
+
+def loss_fn(model, batch, gen):
+    noise = 0.01 * torch.randn(batch["y"].shape, generator=gen)
+    return (model.net(batch["x"]) - batch["y"] - noise).pow(2).mean(1)
+
+
+def run(tmp, **kw):
+    options = dict(total_steps=12, lr=1e-2, checkpoint_every=4, ema_decay=0.9, progress=False, log_every=2)
+    return training_loop(tmp, Regression(), loss_fn, batch_fn, **{**options, **kw})
+
+
+def test_loss_falls_and_metrics_are_logged(tmp_path):
+    run(tmp_path, total_steps=60)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 30 and losses[-1] < 0.2 * losses[0]
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "killed", stop_after=6)  # as if killed after step 6
+    assert load_checkpoint(latest_checkpoint(tmp_path / "killed"))["step"] == 6
+    resumed = run(tmp_path / "killed")
+    assert load_checkpoint(latest_checkpoint(tmp_path / "killed"))["step"] == 12
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_checkpoints_are_pruned_and_leave_no_temporary_files(tmp_path):
+    run(tmp_path, keep_checkpoints=2)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["step-00000008.pt", "step-00000012.pt"]
+    # Only trainable parameters are stored; the frozen layer comes from the model definition.
+    assert all(k.startswith("net.") for k in load_checkpoint(tmp_path / "checkpoints" / names[-1])["model"])
+
+
+def test_no_resume_starts_over(tmp_path):
+    run(tmp_path, total_steps=4)
+    run(tmp_path, total_steps=4, resume=False, stop_after=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000002.pt"]
+
+
+def test_a_checkpoint_of_another_model_is_refused(tmp_path):
+    run(tmp_path, total_steps=4)
+
+    class Other(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.other = torch.nn.Linear(2, 2)
+
+    with pytest.raises(ValueError, match="does not belong to this model"):
+        training_loop(tmp_path, Other(), loss_fn, batch_fn, total_steps=8, progress=False)

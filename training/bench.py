@@ -1,0 +1,131 @@
+"""`fewstep bench`: named sets of sampling configurations measured on the proxy benchmark.
+
+Every configuration samples the same prompts with the same seeds (one row of the prompt set per class,
+``per_class`` seeds each) and is scored by FID against the held-out real images (EfficientNet-Lite0 features),
+prompt accuracy (the bundled classifier), NFE and seconds per image. Results go to
+``bench/results/<set>.json``, a markdown table beside it, and one PNG grid per configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import PROXY_CLASSES
+from .teacher import load_pipeline, sample_images, save_grid
+
+log = logging.getLogger("fewstep")
+
+BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
+DEFAULT_CFG_SCALE = 4.0
+GRID_SEEDS = 4
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """The teacher with CFG and DDIM (trailing timesteps: the stronger choice at few steps) at a step count."""
+
+    steps: int
+    cfg_scale: float = DEFAULT_CFG_SCALE
+
+    @property
+    def name(self) -> str:
+        return f"teacher-{self.steps}steps-cfg{self.cfg_scale:g}"
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (2 if self.cfg_scale != 1.0 else 1)
+
+    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(captions), batch_size):
+            chunks.append(sample_images(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, captions[start:start + batch_size],
+                                        seeds[start:start + batch_size], steps=self.steps, cfg_scale=self.cfg_scale,
+                                        spacing="trailing"))
+        return np.concatenate(chunks)
+
+
+BENCH_SETS = {
+    "teacher": [TeacherEntry(s) for s in (50, 25, 8, 4, 2)],
+}
+
+
+def prompt_set(per_class: int) -> tuple[list[str], np.ndarray, list[int]]:
+    """(captions, labels, seeds): every proxy class ``per_class`` times, seed i for the i-th sample of a class."""
+    labels = np.repeat(np.arange(len(PROXY_CLASSES)), per_class)
+    seeds = [int(i % per_class) for i in range(len(labels))]
+    return [PROXY_CLASSES[i] for i in labels], labels, seeds
+
+
+def run_bench(
+    set_name: str = "teacher",            # which BENCH_SETS entry
+    teacher: str | Path = BUNDLED_TEACHER,  # the pipeline folder to sample
+    per_class: int = 50,                  # samples per class (20 classes); 50 -> 1,000 images per configuration
+    batch_size: int = 250,                # samples generated together
+    out_dir: str | Path = "bench/results",  # JSON, markdown and grids go here
+    progress: bool = True,                # progress bar over configurations
+) -> dict:
+    """Run a bench set and write its results; returns the JSON document."""
+    from tqdm.auto import tqdm
+
+    from .metrics import proxy_classifier_metadata
+
+    if set_name not in BENCH_SETS:
+        raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
+    out_dir = Path(out_dir)
+    pipe = load_pipeline(teacher)
+    rows = []
+    for entry in tqdm(BENCH_SETS[set_name], desc=f"bench {set_name}", disable=not progress):
+        rows.append(evaluate_entry(pipe, entry, per_class, batch_size, grid_path=out_dir / f"{set_name}-grids" / f"{entry.name}.png"))
+        log.info("%s: FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["prompt_accuracy"])
+    document = {
+        "set": set_name, "teacher": str(teacher), "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
+        "reference": "proxy held-out split (1,500 real images), EfficientNet-Lite0 features",
+        "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+                   f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+        "results": rows,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{set_name}.json").write_text(json.dumps(document, indent=2) + "\n")
+    (out_dir / f"{set_name}.md").write_text(markdown_table(document))
+    return document
+
+
+def evaluate_entry(pipe, entry: TeacherEntry, per_class: int, batch_size: int, grid_path: Path | None = None) -> dict:
+    """Sample one configuration on the fixed prompt set and score it; optionally save its grid."""
+    from .metrics import fid_to_heldout, prompt_accuracy
+
+    captions, labels, seeds = prompt_set(per_class)
+    start = time.perf_counter()
+    with torch.no_grad():
+        images = entry.generate(pipe, captions, seeds, batch_size)
+    seconds = time.perf_counter() - start
+    row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "fid": fid_to_heldout(images),
+           "prompt_accuracy": prompt_accuracy(images, labels), "seconds_per_image": seconds / len(images)}
+    if grid_path is not None:
+        shown = min(GRID_SEEDS, per_class)
+        grid_idx = np.concatenate([np.flatnonzero(labels == c)[:shown] for c in range(len(PROXY_CLASSES))])
+        # One column per class, one row per seed.
+        grid = images[grid_idx].reshape(len(PROXY_CLASSES), shown, 32, 32, 3).transpose(1, 0, 2, 3, 4).reshape(-1, 32, 32, 3)
+        save_grid(grid, grid_path, columns=len(PROXY_CLASSES))
+        row["grid"] = str(grid_path)
+    return row
+
+
+def markdown_table(document: dict) -> str:
+    lines = ["| configuration | NFE | FID ↓ | prompt accuracy ↑ | s / image |", "|---|---|---|---|---|"]
+    for r in document["results"]:
+        lines.append(f"| {r['name']} | {r['nfe']} | {r['fid']:.2f} | {r['prompt_accuracy']:.3f} | {r['seconds_per_image']:.4f} |")
+    lines.append("")
+    lines.append(f"{document['samples_per_configuration']} samples per configuration; {document['reference']}; "
+                 f"classifier accuracy on real held-out images {document['classifier_heldout_accuracy']}; {document['machine']}.")
+    return "\n".join(lines) + "\n"
