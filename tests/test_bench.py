@@ -47,7 +47,21 @@ def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkey
     doc = bench.run_bench("smoke", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path, progress=False)
     assert json.loads((tmp_path / "smoke.json").read_text()) == doc
     table = (tmp_path / "smoke.md").read_text()
-    assert "teacher-2steps-cfg4" in table and "teacher-1steps-cfg4" in table
+    assert "teacher-2steps-cfg4" in table and "teacher-1steps-cfg4" in table and "*uniform noise*" in table
+    assert doc["sanity"]["real_train_images"] < doc["sanity"]["uniform_noise"]
     assert sorted(p.name for p in (tmp_path / "smoke-grids").iterdir()) == ["teacher-1steps-cfg4.png", "teacher-2steps-cfg4.png"]
     with pytest.raises(ValueError, match="unknown bench set"):
         bench.run_bench("nope", tiny_teacher, out_dir=tmp_path)
+
+
+@pytest.mark.skipif(not (bench.BUNDLED_TEACHER / "model_index.json").is_file(), reason="the bundled teacher is not in this checkout")
+def test_quickstart_runs_on_the_bundled_teacher(tmp_path, capsys):
+    from fewstep.training.cli import main as cli
+
+    assert cli(["quickstart", "--out-dir", str(tmp_path), "--per-class", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher-25steps-cfg4" in out and "teacher-4steps-cfg4" in out and "No distillation method" in out
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (32 * 20 * 3, 32 * 2 * 3)
+    assert (tmp_path / "metrics.md").read_text().count("teacher-") == 2

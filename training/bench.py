@@ -87,6 +87,7 @@ def run_bench(
         rows.append(evaluate_entry(pipe, entry, per_class, batch_size, grid_path=out_dir / f"{set_name}-grids" / f"{entry.name}.png"))
         log.info("%s: FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["prompt_accuracy"])
     document = {
+        "sanity": fid_sanity(per_class),
         "set": set_name, "teacher": str(teacher), "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
         "reference": "proxy held-out split (1,500 real images), EfficientNet-Lite0 features",
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
@@ -98,6 +99,17 @@ def run_bench(
     (out_dir / f"{set_name}.json").write_text(json.dumps(document, indent=2) + "\n")
     (out_dir / f"{set_name}.md").write_text(markdown_table(document))
     return document
+
+
+def fid_sanity(per_class: int) -> dict:
+    """FID at the same sample count for real training images (the floor) and uniform noise (the ceiling)."""
+    from .data import load_proxy_dataset
+    from .metrics import fid_to_heldout
+
+    train = load_proxy_dataset("train")
+    idx = np.concatenate([np.flatnonzero(train.labels == c)[:per_class] for c in range(len(PROXY_CLASSES))])
+    noise = np.random.default_rng(0).integers(0, 256, size=(len(idx), 32, 32, 3), dtype=np.uint8)
+    return {"real_train_images": fid_to_heldout(train.images[idx]), "uniform_noise": fid_to_heldout(noise)}
 
 
 def evaluate_entry(pipe, entry: TeacherEntry, per_class: int, batch_size: int, grid_path: Path | None = None) -> dict:
@@ -125,6 +137,10 @@ def markdown_table(document: dict) -> str:
     lines = ["| configuration | NFE | FID ↓ | prompt accuracy ↑ | s / image |", "|---|---|---|---|---|"]
     for r in document["results"]:
         lines.append(f"| {r['name']} | {r['nfe']} | {r['fid']:.2f} | {r['prompt_accuracy']:.3f} | {r['seconds_per_image']:.4f} |")
+    if "sanity" in document:
+        sanity = document["sanity"]
+        lines.append(f"| *real training images* | – | {sanity['real_train_images']:.2f} | – | – |")
+        lines.append(f"| *uniform noise* | – | {sanity['uniform_noise']:.2f} | – | – |")
     lines.append("")
     lines.append(f"{document['samples_per_configuration']} samples per configuration; {document['reference']}; "
                  f"classifier accuracy on real held-out images {document['classifier_heldout_accuracy']}; {document['machine']}.")
