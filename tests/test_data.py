@@ -74,3 +74,39 @@ def test_data_pickles_may_only_hold_arrays():
     payload.seek(0)
     with pytest.raises(pickle.UnpicklingError, match="refusing builtins.print"):
         D._ArrayOnlyUnpickler(payload).load()
+
+
+def test_webdataset_shards_stream_and_skip_broken_samples(tmp_path):
+    import tarfile
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), color).save(buf, format="PNG")
+        return buf.getvalue()
+
+    shard = tmp_path / "shard-000.tar"
+    with tarfile.open(shard, "w") as tar:
+        add(tar, "000.png", png((255, 0, 0)))
+        add(tar, "000.txt", b"red")
+        add(tar, "001.jpg", b"not a jpeg")
+        add(tar, "001.txt", b"broken")
+        add(tar, "002.png", png((0, 255, 0)))
+        add(tar, "002.json", json.dumps({"caption": "green"}).encode())
+        add(tar, "003.png", png((0, 0, 255)))  # no caption
+    ds = D.read_webdataset([shard])
+    assert ds.captions == ["red", "green"] and ds.images.shape == (2, 8, 8, 3)
+    assert [s.split(":")[0] for s in ds.skipped] == ["001.jpg", "003"]
+
+
+def test_load_dataset_dispatches_on_the_spec(tmp_path):
+    assert len(D.load_dataset("proxy")) > 13000
+    _png(tmp_path / "a.png", (1, 2, 3), size=(64, 64))
+    (tmp_path / "a.txt").write_text("x")
+    assert D.load_dataset(str(tmp_path)).images.shape == (1, 32, 32, 3)
+    with pytest.raises(FileNotFoundError, match="no webdataset shards"):
+        D.load_dataset(str(tmp_path / "*.tar"))

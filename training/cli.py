@@ -91,7 +91,8 @@ def add_train(subparsers) -> None:
         "diffusers pipeline folder that every fewstep command loads like SD1.5.",
     )
     p.add_argument("--data", default="proxy",
-                   help="'proxy' (the bundled digits + animal silhouettes) or a folder of images with .txt captions / metadata.jsonl")
+                   help="'proxy' (the bundled digits + animal silhouettes), a folder of images with .txt captions / metadata.jsonl, "
+                   "or webdataset shards ('shards/*.tar'); images are resized to 32x32")
     p.add_argument("--run-dir", default="runs/teacher", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
     p.add_argument("--out", default=None, help="where to write the pipeline folder (default: RUN_DIR/pipeline)")
     p.add_argument("--preset", default="proxy", choices=["proxy", "tiny"], help="network sizes: proxy (bundled teacher) or tiny (tests)")
@@ -131,10 +132,10 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     (Path(args.run_dir) / "training_options.json").write_text(json.dumps({"data": args.data, **config}, indent=2) + "\n")
     if args.dry_run:
         return 0
-    from .data import load_proxy_dataset, read_image_folder
+    from .data import load_dataset
     from .teacher import train_teacher
 
-    data = load_proxy_dataset("train") if args.data == "proxy" else read_image_folder(args.data, size=32)
+    data = load_dataset(args.data)
     out = train_teacher(data, **config)
     print(f"teacher pipeline written to {out}" if out else f"stopped after step {args.stop_after}; rerun to continue")
     return 0

@@ -7,14 +7,16 @@ always holds a few. Images come out as uint8 RGB arrays; resizing and normalisat
 from __future__ import annotations
 
 import gzip
+import io
 import importlib.util
 import json
 import logging
 import pickle
+import tarfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -87,7 +89,7 @@ def _caption_pairs(root: Path) -> Iterator[tuple[Path, str]]:
             yield path, path.with_suffix(".txt").read_text(encoding="utf-8").strip()
 
 
-def _load_rgb(path: Path, size: int | None) -> np.ndarray:
+def _load_rgb(path: Path | io.BytesIO, size: int | None) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
@@ -97,6 +99,60 @@ def _load_rgb(path: Path, size: int | None) -> np.ndarray:
             left, top = (im.width - side) // 2, (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
         return np.asarray(im, dtype=np.uint8).copy()
+
+
+# --- webdataset tar shards ------------------------------------------------------------------------------------
+
+def iter_webdataset(shards: Sequence[str | Path], size: int | None = None, skipped: list[str] | None = None) -> Iterator[tuple[np.ndarray, str]]:
+    """(image, caption) from webdataset shards, streamed: samples are consecutive members sharing a key
+    (``000123.jpg`` + ``000123.txt``, or a ``.json`` with "caption"/"text"). Broken images and samples without
+    a caption are skipped and appended to ``skipped``."""
+    skipped = [] if skipped is None else skipped
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            key, parts = None, {}
+            for member in [*tar, None]:
+                member_key = None if member is None else member.name.rsplit(".", 1)[0]
+                if member_key != key and key is not None:
+                    sample = _webdataset_sample(key, parts, size)
+                    if isinstance(sample, str):
+                        skipped.append(sample)
+                    else:
+                        yield sample
+                    parts = {}
+                if member is None or not member.isfile():
+                    continue
+                key = member_key
+                parts[member.name.rsplit(".", 1)[-1].lower()] = tar.extractfile(member).read()
+
+
+def _webdataset_sample(key: str, parts: dict[str, bytes], size: int | None) -> tuple[np.ndarray, str] | str:
+    """The sample, or the reason it is skipped."""
+    image_ext = next((e for e in parts if "." + e in IMAGE_SUFFIXES), None)
+    if image_ext is None:
+        return f"{key}: no image"
+    if "txt" in parts:
+        caption = parts["txt"].decode("utf-8").strip()
+    elif "json" in parts:
+        meta = json.loads(parts["json"])
+        caption = str(meta.get("caption", meta.get("text", ""))).strip()
+    else:
+        return f"{key}: no caption"
+    try:
+        return _load_rgb(io.BytesIO(parts[image_ext]), size), caption
+    except Exception as exc:  # one broken image is a skip, not a crash
+        return f"{key}.{image_ext}: {exc.__class__.__name__}"
+
+
+def read_webdataset(shards: Sequence[str | Path], size: int | None = None) -> CaptionedImages:
+    """All samples of the shards in memory (see ``iter_webdataset`` to stream them)."""
+    skipped: list[str] = []
+    samples = list(iter_webdataset(shards, size, skipped))
+    if skipped:
+        log.warning("skipped %d webdataset sample(s), e.g. %s", len(skipped), skipped[0])
+    if not samples:
+        raise ValueError(f"no usable samples in {len(shards)} shard(s)" + (f", e.g. {skipped[0]}" if skipped else ""))
+    return CaptionedImages(np.stack([im for im, _ in samples]), [c for _, c in samples], skipped=skipped)
 
 
 # --- the bundled proxy set --------------------------------------------------------------------------------------
@@ -165,3 +221,17 @@ def load_proxy_dataset(split: str = "train") -> CaptionedImages:
         heldout_bytes = {im.tobytes() for im in images[heldout]}
         keep = ~heldout & np.array([im.tobytes() not in heldout_bytes for im in images])
     return CaptionedImages(images[keep], [PROXY_CLASSES[i] for i in labels[keep]], labels[keep], PROXY_CLASSES)
+
+
+def load_dataset(spec: str, size: int | None = PROXY_SIZE) -> CaptionedImages:
+    """``proxy`` (the bundled set), a folder of captioned images, or webdataset shards (``a.tar``, ``shards/*.tar``)."""
+    if spec == "proxy":
+        return load_proxy_dataset("train")
+    if spec.endswith(".tar") or any(ch in spec for ch in "*?["):
+        import glob
+
+        shards = sorted(glob.glob(spec))
+        if not shards:
+            raise FileNotFoundError(f"no webdataset shards match {spec!r}")
+        return read_webdataset(shards, size)
+    return read_image_folder(spec, size)
