@@ -65,3 +65,23 @@ def test_quickstart_runs_on_the_bundled_teacher(tmp_path, capsys):
 
     assert Image.open(tmp_path / "grid.png").size == (32 * 20 * 3, 32 * 2 * 3)
     assert (tmp_path / "metrics.md").read_text().count("teacher-") == 2
+
+
+def test_eval_scores_a_model_and_a_folder_of_images(tiny_teacher, tmp_path, capsys):
+    import json as _json
+
+    from PIL import Image
+
+    from fewstep.training.cli import main as cli
+    from fewstep.training.data import load_proxy_dataset
+
+    assert cli(["eval", "--teacher", str(tiny_teacher), "--steps", "2", "--per-class", "1", "--json"]) == 0
+    model = _json.loads(capsys.readouterr().out)
+    assert model["nfe"] == 4 and model["fid"] > 0
+    real = load_proxy_dataset("heldout")
+    for i in range(0, 1500, 75):  # 20 real held-out images, one per class
+        Image.fromarray(real.images[i]).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(real.captions[i])
+    assert cli(["eval", "--images", str(tmp_path), "--json"]) == 0
+    folder = _json.loads(capsys.readouterr().out)
+    assert folder["images"] == 20 and folder["prompt_accuracy"] >= 0.9 and folder["fid"] < model["fid"]
