@@ -186,3 +186,28 @@ def test_random_shift_moves_each_image_by_at_most_max_shift():
     assert shifted.shape == images.shape and shifted.sum() == 64
     assert rows.sub(4).abs().max() <= 2 and cols.sub(4).abs().max() <= 2
     assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # offsets differ between images
+
+
+def test_clip_score_equals_clip_models_own_similarity(tmp_path):
+    """Against CLIPModel.forward's logits_per_image / logit_scale, on images already at the model's input size."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from fewstep.training.clip_tokenizer import load_clip_tokenizer
+    from fewstep.training.metrics import CLIP_MEAN, CLIP_STD, clip_score
+
+    text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                          max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer = load_clip_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    captions = ["a cat", "a dog", "a handwritten digit seven", "a cat"]
+    with torch.no_grad():
+        out = model(input_ids=tokenizer(captions, padding=True, return_tensors="pt").input_ids,
+                    pixel_values=(images - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1))
+    cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    expected = float((100 * cos).clamp(min=0).mean())
+    assert clip_score(images, captions, tmp_path, batch_size=3, device="cpu") == pytest.approx(expected, rel=1e-4)

@@ -108,7 +108,9 @@ def add_train(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (RUN_DIR/samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise")
-    p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR holds checkpoints")
+    p.add_argument("--resume", dest="no_resume", action="store_false",
+                   help="continue each stage from its newest checkpoint in RUN_DIR (the default)")
+    p.add_argument("--no-resume", dest="no_resume", action="store_true", help="start over, removing RUN_DIR's checkpoints")
     p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this many steps (resume later)")
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
     p.set_defaults(run=run_train_teacher)
@@ -184,6 +186,8 @@ def add_eval(subparsers) -> None:
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class")
     p.add_argument("--images", default=None, help="score this folder of images with .txt captions / metadata.jsonl instead")
     p.add_argument("--reference", default=None, help="with --images: real images to compare with (default: proxy held-out set)")
+    p.add_argument("--clip-model", default=None,
+                   help="with --images: a local CLIP model folder (transformers layout) to also report the CLIP score")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=run_eval)
 
@@ -201,6 +205,10 @@ def run_eval(args: argparse.Namespace) -> int:
             result["fid"] = fid_to_heldout(data.images)
         if set(data.captions) <= set(PROXY_CLASSES):
             result["prompt_accuracy"] = prompt_accuracy(data.images, [PROXY_CLASSES.index(c) for c in data.captions])
+        if args.clip_model:
+            from .metrics import clip_score
+
+            result["clip_score"] = clip_score(data.images, data.captions, args.clip_model)
     else:
         from .bench import BUNDLED_TEACHER, TeacherEntry, evaluate_entry
         from .teacher import load_pipeline
