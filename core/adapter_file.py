@@ -27,7 +27,7 @@ import torch
 from .base_models import BASES, infer_base
 from .lora import LoraKeyError, detect_layout, read_lora
 from .samplers import SAMPLERS
-from .schedule import PREDICTIONS
+from .schedule import PREDICTIONS, select_timesteps
 
 FORMAT_VERSION = 1
 KINDS: tuple[str, ...] = ("flash_lora", "sun_adapter", "guided_student", "gdd_student", "snap_student")
@@ -83,6 +83,18 @@ class AdapterMetadata:
                 raise AdapterFileError(
                     f"fewstep.timesteps must list {self.steps} decreasing integers (one per step); found {ts!r}"
                 )
+
+    def timesteps_for(self, steps: int) -> list[int]:
+        """Timesteps for sampling in ``steps`` steps: the file's own list at its step count, else its spacing
+        (LCM's when the file gives none, trailing otherwise: the grid consistency students are trained on)."""
+        if self.timesteps is not None and steps == self.steps:
+            return list(self.timesteps)
+        return [int(t) for t in select_timesteps("lcm" if self.timesteps is None else "trailing", steps)]
+
+    @property
+    def consistency_boundary(self) -> bool:
+        """Whether the adapted model's output goes through LCM's boundary condition (Flash/LCM/TCD LoRAs)."""
+        return bool(self.extra.get("consistency_boundary", self.kind == "flash_lora"))
 
     def to_strings(self) -> dict[str, str]:
         """The safetensors metadata dict: strings raw, everything else as JSON."""

@@ -3,7 +3,9 @@
 Layouts (module paths are diffusers UNet names, e.g. ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``):
 
 - ``peft``: ``<path>.lora_A.weight`` / ``.lora_B.weight``; alpha lives in the LoraConfig, not the file.
-- ``diffusers``: PEFT keys behind ``unet.`` (what ``save_lora_weights`` writes today).
+- ``diffusers``: PEFT keys behind ``unet.`` (what ``save_lora_weights`` writes today); also read in the
+  ``unet.<path>.lora.down.weight`` / ``.lora.up.weight`` spelling of diffusers' own conversion, which many
+  released LoRAs use.
 - ``diffusers_old``: ``unet.<block>.attn1.processor.to_q_lora.down.weight`` / ``.up.weight`` (LoRAAttnProcessor era).
 - ``kohya``: ``lora_unet_<path with _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha``, which ComfyUI's and
   A1111's stock LoRA loaders map. The delta is up @ down * alpha / rank in every layout.
@@ -37,7 +39,7 @@ COMPOUND_SEGMENTS: tuple[str, ...] = tuple(sorted((
 
 _OLD_PROCESSOR = re.compile(r"\.processor\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 # PEFT keys, with the adapter name that a module's own state_dict() keeps ("lora_A.default.weight").
-_PEFT_KEY = re.compile(r"\.lora_([AB])(\.[^.]+)?\.weight$")
+_PEFT_KEY = re.compile(r"\.lora_([AB])(\.[^.]+)?\.weight$|\.lora\.(down|up)\.weight$")
 
 
 @dataclass
@@ -78,7 +80,7 @@ def detect_layout(keys) -> Optional[LoraLayout]:
         return "kohya"
     if any(_OLD_PROCESSOR.search(k) for k in keys):
         return "diffusers_old"
-    if any(".lora_A." in k or ".lora_B." in k for k in keys):
+    if any(".lora_A." in k or ".lora_B." in k or ".lora.down." in k for k in keys):
         return "diffusers" if any(k.startswith(DIFFUSERS_UNET_PREFIX) for k in keys) else "peft"
     return None
 
@@ -181,7 +183,7 @@ def _parse_key(key: str, layout: LoraLayout) -> Optional[tuple[str, str]]:
         key = key.removeprefix("base_model.model.")
         m = _PEFT_KEY.search(key)
         if m is not None:
-            return key[: m.start()], "down" if m.group(1) == "A" else "up"
+            return key[: m.start()], "down" if m.group(1) == "A" or m.group(3) == "down" else "up"
         if key.endswith(".alpha"):
             return key[: -len(".alpha")], "alpha"
         raise LoraKeyError(f"unexpected key {key!r} in a PEFT LoRA: expected .lora_A.weight / .lora_B.weight")
@@ -228,3 +230,24 @@ def convert_lora(
     """Convert UNet LoRA weights between layouts (text-encoder keys are left out)."""
     modules, _ = read_lora(state_dict, alpha=alpha)
     return write_lora(modules, to)
+
+
+@torch.no_grad()
+def merge_lora(model: torch.nn.Module, modules: LoraModules, strength: float = 1.0) -> None:
+    """Add each module's delta (times ``strength``) into the weights of ``model``'s layers, in place.
+
+    Module paths are the model's own names (diffusers UNet names for UNet LoRAs). Raises LoraKeyError
+    naming the paths the model lacks or whose weight shape differs, before changing anything.
+    """
+    layers = dict(model.named_modules())
+    missing = sorted(m for m in modules if m not in layers or not hasattr(layers[m], "weight"))
+    if missing:
+        raise LoraKeyError(f"{len(missing)} LoRA modules have no matching layer in the model, e.g. {missing[:3]}")
+    mismatched = [m for m, lora in modules.items() if tuple(lora.delta().shape) != tuple(layers[m].weight.shape)]
+    if mismatched:
+        m = mismatched[0]
+        raise LoraKeyError(f"LoRA for {m!r} changes a {tuple(modules[m].delta().shape)} weight but the model's is "
+                           f"{tuple(layers[m].weight.shape)}: the LoRA was made for another base model")
+    for m, lora in modules.items():
+        weight = layers[m].weight
+        weight.add_((lora.delta() * strength).to(device=weight.device, dtype=weight.dtype))

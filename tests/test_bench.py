@@ -6,7 +6,8 @@ import pytest
 
 from fewstep.training import bench
 from fewstep.training.data import PROXY_CLASSES
-from fewstep.training.teacher import load_pipeline, train_teacher
+from fewstep.training.pipelines import load_teacher
+from fewstep.training.teacher import train_teacher
 
 from .test_teacher import _small_proxy
 
@@ -31,7 +32,7 @@ def test_entries_count_guided_passes():
 
 
 def test_evaluate_entry_is_deterministic_and_writes_a_grid(tiny_teacher, tmp_path):
-    pipe = load_pipeline(tiny_teacher)
+    pipe = load_teacher(tiny_teacher)
     entry = bench.TeacherEntry(2)
     a = bench.evaluate_entry(pipe, entry, per_class=2, batch_size=16, grid_path=tmp_path / "g.png")
     b = bench.evaluate_entry(pipe, entry, per_class=2, batch_size=40)
@@ -58,13 +59,15 @@ def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkey
 def test_quickstart_runs_on_the_bundled_teacher(tmp_path, capsys):
     from fewstep.training.cli import main as cli
 
-    assert cli(["quickstart", "--out-dir", str(tmp_path), "--per-class", "2"]) == 0
+    assert cli(["quickstart", "--out-dir", str(tmp_path), "--per-class", "2", "--student-steps", "4"]) == 0
     out = capsys.readouterr().out
-    assert "teacher-25steps-cfg4" in out and "teacher-4steps-cfg4" in out and "No distillation method" in out
+    assert "teacher-25steps-cfg4" in out and "teacher-4steps-cfg4" in out and "flash-quickstart-4steps" in out
     from PIL import Image
 
-    assert Image.open(tmp_path / "grid.png").size == (32 * 20 * 3, 32 * 2 * 3)
-    assert (tmp_path / "metrics.md").read_text().count("teacher-") == 2
+    rows = 4 if bench.BUNDLED_FLASH.is_file() else 3
+    assert Image.open(tmp_path / "grid.png").size == (32 * 20 * 3, 32 * rows * 3)
+    assert (tmp_path / "metrics.md").read_text().count("flash-") == rows - 2
+    assert (tmp_path / "flash_lora.safetensors").is_file()
 
 
 def test_eval_scores_a_model_and_a_folder_of_images(tiny_teacher, tmp_path, capsys):

@@ -163,3 +163,38 @@ def test_peft_keys_with_adapter_name_from_a_module_state_dict():
     modules, _ = L.read_lora(raw, alpha=4)
     clean, _ = L.read_lora(get_peft_model_state_dict(trained), alpha=4)
     assert set(modules) == set(clean) and all(torch.equal(modules[m].up, clean[m].up) for m in clean)
+
+
+def test_merged_lora_gives_the_peft_models_output():
+    base_unet = build_tiny_unet("sd15", seed=0)
+    trained = _train_peft_lora(base_unet, rank=4, alpha=12)
+    modules, _ = L.read_lora(L.convert_lora(get_peft_model_state_dict(trained), "kohya", alpha=12))
+    merged = copy.deepcopy(base_unet)
+    L.merge_lora(merged, modules)
+    assert (_probe(merged) - _probe(trained)).abs().max() < 1e-4
+    half = copy.deepcopy(base_unet)
+    L.merge_lora(half, modules, strength=0.5)
+    assert (_probe(half) - _probe(trained)).abs().max() > 1e-3
+
+
+def test_merging_a_lora_for_another_model_changes_nothing_and_says_why():
+    modules, _ = L.read_lora(L.convert_lora(get_peft_model_state_dict(
+        _train_peft_lora(build_tiny_unet("sdxl", seed=0), rank=4, alpha=4, steps=1)), "kohya", alpha=4))
+    target = build_tiny_unet("sd15", seed=0)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(L.LoraKeyError, match="no matching layer|another base model"):
+        L.merge_lora(target, modules)
+    assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
+def test_diffusers_lora_down_up_spelling_reads_like_peft_keys():
+    """Released LoRAs saved through diffusers' own conversion: ``unet.<path>.lora.down.weight``."""
+    trained = _train_peft_lora(build_tiny_unet("sd15", seed=0), rank=4, alpha=4, steps=1)
+    peft_sd = get_peft_model_state_dict(trained)
+    spelled = {"unet." + k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): v
+               for k, v in peft_sd.items()}
+    assert L.detect_layout(spelled) == "diffusers"
+    modules, ignored = L.read_lora(spelled)
+    reference, _ = L.read_lora(peft_sd)
+    assert ignored == [] and set(modules) == set(reference)
+    assert all(torch.equal(modules[m].down, reference[m].down) and torch.equal(modules[m].up, reference[m].up) for m in reference)

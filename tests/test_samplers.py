@@ -204,3 +204,21 @@ def test_consistency_boundary_matches_lcm_scheduler(t):
     ref_skip, ref_out = LCMScheduler(**sd_scheduler_config()).get_scalings_for_boundary_condition_discrete(t)
     c_skip, c_out = consistency_boundary_scalings(torch.tensor(t))
     assert float(c_skip) == pytest.approx(float(ref_skip), rel=1e-9) and float(c_out) == pytest.approx(float(ref_out), rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("n,start", [(4, 0), (16, 0), (32, 0), (32, 8), (32, 24)])
+def test_dpmpp_2m_reproduces_dpm_solver_multistep(n, start, unet64, context64):
+    """Flash's teacher rollout: the full trailing grid, and the tail of it from a start index (first order there)."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    ref = _reference(DPMSolverMultistepScheduler, n, timestep_spacing="trailing", algorithm_type="dpmsolver++", solver_order=2)
+    sigmas = SD.sigmas_for_timesteps(select_timesteps("trailing", n), dtype=F64)
+    x = _start_latent(dtype=F64) * start_noise_scaling(sigmas[start])
+    # diffusers starts mid-grid from its own step index: set it as a pipeline resuming at `start` would.
+    ref._step_index = start
+    latents = x / start_noise_scaling(sigmas[start])
+    for t in ref.timesteps[start:]:
+        eps = unet64(latents, t, encoder_hidden_states=context64).sample
+        latents = ref.step(eps, t, latents, return_dict=False)[0]
+    got = K.sample_dpmpp_2m(UNetDenoiser(unet64, SD), x, sigmas[start:], extra_args={"encoder_hidden_states": context64})
+    assert (got - latents).abs().max() < 1e-5 * latents.abs().max()

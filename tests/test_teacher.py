@@ -6,7 +6,8 @@ import torch
 
 from fewstep.training.cli import main as cli
 from fewstep.training.data import CaptionedImages, load_proxy_dataset
-from fewstep.training.teacher import load_pipeline, sample_images, train_teacher
+from fewstep.training.pipelines import load_teacher
+from fewstep.training.teacher import sample_images, train_teacher
 
 
 def _small_proxy(n=64):
@@ -20,7 +21,7 @@ def test_tiny_teacher_trains_exports_and_samples(tmp_path):
                         batch_size=8, checkpoint_every=2, sample_every=0, progress=False)
     assert (out / "model_index.json").is_file() and (out / "fewstep_teacher.json").is_file()
     assert (tmp_path / "run" / "samples" / "step-00000003.png").is_file()
-    pipe = load_pipeline(out)
+    pipe = load_teacher(out)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.config.scaling_factor != 0.18215
     assert json.loads((out / "fewstep_teacher.json").read_text())["unet_steps"] == 3
     images = sample_images(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, ["a handwritten digit seven"], [0], steps=2)

@@ -8,6 +8,7 @@ prompt accuracy (the bundled classifier), NFE and seconds per image. Results go 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import platform
@@ -20,11 +21,13 @@ import numpy as np
 import torch
 
 from .data import PROXY_CLASSES
-from .teacher import load_pipeline, sample_images, save_grid
+from .pipelines import load_teacher
+from .teacher import sample_images, save_grid
 
 log = logging.getLogger("fewstep")
 
 BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
+BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors"
 DEFAULT_CFG_SCALE = 4.0
 GRID_SEEDS = 4
 
@@ -53,8 +56,40 @@ class TeacherEntry:
         return np.concatenate(chunks)
 
 
+@dataclass(frozen=True)
+class StudentEntry:
+    """A distilled adapter file on the teacher, sampled as its metadata says, without CFG."""
+
+    steps: int
+    adapter: str = str(BUNDLED_FLASH)
+    label: str = "flash"
+    cfg_scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-{self.steps}steps"
+
+    @property
+    def nfe(self) -> int:
+        return self.steps
+
+    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int) -> np.ndarray:
+        from .students import AdaptedTeacher
+
+        key = (id(pipe), self.adapter)
+        if key not in _ADAPTED:
+            _ADAPTED.clear()
+            _ADAPTED[key] = AdaptedTeacher(pipe, self.adapter)
+        student = _ADAPTED[key]
+        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps)
+                               for i in range(0, len(captions), batch_size)])
+
+
+_ADAPTED: dict = {}
+
 BENCH_SETS = {
     "teacher": [TeacherEntry(s) for s in (50, 25, 8, 4, 2)],
+    "flash": [TeacherEntry(50), TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1)],
 }
 
 
@@ -72,6 +107,7 @@ def run_bench(
     batch_size: int = 250,                # samples generated together
     out_dir: str | Path = "bench/results",  # JSON, markdown and grids go here
     progress: bool = True,                # progress bar over configurations
+    adapter: str | Path | None = None,    # the student file for the set's student entries (default: the bundled one)
 ) -> dict:
     """Run a bench set and write its results; returns the JSON document."""
     from tqdm.auto import tqdm
@@ -81,14 +117,16 @@ def run_bench(
     if set_name not in BENCH_SETS:
         raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
     out_dir = Path(out_dir)
-    pipe = load_pipeline(teacher)
+    pipe = load_teacher(teacher)
+    entries = [dataclasses.replace(e, adapter=str(adapter)) if adapter and isinstance(e, StudentEntry) else e
+               for e in BENCH_SETS[set_name]]
     rows = []
-    for entry in tqdm(BENCH_SETS[set_name], desc=f"bench {set_name}", disable=not progress):
+    for entry in tqdm(entries, desc=f"bench {set_name}", disable=not progress):
         rows.append(evaluate_entry(pipe, entry, per_class, batch_size, grid_path=out_dir / f"{set_name}-grids" / f"{entry.name}.png"))
         log.info("%s: FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["prompt_accuracy"])
     document = {
         "sanity": fid_sanity(per_class),
-        "set": set_name, "teacher": str(teacher), "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
+        "set": set_name, "teacher": str(teacher), "adapter": str(adapter or BUNDLED_FLASH) if set_name != "teacher" else None, "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
         "reference": "proxy held-out split (1,500 real images), EfficientNet-Lite0 features",
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -112,7 +150,7 @@ def fid_sanity(per_class: int) -> dict:
     return {"real_train_images": fid_to_heldout(train.images[idx]), "uniform_noise": fid_to_heldout(noise)}
 
 
-def evaluate_entry(pipe, entry: TeacherEntry, per_class: int, batch_size: int, grid_path: Path | None = None) -> dict:
+def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, batch_size: int, grid_path: Path | None = None) -> dict:
     """Sample one configuration on the fixed prompt set and score it; optionally save its grid."""
     from .metrics import fid_to_heldout, prompt_accuracy
 

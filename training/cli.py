@@ -114,6 +114,122 @@ def add_train(subparsers) -> None:
     p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this many steps (resume later)")
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
     p.set_defaults(run=run_train_teacher)
+    add_train_flash(methods)
+
+
+def add_train_flash(methods) -> None:
+    p = methods.add_parser(
+        "flash",
+        help="distil a teacher into a Flash Diffusion LoRA (1-4 steps, no CFG)",
+        description="Flash Diffusion (Chadebec et al. 2024): train a LoRA on the teacher UNet so that it samples in 1-4 "
+        "consistency steps without CFG, from the teacher's own multistep CFG rollouts, a DMD term and an adversarial term on "
+        "the frozen teacher's features. Writes one adapter file (kohya keys + fewstep metadata) that the ComfyUI nodes, the "
+        "A1111 extension and `fewstep bench --adapter` load. Options default to the paper's SD1.5 setup (--preset paper); "
+        "--preset proxy fits the bundled teacher on a CPU. Precedence: preset < --config FILE < flags. Rerun the same "
+        "command to resume.",
+    )
+    p.add_argument("--teacher", default=None,
+                   help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
+    p.add_argument("--teacher-config", default=None,
+                   help="for a single-file teacher: a diffusers folder of the same base model to take configs and tokenizer from")
+    p.add_argument("--data", default="proxy",
+                   help="'proxy' (bundled digits + animals), a folder of images with .txt captions / metadata.jsonl, "
+                   "or webdataset shards ('shards/*.tar')")
+    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the teacher's native size)")
+    p.add_argument("--run-dir", default="runs/flash", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
+    p.add_argument("--out", default=None, help="the adapter file to write (default: RUN_DIR/flash_lora.safetensors)")
+    p.add_argument("--preset", default=None, choices=["paper", "proxy"],
+                   help="option defaults: the paper's SD setup, or the CPU-sized proxy setup (default: proxy for the bundled "
+                   "teacher, paper otherwise)")
+    p.add_argument("--config", default=None, help="JSON file of Flash options (field names as in `--dry-run` output)")
+    p.add_argument("--init-lora", default=None, help="continue from this Flash/LCM-style LoRA file (its rank, alpha and targets are kept)")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (paper: 128 for SD1.5, 64 for SDXL)")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    group.add_argument("--lora-targets", type=_str_list, default=None, help="comma-separated module names (paper: to_q,to_k,to_v,to_out.0)")
+    group.add_argument("--teacher-steps", type=int, default=None, help="K: steps of the teacher's DPM-Solver++ grid (paper: 32)")
+    group.add_argument("--phase-steps", type=_int_list, default=None, help="optimiser steps per phase, e.g. 5000,5000,5000,5000")
+    group.add_argument("--guidance-min", type=float, default=None, help="lowest teacher CFG scale (paper: 3)")
+    group.add_argument("--guidance-max", type=float, default=None, help="highest teacher CFG scale (paper: 13)")
+    group.add_argument("--distill-loss", default=None, choices=["l2", "l1", "huber"], help="distillation loss (default l2)")
+    group.add_argument("--distill-weights", type=_float_list, default=None, help="per-phase weights, e.g. 1,1,1,1")
+    group.add_argument("--dmd-weights", type=_float_list, default=None, help="per-phase DMD weights (paper: 0,0.3,0.5,0.7)")
+    group.add_argument("--adversarial-weights", type=_float_list, default=None, help="per-phase GAN weights (paper: 0,0.1,0.2,0.3)")
+    group.add_argument("--gan-loss", default=None, choices=["lsgan", "hinge", "non-saturating"], help="GAN objective (paper: lsgan)")
+    group.add_argument("--real-from", default=None, choices=["data", "teacher"], help="the discriminator's real samples")
+    group.add_argument("--lr", type=float, default=None, help="LoRA learning rate (paper: 1e-5)")
+    group.add_argument("--disc-lr", type=float, default=None, help="discriminator head learning rate (paper: 1e-5)")
+    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU (paper: 4)")
+    group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
+                   help="accelerate mixed precision; auto = bf16 on CUDA (frozen teacher in bf16), off on CPU")
+    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=int, default=250, help="steps between 1/2/4-step sample grids (RUN_DIR/samples)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batches and noise")
+    p.add_argument("--resume", dest="no_resume", action="store_false", help="continue from RUN_DIR's newest checkpoint (the default)")
+    p.add_argument("--no-resume", dest="no_resume", action="store_true", help="start over, removing RUN_DIR's checkpoints")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
+    p.set_defaults(run=run_train_flash)
+
+
+def _str_list(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in _str_list(text)]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(t) for t in _str_list(text)]
+
+
+FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phase_steps", "guidance_min", "guidance_max",
+               "distill_loss", "distill_weights", "dmd_weights", "adversarial_weights", "gan_loss", "real_from", "lr", "disc_lr",
+               "batch_size", "gradient_checkpointing")
+
+
+def run_train_flash(args: argparse.Namespace) -> int:
+    import dataclasses
+    from pathlib import Path
+
+    from .bench import BUNDLED_TEACHER
+    from .methods.flash import load_config
+    from .pipelines import TeacherError
+
+    teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
+    preset = args.preset or ("proxy" if teacher.resolve() == BUNDLED_TEACHER.resolve() else "paper")
+    try:
+        config = load_config(preset, args.config, **{k: getattr(args, k) for k in FLASH_FLAGS})
+        if not teacher.exists():
+            raise TeacherError(f"teacher {teacher} does not exist: pass a diffusers pipeline folder (with model_index.json) "
+                               "or a single-file .safetensors checkpoint")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or str(Path(args.run_dir) / "flash_lora.safetensors")
+    options = {"teacher": str(teacher), "data": args.data, "preset": preset, "run_dir": args.run_dir, "out": out,
+               "mixed_precision": _mixed_precision(args.mixed_precision), "flash": dataclasses.asdict(config)}
+    print(json.dumps(options, indent=2))
+    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.run_dir) / "training_options.json").write_text(json.dumps(options, indent=2) + "\n")
+    if args.dry_run:
+        return 0
+    from ..core.adapter_file import AdapterFileError
+    from .methods.flash import train_flash
+
+    try:
+        result = train_flash(teacher, args.data, args.run_dir, out, config, resolution=args.resolution,
+                             teacher_config=args.teacher_config, init_lora=args.init_lora,
+                             mixed_precision=options["mixed_precision"], checkpoint_every=args.checkpoint_every,
+                             sample_every=args.sample_every, seed=args.seed, resume=not args.no_resume, stop_after=args.stop_after)
+    except (TeacherError, AdapterFileError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Flash LoRA written to {result}; try: fewstep bench --set flash --adapter {result}" if result
+          else f"stopped after step {args.stop_after}; rerun to continue")
+    return 0
 
 
 def run_train_teacher(args: argparse.Namespace) -> int:
@@ -158,18 +274,20 @@ def add_bench(subparsers) -> None:
         "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
         "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
     )
-    p.add_argument("--set", default="teacher", help="bench set: 'teacher' (50/25/8/4/2 steps with CFG)")
+    p.add_argument("--set", default="teacher", choices=["teacher", "flash"],
+                   help="'teacher' (50/25/8/4/2 steps with CFG) or 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 steps)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
     p.add_argument("--out-dir", default="bench/results", help="where results go")
+    p.add_argument("--adapter", default=None, help="the student file for sets with students (default: the bundled proxy Flash LoRA)")
     p.set_defaults(run=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     from .bench import BUNDLED_TEACHER, markdown_table, run_bench
 
-    document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir)
+    document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter)
     print(markdown_table(document), end="")
     return 0
 
@@ -181,7 +299,8 @@ def add_eval(subparsers) -> None:
         "existing folder of captioned images (--images) by FID against the proxy held-out set or a --reference folder.",
     )
     p.add_argument("--teacher", default=None, help="pipeline folder to sample (default: the bundled proxy teacher)")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25, or the adapter's own)")
+    p.add_argument("--adapter", default=None, help="sample this adapter file on the teacher instead (no CFG, its sampler and timesteps)")
     p.add_argument("--cfg", type=float, default=4.0, help="CFG scale (diffusers convention; 1 disables guidance)")
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class")
     p.add_argument("--images", default=None, help="score this folder of images with .txt captions / metadata.jsonl instead")
@@ -210,10 +329,24 @@ def run_eval(args: argparse.Namespace) -> int:
 
             result["clip_score"] = clip_score(data.images, data.captions, args.clip_model)
     else:
-        from .bench import BUNDLED_TEACHER, TeacherEntry, evaluate_entry
-        from .teacher import load_pipeline
+        from ..core.adapter_file import AdapterFileError, read_header, describe
+        from .bench import BUNDLED_TEACHER, StudentEntry, TeacherEntry, evaluate_entry
+        from .pipelines import load_teacher
 
-        result = evaluate_entry(load_pipeline(args.teacher or BUNDLED_TEACHER), TeacherEntry(args.steps, args.cfg), args.per_class, 250)
+        if args.adapter:
+            try:
+                steps = args.steps or describe(read_header(args.adapter), args.adapter)[0].steps
+            except AdapterFileError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            entry = StudentEntry(steps, args.adapter, label=os.path.splitext(os.path.basename(args.adapter))[0])
+        else:
+            entry = TeacherEntry(args.steps or 25, args.cfg)
+        try:
+            result = evaluate_entry(load_teacher(args.teacher or BUNDLED_TEACHER), entry, args.per_class, 250)
+        except AdapterFileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -222,27 +355,72 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export", help="convert a LoRA adapter: to fewstep's file, to diffusers, or to a PEFT folder",
+        description="Read a fewstep adapter, any LoRA .safetensors (kohya, PEFT or diffusers keys: released Flash, LCM, TCD, "
+        "Hyper-SD files) or a PEFT folder, and write it as: 'fewstep' (kohya keys + fewstep metadata, for the ComfyUI nodes and "
+        "the A1111 extension), 'diffusers' (for pipe.load_lora_weights; rank and alpha kept in the file) or 'peft' (a folder for "
+        "PeftModel.from_pretrained). Alpha always travels with the weights.",
+    )
+    p.add_argument("source", help="adapter file or PEFT folder")
+    p.add_argument("--to", required=True, choices=["fewstep", "diffusers", "peft"], help="target layout")
+    p.add_argument("--out", required=True, help="output file (fewstep, diffusers) or folder (peft)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha for sources that do not store it (default: the rank)")
+    p.add_argument("--base", default=None, choices=["sd15", "sdxl", "pixart"], help="base model, when the keys do not tell")
+    p.add_argument("--steps", type=int, default=None, help="with --to fewstep: default steps recorded in the file")
+    p.add_argument("--timesteps", type=_int_list, default=None, help="with --to fewstep: timesteps for --steps, e.g. 999,749,499,249")
+    p.set_defaults(run=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..core.adapter_file import AdapterFileError
+    from ..core.lora import LoraKeyError
+    from .export import export_lora, read_any_lora
+
+    try:
+        modules, meta, notes = read_any_lora(args.source, alpha=args.alpha)
+        changes = {k: v for k, v in {"base": args.base, "steps": args.steps, "timesteps": args.timesteps}.items() if v is not None}
+        if args.steps is not None and args.timesteps is None and meta.timesteps is not None:
+            changes["timesteps"] = meta.timesteps_for(args.steps) if args.steps != meta.steps else meta.timesteps
+        meta = dataclasses.replace(meta, **changes)
+        if args.to == "fewstep" and meta.base == "unknown":
+            raise AdapterFileError(f"{args.source}: the keys do not tell the base model; pass --base sd15|sdxl|pixart")
+        meta.extra = {k: v for k, v in meta.extra.items() if k != "layout"}
+        out = export_lora(modules, meta, args.to, args.out)
+    except (AdapterFileError, LoraKeyError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote {len(modules)} LoRA modules as {args.to}: {out}")
+    return 0
+
+
 def add_quickstart(subparsers) -> None:
     p = subparsers.add_parser(
         "quickstart", help="the main job end to end on the bundled teacher, in minutes on a CPU",
-        description="Sample the bundled teacher at 25 and 4 steps, distil a few-step student with the best available method, "
-        "sample it, and write OUT_DIR/grid.png (one row per configuration) and OUT_DIR/metrics.md.",
+        description="Sample the bundled teacher at 25 and 4 steps, distil a Flash student for a short budget, sample it and the "
+        "bundled fully trained Flash student at 4 steps, and write OUT_DIR/grid.png (one row per configuration), "
+        "OUT_DIR/metrics.md and the quickstart's adapter file OUT_DIR/flash_lora.safetensors.",
     )
-    p.add_argument("--out-dir", default="quickstart", help="where the grid and metrics go")
+    p.add_argument("--out-dir", default="quickstart", help="where the grid, metrics and adapter go")
     p.add_argument("--per-class", type=int, default=10, help="samples per prompt class used for the metrics")
+    p.add_argument("--student-steps", type=int, default=80, help="training steps of the quickstart's Flash student")
     p.set_defaults(run=run_quickstart_command)
 
 
 def run_quickstart_command(args: argparse.Namespace) -> int:
     from .bench import markdown_table
-    from .quickstart import STUDENT_METHODS, run_quickstart
+    from .quickstart import run_quickstart
 
-    document = run_quickstart(args.out_dir, per_class=args.per_class)
+    document = run_quickstart(args.out_dir, per_class=args.per_class, student_steps=args.student_steps)
     print(markdown_table(document), end="")
-    print(f"grid: {args.out_dir}/grid.png (rows: teacher 25 steps, teacher 4 steps; columns: the 20 prompts)")
-    if not STUDENT_METHODS:
-        print("No distillation method is available yet, so the quickstart stops after the teacher part. "
-              "The 4-step row shows the quality gap a few-step student closes.")
+    names = ", ".join(r["name"] for r in document["results"])
+    print(f"grid: {args.out_dir}/grid.png (rows: {names}; columns: the 20 prompts)")
+    print(f"adapter: {args.out_dir}/flash_lora.safetensors (fewstep inspect it; load it in ComfyUI or A1111 on an SD1.5-architecture model)")
     return 0
 
 
@@ -257,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(subparsers)
     add_bench(subparsers)
     add_eval(subparsers)
+    add_export(subparsers)
     add_quickstart(subparsers)
     return parser
 

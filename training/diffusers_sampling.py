@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from ..core.guidance import cfg
 from ..core.parameterization import denoise, start_noise_scaling
 from ..core.schedule import DiscreteSchedule
+from .pipelines import cat_cond
 
 
 class UNetDenoiser:
@@ -64,15 +65,22 @@ def run_sampler(
 class CFGDenoiser:
     """Classifier-free guidance around a ``UNetDenoiser``: one batched pass over [cond, uncond] per step.
 
-    ``scale`` is the UI/diffusers CFG scale (1 = no guidance, and then the unconditional pass is skipped).
+    ``cond``/``uncond`` are UNet conditioning dicts (``PromptEncoder`` output) or bare text states.
+    ``scale`` is the UI/diffusers CFG scale, a number or one per sample (1 = no guidance: the
+    unconditional pass is skipped).
     """
 
-    def __init__(self, denoiser: UNetDenoiser, cond: torch.Tensor, uncond: torch.Tensor, scale: float):
-        self.denoiser, self.cond, self.uncond, self.scale = denoiser, cond, uncond, scale
+    def __init__(self, denoiser: UNetDenoiser, cond, uncond, scale: float | torch.Tensor):
+        self.denoiser, self.scale = denoiser, scale
+        self.cond, self.uncond = _as_cond(cond), _as_cond(uncond)
+        self.both = cat_cond(self.cond, self.uncond)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, seed: Optional[int] = None, **_) -> torch.Tensor:
-        if self.scale == 1.0:
-            return self.denoiser(x, sigma, encoder_hidden_states=self.cond)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), encoder_hidden_states=torch.cat([self.cond, self.uncond]))
-        cond, uncond = both.chunk(2)
+        if not torch.is_tensor(self.scale) and self.scale == 1.0:
+            return self.denoiser(x, sigma, **self.cond)
+        cond, uncond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **self.both).chunk(2)
         return cfg(cond, uncond, self.scale)
+
+
+def _as_cond(cond) -> dict:
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}

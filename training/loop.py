@@ -3,6 +3,8 @@
 A trainer supplies the module to optimise, a loss callable returning the *unreduced* per-sample loss
 (EDM's ``training/loss.py`` convention) and a batch sampler; the loop owns everything else: accelerate,
 mixed precision, gradient clipping, EMA, atomic checkpoints and resume, logs, progress bar, periodic samples.
+The loss callable may instead return a dict with the loss under ``"loss"`` and other per-sample terms
+(logged, not optimised); the batch it gets carries the optimiser step under ``"step"`` for phase schedules.
 
 Randomness is drawn from generators seeded by (seed, step), so a run killed and resumed from a checkpoint
 takes exactly the same batches and noise as one that never stopped.
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 log = logging.getLogger("fewstep")
 
 CHECKPOINT_DIR = "checkpoints"
-LossFn = Callable[[torch.nn.Module, dict, torch.Generator], torch.Tensor]
+LossFn = Callable[[torch.nn.Module, dict, torch.Generator], "torch.Tensor | dict[str, torch.Tensor]"]
 BatchFn = Callable[[torch.Generator], dict]
 SampleFn = Callable[[torch.nn.Module, int], None]
 
@@ -94,6 +96,7 @@ def training_loop(
     batch_fn: BatchFn,                        # (generator) -> batch dict of tensors on the CPU
     total_steps: int,                         # optimiser steps in the whole run, counting resumed ones
     lr: float = 1e-4,                         # AdamW learning rate
+    lr_scales: Optional[dict[str, float]] = None,  # parameter-name prefix -> factor on lr (e.g. a discriminator's own rate)
     weight_decay: float = 0.0,                # AdamW weight decay
     warmup_steps: int = 0,                    # linear learning-rate warm-up
     grad_clip: float = 1.0,                   # max gradient norm; 0 disables
@@ -119,7 +122,7 @@ def training_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(model, lr, lr_scales or {}), lr=lr, weight_decay=weight_decay)
     ema = EMA(model, ema_decay) if ema_decay is not None else None
 
     start = 0
@@ -152,16 +155,21 @@ def training_loop(
 
     end = total_steps if stop_after is None else min(total_steps, stop_after)
     metrics_file = run_dir / "metrics.jsonl"
-    running, t0 = 0.0, time.perf_counter()
+    running: dict[str, float] = {}
+    t0 = time.perf_counter()
     bar = tqdm(range(start, end), initial=start, total=total_steps, desc=desc, disable=not progress or not accelerator.is_main_process)
     model.train()
     for step in bar:
         gen = step_generator(seed, step)
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch_fn(gen).items()}
+        batch["step"] = step
         for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+            group["lr"] = group["base_lr"] * min(1.0, (step + 1) / warmup_steps) if warmup_steps else group["base_lr"]
         with accelerator.autocast():
-            loss = loss_fn(model, batch, gen).float().mean()
+            terms = loss_fn(model, batch, gen)
+            if not isinstance(terms, dict):
+                terms = {"loss": terms}
+            loss = terms["loss"].float().mean()
         optimizer.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         if grad_clip:
@@ -169,18 +177,19 @@ def training_loop(
         optimizer.step()
         if ema is not None:
             ema.update(accelerator.unwrap_model(model))
-        running += loss.item()
+        for name, value in terms.items():
+            running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
         done = step + 1
         if done % log_every == 0 or done == end:
             n = done % log_every or log_every
-            record = {"step": done, "loss": running / n, "lr": optimizer.param_groups[0]["lr"],
+            record = {"step": done, **{k: v / n for k, v in running.items()}, "lr": optimizer.param_groups[0]["lr"],
                       "seconds_per_step": (time.perf_counter() - t0) / n}
-            running, t0 = 0.0, time.perf_counter()
+            running, t0 = {}, time.perf_counter()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if accelerator.is_main_process:
                 with open(metrics_file, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
-            accelerator.log({"loss": record["loss"], "lr": record["lr"]}, step=done)
+            accelerator.log({k: v for k, v in record.items() if k not in ("step", "seconds_per_step")}, step=done)
         if done % checkpoint_every == 0 or done == end:
             checkpoint_now(done)
         if sample_fn is not None and sample_every and done % sample_every == 0 and done != total_steps:
@@ -194,6 +203,16 @@ def training_loop(
     if sample_fn is not None and end == total_steps:
         sample_fn(final, total_steps)
     return final
+
+
+def _param_groups(model: torch.nn.Module, lr: float, lr_scales: dict[str, float]) -> list[dict]:
+    """AdamW groups: trainable parameters by the first matching name prefix in lr_scales, the rest at lr."""
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            prefix = next((k for k in lr_scales if name.startswith(k)), "")
+            groups.setdefault(prefix, []).append(p)
+    return [{"params": ps, "lr": lr * lr_scales.get(k, 1.0), "base_lr": lr * lr_scales.get(k, 1.0)} for k, ps in groups.items()]
 
 
 def _with_ema(model: torch.nn.Module, ema: Optional[EMA], fn: Callable[[torch.nn.Module], None]) -> None:

@@ -1,7 +1,8 @@
 """`fewstep quickstart`: the main job end to end on the bundled teacher, in minutes on a laptop CPU.
 
-Samples the teacher at full steps and at few steps (the gap distillation closes), then distils a few-step
-student with the best method available and samples it; writes a side-by-side grid and a metrics table.
+Samples the teacher at full steps and at few steps (the gap distillation closes), distils a few-step
+student with the best method available for a short budget, samples it, and puts the bundled fully
+trained student beside it; writes a side-by-side grid and a metrics table.
 """
 
 from __future__ import annotations
@@ -12,21 +13,36 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .bench import BUNDLED_TEACHER, TeacherEntry, evaluate_entry, markdown_table
+from .bench import BUNDLED_FLASH, BUNDLED_TEACHER, StudentEntry, TeacherEntry, evaluate_entry, markdown_table
 from .metrics import proxy_classifier_metadata
-from .teacher import load_pipeline
+from .pipelines import load_teacher
 
 log = logging.getLogger("fewstep")
 
-# The distillation methods register here as they land; the quickstart trains the first one listed.
-STUDENT_METHODS: list[str] = []
+# The distillation methods available to the quickstart, best first; it trains the first one.
+STUDENT_METHODS: list[str] = ["flash"]
 
 
-def run_quickstart(out_dir: str | Path = "quickstart", teacher: str | Path = BUNDLED_TEACHER, per_class: int = 10) -> dict:
-    """Write ``out_dir/grid.png`` (rows: configurations; columns: the 20 prompts) and ``out_dir/metrics.md``."""
+def run_quickstart(out_dir: str | Path = "quickstart", teacher: str | Path = BUNDLED_TEACHER, per_class: int = 10,
+                   student_steps: int = 80) -> dict:
+    """Write ``out_dir/grid.png`` (rows: configurations; columns: the 20 prompts) and ``out_dir/metrics.md``.
+
+    ``student_steps``: training steps of the quickstart's own Flash student (spread over the method's four phases).
+    """
+    from .data import load_proxy_dataset
+    from .methods.flash import load_config, train_flash
+
     out_dir = Path(out_dir)
-    pipe = load_pipeline(teacher)
-    entries = [TeacherEntry(25), TeacherEntry(4)]
+    pipe = load_teacher(teacher)
+    per_phase = max(1, student_steps // 4)
+    config = load_config("proxy", phase_steps=[per_phase] * 4)
+    log.info("distilling a Flash student for %d steps (the bundled one had %d)", config.total_steps,
+             load_config("proxy").total_steps)
+    student = train_flash(teacher, load_proxy_dataset("train"), out_dir / "flash-run", out_dir / "flash_lora.safetensors", config,
+                          sample_every=0, checkpoint_every=max(1, config.total_steps // 4), resume=False)
+    entries = [TeacherEntry(25), TeacherEntry(4), StudentEntry(4, str(student), label="flash-quickstart")]
+    if BUNDLED_FLASH.is_file():
+        entries.append(StudentEntry(4, str(BUNDLED_FLASH), label="flash-bundled"))
     rows = [evaluate_entry(pipe, e, per_class, batch_size=200, grid_path=out_dir / "grids" / f"{e.name}.png") for e in entries]
     # Stack each configuration's first grid row: same prompts and seeds, one configuration per row.
     strips = [np.asarray(Image.open(r["grid"]))[:32] for r in rows]

@@ -187,16 +187,6 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, provenance: dic
     os.replace(tmp, out)
 
 
-def load_pipeline(path: str | Path, device: str = "cpu"):
-    """Any SD1.5-layout pipeline folder (the bundled teacher, a real SD1.5), in float32 for training and evaluation."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32, local_files_only=True,
-                                                   safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
 def train_teacher(
     data: CaptionedImages,                   # training images (uint8 NHWC) and captions
     run_dir: str | Path,                     # stage checkpoints, logs and sample grids

@@ -1,0 +1,382 @@
+"""Flash Diffusion: the method's schedule, training on real teachers, resume, export through diffusers' and PEFT's loaders."""
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewstep.core import lora as L
+from fewstep.core.adapter_file import AdapterFileError, read_adapter
+from fewstep.core.parameterization import start_noise_scaling
+from fewstep.core.samplers import sample_ddim, sample_dpmpp_2m
+from fewstep.core.schedule import DiscreteSchedule, select_timesteps
+from fewstep.training.bench import BUNDLED_FLASH, BUNDLED_TEACHER
+from fewstep.training.cli import main
+from fewstep.training.data import CaptionedImages, load_proxy_dataset
+from fewstep.training.diffusers_sampling import CFGDenoiser, UNetDenoiser
+from fewstep.training.methods import flash as F
+from fewstep.training.pipelines import PromptEncoder, load_teacher
+from fewstep.training.students import AdaptedTeacher
+from fewstep.training.tiny_models import build_tiny_pipeline
+
+SD = DiscreteSchedule.stable_diffusion()
+
+
+def test_start_index_mixture_puts_the_phase_probabilities_on_the_grid_modes():
+    config = F.FlashConfig()
+    for phase, probs in enumerate(config.mode_probs):
+        p = F.start_index_probabilities(config, phase)
+        assert p.shape == (32,) and p.sum() == pytest.approx(1.0)
+        at_modes = p[[0, 8, 16, 24]]
+        # Modes are far apart for var 0.5, so each mode's mass is its probability share (times the same bump).
+        assert (at_modes / at_modes.sum()).tolist() == pytest.approx(list(probs), abs=1e-6)
+    assert F.start_index_probabilities(config, 0)[:12].sum() < 1e-6   # phase 0 never starts above t ~ 624
+
+
+def test_phases_follow_the_step_counts():
+    config = F.FlashConfig(phase_steps=(2, 3, 1, 4))
+    assert [config.phase(s) for s in range(12)] == [0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 3, 3]
+    assert config.total_steps == 10
+
+
+def test_exported_timesteps_are_the_training_modes():
+    assert F.export_timesteps(F.FlashConfig()) == [999, 749, 499, 249]
+    assert F.export_timesteps(F.PRESETS["proxy"]) == [999, 749, 499, 249]
+
+
+def test_bad_options_are_named():
+    with pytest.raises(ValueError, match=r"lora_rnak \(did you mean lora_rank\?\)"):
+        F.load_config("paper", lora_rnak=4)
+    with pytest.raises(ValueError, match="dmd_weights has 3 entries but there are 4 phases"):
+        F.load_config("paper", dmd_weights=[0, 1, 1])
+    with pytest.raises(ValueError, match="distill_loss 'lpips'"):
+        F.load_config("paper", distill_loss="lpips")
+    with pytest.raises(ValueError, match="unknown Flash preset"):
+        F.load_config("fast")
+
+
+def test_config_file_sits_between_preset_and_flags(tmp_path):
+    path = tmp_path / "flash.json"
+    path.write_text(json.dumps({"lora_rank": 16, "phase_steps": [1, 2, 3, 4], "gan_loss": "hinge"}))
+    config = F.load_config("paper", path, lora_rank=8)
+    assert (config.lora_rank, config.phase_steps, config.gan_loss, config.teacher_steps) == (8, (1, 2, 3, 4), "hinge", 32)
+    path.write_text(json.dumps({"gan_los": "hinge"}))
+    with pytest.raises(ValueError, match="gan_los"):
+        F.load_config("paper", path)
+
+
+@pytest.fixture(scope="module")
+def proxy_data():
+    data = load_proxy_dataset("train")
+    return CaptionedImages(data.images[::20], [data.captions[i] for i in range(0, len(data), 20)])
+
+
+def _tiny_teacher(tmp_path, base="sd15"):
+    path = tmp_path / f"tiny-{base}"
+    build_tiny_pipeline(base, seed=0).save_pretrained(path)
+    return path
+
+
+TINY = dict(lora_rank=4, teacher_steps=8, phase_steps=(2, 2, 2, 2), batch_size=4, lr=1e-3, disc_lr=1e-3)
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_kill_and_resume_gives_the_uninterrupted_result(base, tmp_path, proxy_data):
+    teacher = _tiny_teacher(tmp_path, base)
+    config = F.load_config("proxy", **TINY)
+    kw = dict(sample_every=0, checkpoint_every=3, progress=False)
+    F.train_flash(teacher, proxy_data, tmp_path / "straight", tmp_path / "a.safetensors", config, **kw)
+    assert F.train_flash(teacher, proxy_data, tmp_path / "killed", tmp_path / "b.safetensors", config, stop_after=5, **kw) is None
+    assert not (tmp_path / "b.safetensors").exists()
+    F.train_flash(teacher, proxy_data, tmp_path / "killed", tmp_path / "b.safetensors", config, **kw)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The LoRA moved away from its init (lora_up starts at zero) in every phase's terms.
+    assert max(v.abs().max() for k, v in a.items() if k.endswith("lora_up.weight")) > 0
+    terms = json.loads((tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"distill", "dmd", "adversarial", "discriminator", "loss"} <= set(terms)
+
+
+def test_bf16_autocast_half_teacher_and_gradient_checkpointing_run(tmp_path, proxy_data):
+    """The GPU configuration's dtypes (bf16 teacher, fp32 LoRA under autocast), on the CPU."""
+    teacher = _tiny_teacher(tmp_path, "sdxl")
+    config = F.load_config("proxy", **{**TINY, "phase_steps": (1, 1, 1, 1), "gradient_checkpointing": True})
+    out = F.train_flash(teacher, proxy_data, tmp_path / "run", tmp_path / "o.safetensors", config, mixed_precision="bf16",
+                        sample_every=2, progress=False)
+    assert read_adapter(out).metadata.base == "sdxl"   # written only if every tensor is finite
+    assert (tmp_path / "run" / "samples" / "step-00000002-4steps.png").is_file()
+
+
+def test_distillation_loss_falls_on_the_bundled_teacher(tmp_path, proxy_data):
+    """40 steps of the distillation term alone: on fixed batches, noise and start points the student gets much closer
+    to the teacher's rollout than at initialisation (where it is the teacher's own one-step prediction)."""
+    config = F.load_config("proxy", phase_steps=(40,), mode_probs=((0.25, 0.25, 0.25, 0.25),), distill_weights=(1.0,),
+                           dmd_weights=(0.0,), adversarial_weights=(0.0,), batch_size=8, lora_rank=8, lr=1e-3)
+    F.train_flash(BUNDLED_TEACHER, proxy_data, tmp_path / "run", tmp_path / "s.safetensors", config, sample_every=0,
+                  progress=False, checkpoint_every=100)
+    pipe = load_teacher(BUNDLED_TEACHER)
+    fresh = F.build_distillation(pipe, config)
+    trained = F.build_distillation(load_teacher(BUNDLED_TEACHER), config, init_lora=tmp_path / "s.safetensors")
+    batches = [_batch(proxy_data, pipe, start) for start in (0, 4, 8, 12)]
+    before = sum(_distill_at(fresh, *b) for b in batches)
+    after = sum(_distill_at(trained, *b) for b in batches)
+    assert after < 0.85 * before, (before, after)
+
+
+def _batch(data, pipe, start):
+    from fewstep.training.teacher import to_pixels
+
+    gen = torch.Generator().manual_seed(start)
+    idx = torch.randint(len(data), (8,), generator=gen)
+    with torch.no_grad():
+        z = pipe.vae.encode(to_pixels(data.images[idx.numpy()])).latent_dist.mean * pipe.vae.config.scaling_factor
+    return z, [data.captions[i] for i in idx], start
+
+
+@torch.no_grad()
+def _distill_at(model, z, captions, start):
+    """The distillation term from grid index ``start`` with fixed noise and CFG 4."""
+    cond, uncond = model.prompts.with_unconditional(captions)
+    sigmas = model.grid[start:].to(z)
+    noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(100 + start))
+    x = z + noise * sigmas[0] if start else noise * start_noise_scaling(sigmas[0])
+    student = UNetDenoiser(model.student, model.schedule, consistency_boundary=True)(x, sigmas[0].expand(len(z)), **cond)
+    target = sample_dpmpp_2m(CFGDenoiser(UNetDenoiser(model.teacher, model.schedule), cond, uncond, 4.0), x, sigmas)
+    return model._distill(student, target).mean().item()
+
+
+def test_bundled_student_beats_the_teacher_at_equal_steps():
+    """The shipped proxy Flash LoRA, 2 and 4 steps without CFG, lands closer to the teacher's converged CFG sample
+    (DPM-Solver++ 32 steps) than the teacher itself with CFG at the same step count (twice the NFE)."""
+    pipe = load_teacher(BUNDLED_TEACHER)
+    student = AdaptedTeacher(pipe, BUNDLED_FLASH)
+    captions = ["a handwritten digit three", "a silhouette of a cat", "a handwritten digit seven", "a silhouette of a horse"] * 4
+    seeds = list(range(len(captions)))
+    cond, uncond = PromptEncoder(pipe).with_unconditional(captions)
+    noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    teacher = CFGDenoiser(UNetDenoiser(pipe.unet, SD), cond, uncond, 4.0)
+
+    def teacher_at(sampler, steps):
+        sigmas = SD.sigmas_for_timesteps(select_timesteps("trailing", steps))
+        with torch.no_grad():
+            return sampler(teacher, noise * start_noise_scaling(sigmas[0]), sigmas)
+
+    reference = teacher_at(sample_dpmpp_2m, 32)
+    for steps in (2, 4):
+        distance_student = (student.latents(captions, seeds, steps) - reference).pow(2).mean()
+        distance_teacher = (teacher_at(sample_ddim, steps) - reference).pow(2).mean()
+        assert distance_student < distance_teacher, (steps, float(distance_student), float(distance_teacher))
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tmp_path_factory):
+    """A tiny-teacher Flash file per base, alpha != rank so that a loader taking alpha = rank would be caught."""
+    root = tmp_path_factory.mktemp("flash")
+    data = load_proxy_dataset("train")
+    data = CaptionedImages(data.images[:64], data.captions[:64])
+    out = {}
+    for base in ("sd15", "sdxl"):
+        teacher = _tiny_teacher(root, base)
+        config = F.load_config("proxy", **{**TINY, "lora_alpha": 2.0, "phase_steps": (1, 1, 1, 1)})
+        out[base] = (teacher, F.train_flash(teacher, data, root / f"run-{base}", root / f"{base}.safetensors", config,
+                                            sample_every=0, progress=False))
+    return out
+
+
+def _probe(unet, base, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    ctx = torch.randn(2, 77, unet.config.cross_attention_dim, generator=gen)
+    kw = {"encoder_hidden_states": ctx}
+    if base == "sdxl":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(2, 32, generator=gen), "time_ids": torch.tensor([[32, 32, 0, 0, 32, 32]] * 2).float()}
+    with torch.no_grad():
+        return unet(torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([999, 400]), **kw).sample
+
+
+def _count_lora_layers(unet):
+    return sum(1 for _, m in unet.named_modules() if hasattr(m, "lora_A") and "default_0" in getattr(m, "lora_A", {}))
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_exported_file_loads_in_diffusers_with_every_key_matched(base, trained_tiny):
+    teacher, path = trained_tiny[base]
+    adapter = read_adapter(path)
+    assert adapter.metadata.kind == "flash_lora" and adapter.metadata.base == base and not adapter.inferred
+    assert all(k.startswith("lora_unet_") for k in adapter.tensors)
+    modules, _ = L.read_lora(adapter.tensors)
+    assert {m.alpha for m in modules.values()} == {2.0} and {m.rank for m in modules.values()} == {4}
+
+    pipe = load_teacher(teacher)
+    expected_unet = copy.deepcopy(pipe.unet)
+    L.merge_lora(expected_unet, modules)
+    pipe.load_lora_weights(str(path))
+    # Every module of the file became a LoRA layer in diffusers, and the outputs agree: nothing unmatched either way.
+    assert _count_lora_layers(pipe.unet) == len(modules)
+    assert (_probe(pipe.unet, base) - _probe(expected_unet, base)).abs().max() < 1e-4
+    assert (_probe(load_teacher(teacher).unet, base) - _probe(expected_unet, base)).abs().max() > 1e-4
+
+
+def test_export_to_diffusers_and_peft_keeps_alpha_and_metadata(trained_tiny, tmp_path):
+    from peft import PeftModel
+
+    teacher, path = trained_tiny["sd15"]
+    assert main(["export", str(path), "--to", "diffusers", "--out", str(tmp_path / "d.safetensors")]) == 0
+    assert main(["export", str(tmp_path / "d.safetensors"), "--to", "peft", "--out", str(tmp_path / "peft")]) == 0
+    assert main(["export", str(tmp_path / "peft"), "--to", "fewstep", "--out", str(tmp_path / "back.safetensors")]) == 0
+    original, back = read_adapter(path), read_adapter(tmp_path / "back.safetensors")
+    assert back.metadata.timesteps == original.metadata.timesteps and back.metadata.kind == "flash_lora"
+    assert original.tensors.keys() == back.tensors.keys()
+    assert all(torch.equal(original.tensors[k].float(), back.tensors[k].float()) for k in original.tensors)
+
+    modules, _ = L.read_lora(original.tensors)
+    expected = copy.deepcopy(load_teacher(teacher).unet)
+    L.merge_lora(expected, modules)
+    pipe = load_teacher(teacher)
+    pipe.load_lora_weights(str(tmp_path / "d.safetensors"))
+    assert (_probe(pipe.unet, "sd15") - _probe(expected, "sd15")).abs().max() < 1e-4
+    peft_unet = PeftModel.from_pretrained(load_teacher(teacher).unet, str(tmp_path / "peft"))
+    assert (_probe(peft_unet, "sd15") - _probe(expected, "sd15")).abs().max() < 1e-4
+
+
+def test_released_flash_layout_imports_into_our_format(trained_tiny, tmp_path, capsys):
+    """Released Flash LoRAs are diffusers files (``unet.<path>.lora.down.weight``, alpha = rank, no metadata)."""
+    _, path = trained_tiny["sd15"]
+    modules, _ = L.read_lora(read_adapter(path).tensors)
+    released = {f"unet.{m}.lora.{part}.weight": getattr(lora, part).float() for m, lora in modules.items() for part in ("down", "up")}
+    save_file(released, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert main(["export", str(tmp_path / "pytorch_lora_weights.safetensors"), "--to", "fewstep", "--out", str(tmp_path / "ours.safetensors")]) == 0
+    assert "stores no alpha" in capsys.readouterr().out
+    ours = read_adapter(tmp_path / "ours.safetensors")
+    assert ours.metadata.base == "sd15" and ours.metadata.sampler == "consistency" and not ours.inferred
+    back, _ = L.read_lora(ours.tensors)
+    assert set(back) == set(modules) and all(b.alpha == b.rank for b in back.values())
+
+
+def test_an_sdxl_lora_on_an_sd15_teacher_is_refused_with_the_reason(trained_tiny, tmp_path, capsys):
+    teacher, _ = trained_tiny["sd15"]
+    _, sdxl_file = trained_tiny["sdxl"]
+    with pytest.raises(AdapterFileError, match="adapter is for sdxl .* but the model is sd15"):
+        F.build_distillation(load_teacher(teacher), F.load_config("proxy", **TINY), init_lora=sdxl_file)
+    with pytest.raises(AdapterFileError, match="adapter is for sdxl"):
+        AdaptedTeacher(load_teacher(teacher), sdxl_file)
+    assert main(["train", "flash", "--teacher", str(teacher), "--init-lora", str(sdxl_file), "--run-dir", str(tmp_path / "r"),
+                 "--phase-steps", "1,1,1,1", "--batch-size", "2", "--lora-rank", "4", "--teacher-steps", "8"]) == 2
+    assert "adapter is for sdxl" in capsys.readouterr().err
+
+
+def test_init_lora_continues_from_a_file(trained_tiny):
+    teacher, path = trained_tiny["sd15"]
+    model = F.build_distillation(load_teacher(teacher), F.load_config("proxy", **TINY), init_lora=path)
+    exported = F.student_lora_modules(model.student, model.config)
+    original, _ = L.read_lora(read_adapter(path).tensors)
+    assert set(exported) == set(original)
+    assert all(torch.allclose(exported[m].up.float(), original[m].up.float()) and exported[m].alpha == original[m].alpha for m in original)
+
+
+def test_cli_errors_say_what_was_wrong(tmp_path, capsys):
+    assert main(["train", "flash", "--teacher", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text('{"lora_rnak": 4}')
+    assert main(["train", "flash", "--config", str(tmp_path / "bad.json"), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "did you mean lora_rank" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "flash", "--distill-loss", "lpips"])
+    assert main(["train", "flash", "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
+    options = json.loads((tmp_path / "r" / "training_options.json").read_text())
+    assert options["preset"] == "proxy" and options["flash"]["teacher_steps"] == 16
+
+
+# ComfyUI's view of a real SD1.5 / SDXL UNet (what its model detection finds in the real checkpoints).
+COMFY_UNET_CONFIGS = {
+    "sd15": dict(num_res_blocks=[2] * 4, channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                 transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1),
+    "sdxl": dict(num_res_blocks=[2] * 3, channel_mult=[1, 2, 4], transformer_depth=[0, 0, 2, 2, 10, 10],
+                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10], transformer_depth_middle=10),
+}
+LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2",
+               "time_emb_proj", "conv_shortcut")
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_comfyui_loads_every_module_of_our_file_with_its_alpha(base, tmp_path):
+    """ComfyUI's own LoRA key map and loader (``comfy.lora``), run in a ComfyUI process, on a file in our layout
+    covering every layer a Flash LoRA may adapt in a real-size UNet: every module becomes a patch, with our alpha."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .test_lora import real_unet
+
+    path = os.environ.get("COMFYUI_PATH")
+    if not path:
+        pytest.skip("COMFYUI_PATH is not set: no ComfyUI to load the file with")
+    stubs = Path(os.environ.get("COMFYUI_STUBS", Path(__file__).resolve().parents[2] / "shared" / "hosts" / "stubs"))
+    if not stubs.is_dir():
+        pytest.skip("ComfyUI's import stubs for torchvision (shared/hosts/stubs) are not here; set COMFYUI_STUBS")
+    layers = {n: m for n, m in real_unet(base).named_modules() if n.endswith(LORA_LAYERS)}
+    assert len(layers) > 250
+
+    def lora(m):
+        spatial = [1, 1] if m.weight.ndim == 4 else []
+        return L.LoraModule(torch.zeros(2, m.weight.shape[1], *spatial), torch.zeros(m.weight.shape[0], 2, *spatial), alpha=3.0)
+
+    save_file(L.write_lora({n: lora(m) for n, m in layers.items()}, "kohya"), str(tmp_path / "lora.safetensors"))
+    script = """
+import json, sys
+from types import SimpleNamespace
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import comfy.lora, comfy.utils
+from safetensors.torch import load_file
+config = json.loads(sys.argv[2])
+ldm = comfy.utils.unet_to_diffusers(config)
+model = SimpleNamespace(state_dict=lambda: {"diffusion_model." + v: None for v in ldm.values()},
+                        model_config=SimpleNamespace(unet_config=config))
+patches = comfy.lora.load_lora(load_file(sys.argv[1]), comfy.lora.model_lora_keys_unet(model, {}))
+print(json.dumps({"patches": len(patches), "alphas": sorted({float(p.weights[2]) for p in patches.values()})}))
+"""
+    env = {**os.environ, "PYTHONPATH": f"{path}{os.pathsep}{stubs}"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "lora.safetensors"), json.dumps(COMFY_UNET_CONFIGS[base])],
+                          cwd=path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"patches": len(layers), "alphas": [3.0]}, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+def test_a1111_maps_every_kohya_name_to_a_unet_layer(base):
+    """A1111's Lora extension turns our kohya names into compvis layer names with its own
+    ``convert_diffusers_name_to_compvis``; every one must name a layer of the real LDM UNet (whose names
+    ComfyUI's map lists: the two hosts agree on LDM naming)."""
+    import ast
+    import os
+    import re
+    import sys
+    from pathlib import Path
+
+    from .test_lora import real_unet
+
+    a1111, comfyui = os.environ.get("A1111_PATH"), os.environ.get("COMFYUI_PATH")
+    if not a1111 or not comfyui:
+        pytest.skip("A1111_PATH and COMFYUI_PATH are both needed: A1111's name conversion, ComfyUI's LDM layer names")
+    source = (Path(a1111) / "extensions-builtin" / "Lora" / "networks.py").read_text()
+    tree = ast.parse(source)
+    wanted = {"re_digits", "re_compiled", "suffix_conversion", "convert_diffusers_name_to_compvis"}
+    nodes = [n for n in tree.body if (isinstance(n, ast.FunctionDef) and n.name in wanted)
+             or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) in wanted for t in n.targets))]
+    namespace = {"re": re}
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), "networks.py", "exec"), namespace)
+    convert = namespace["convert_diffusers_name_to_compvis"]
+
+    sys.path.insert(0, comfyui)
+    try:
+        from comfy.utils import unet_to_diffusers   # comfy.utils imports no device code
+    finally:
+        sys.path.remove(comfyui)
+    ldm_layers = {"diffusion_model_" + v[: -len(".weight")].replace(".", "_")
+                  for v in unet_to_diffusers(COMFY_UNET_CONFIGS[base]).values() if v.endswith(".weight")}
+    names = [L.module_to_kohya_name(n) for n, _ in real_unet(base).named_modules() if n.endswith(LORA_LAYERS)]
+    unmatched = [n for n in names if convert(n, False) not in ldm_layers]
+    assert len(names) > 250 and unmatched == []

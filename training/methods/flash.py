@@ -1,0 +1,507 @@
+"""Flash Diffusion (Chadebec et al. 2024): a LoRA that makes the teacher sample in 1-4 steps without CFG.
+
+The student is the teacher UNet plus a LoRA, read through LCM's boundary condition. Each batch:
+
+1. a start index on the teacher's K-step trailing grid is drawn from a Gaussian mixture whose mode
+   probabilities change by phase (early phases favour low noise, later ones pure noise);
+2. the student predicts x0 from the noised latent in one pass;
+3. the teacher's target is its own no-grad DPM-Solver++(2M) rollout with CFG (scale drawn per batch)
+   from the same noisy latent to the end of the grid;
+4. loss = distillation (L2 / L1 / pseudo-Huber) + DMD term (Yin et al. 2024; the student, without
+   gradient, as fake score) + adversarial term, with per-phase weights; the discriminator is a small head
+   on the frozen teacher's mid-block features of noised student outputs and noised real latents.
+
+Unlike the reference implementation, the teacher rollout and the teacher features are computed once
+per batch and shared by the generator and discriminator updates: one backward pass trains both,
+because the generator's adversarial term reads the head through detached parameters and the head's
+own loss reads detached features. Every option of the paper's SD setup is a ``FlashConfig`` field with
+the paper's value as default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ...core.adapter_file import AdapterMetadata, read_adapter, write_adapter
+from ...core.lora import read_lora, write_lora
+from ...core.parameterization import diffuse, start_noise_scaling
+from ...core.samplers import sample_consistency, sample_dpmpp_2m
+from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
+from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
+from ..pipelines import PromptEncoder, base_of, cat_cond
+
+log = logging.getLogger("fewstep")
+
+DISTILL_LOSSES = ("l2", "l1", "huber")
+GAN_LOSSES = ("lsgan", "hinge", "non-saturating")
+REAL_SOURCES = ("data", "teacher")
+
+
+@dataclass
+class FlashConfig:
+    """Flash Diffusion's options; defaults are the paper's SD1.5 setup (``examples/configs/flash_sd.yaml``)."""
+
+    # Student: LoRA on the teacher UNet (SD1.5: rank 128 on the attention projections; SDXL: 64).
+    lora_rank: int = 128
+    lora_alpha: Optional[float] = None              # None: alpha = rank, as the paper
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Start timesteps: Gaussian mixture over the teacher's K-step grid, mode probabilities per phase.
+    teacher_steps: int = 32                          # K: the teacher's DPM-Solver++ grid (trailing)
+    mixture_var: float = 0.5
+    phase_steps: tuple[int, ...] = (5000, 5000, 5000, 5000)
+    mode_probs: tuple[tuple[float, ...], ...] = ((0.0, 0.0, 0.5, 0.5), (0.1, 0.3, 0.3, 0.3),
+                                                  (0.25, 0.25, 0.25, 0.25), (0.4, 0.2, 0.2, 0.2))
+    # Teacher target: CFG scale (diffusers convention) drawn uniformly per batch.
+    guidance_min: float = 3.0
+    guidance_max: float = 13.0
+    # Losses and their per-phase weights.
+    distill_loss: str = "l2"                         # l2 | l1 | huber (the paper's LPIPS needs VGG weights; not shipped)
+    huber_c: float = 0.001                           # pseudo-Huber constant, as LCM
+    distill_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
+    dmd_weights: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)
+    adversarial_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
+    gan_loss: str = "lsgan"                          # lsgan | hinge | non-saturating
+    gan_timesteps: tuple[int, ...] = (10, 250, 500, 750)
+    disc_feature_module: str = "mid_block"           # teacher module whose output the discriminator head reads
+    disc_channels: int = 64
+    real_from: str = "data"                          # the discriminator's real samples: data latents | teacher targets
+    # Optimisation.
+    lr: float = 1e-5
+    disc_lr: float = 1e-5
+    batch_size: int = 4
+    grad_clip: float = 0.0                           # the paper clips nothing
+    ema_decay: Optional[float] = None                # the paper keeps no EMA
+    gradient_checkpointing: bool = False
+    # What the exported file says.
+    sample_steps: int = 4
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.phase_steps)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
+
+    def phase(self, step: int) -> int:
+        """The phase an optimiser step (0-based) belongs to; steps past the last phase stay in it."""
+        bounds = torch.tensor(self.phase_steps).cumsum(0)
+        return min(int((bounds <= step).sum()), len(self.phase_steps) - 1)
+
+    def validate(self) -> None:
+        phases = len(self.phase_steps)
+        problems = []
+        for name in ("mode_probs", "distill_weights", "dmd_weights", "adversarial_weights"):
+            if len(getattr(self, name)) != phases:
+                problems.append(f"{name} has {len(getattr(self, name))} entries but there are {phases} phases (phase_steps)")
+        modes = {len(p) for p in self.mode_probs}
+        if len(modes) != 1 or any(sum(p) <= 0 or min(p) < 0 for p in self.mode_probs):
+            problems.append("mode_probs must give every phase the same number of non-negative mode probabilities")
+        elif self.teacher_steps < modes.pop():
+            problems.append("teacher_steps must be at least the number of mixture modes")
+        if self.distill_loss not in DISTILL_LOSSES:
+            problems.append(f"distill_loss {self.distill_loss!r} is not one of {', '.join(DISTILL_LOSSES)}")
+        if self.gan_loss not in GAN_LOSSES:
+            problems.append(f"gan_loss {self.gan_loss!r} is not one of {', '.join(GAN_LOSSES)}")
+        if self.real_from not in REAL_SOURCES:
+            problems.append(f"real_from {self.real_from!r} is not one of {', '.join(REAL_SOURCES)}")
+        if not 1.0 <= self.guidance_min <= self.guidance_max:
+            problems.append(f"need 1 <= guidance_min <= guidance_max; got {self.guidance_min}, {self.guidance_max}")
+        if any(not 0 <= t < NUM_TRAIN_TIMESTEPS for t in self.gan_timesteps):
+            problems.append(f"gan_timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS})")
+        if self.lora_rank < 1 or self.batch_size < 1 or min(self.phase_steps) < 1:
+            problems.append("lora_rank, batch_size and every phase_steps entry must be positive")
+        if problems:
+            raise ValueError("invalid Flash configuration: " + "; ".join(problems))
+
+    def replace(self, **changes) -> "FlashConfig":
+        """A copy with some options changed; unknown names raise a ValueError that lists the valid ones."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            import difflib
+
+            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
+            raise ValueError(f"unknown Flash option(s) {', '.join(hints)}; valid options: {', '.join(sorted(names))}")
+        tuples = {k: _as_tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+        return dataclasses.replace(self, **tuples)
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) if isinstance(v, list) else v for v in value)
+
+
+PRESETS = {
+    "paper": FlashConfig(),
+    # The bundled proxy teacher on a CPU: a smaller LoRA also on the ResNet convolutions (the proxy UNet has
+    # attention at one level only), a shorter grid, larger batches, a higher rate and a guidance range
+    # around its best CFG scale; phase structure and loss weights as the paper.
+    "proxy": FlashConfig(lora_rank=32, lora_targets=("to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"),
+                         teacher_steps=16, phase_steps=(150, 150, 150, 150), guidance_min=2.0, guidance_max=6.0,
+                         lr=2e-4, disc_lr=2e-4, batch_size=32),
+}
+
+
+def start_index_probabilities(config: FlashConfig, phase: int) -> torch.Tensor:
+    """P(start index i) on the K-step grid: modes at i = j K / M (M modes) weighted by the phase's probabilities."""
+    k, probs = config.teacher_steps, config.mode_probs[phase]
+    locs = [j * (k // len(probs)) for j in range(len(probs))]
+    i = torch.arange(k, dtype=torch.float64)
+    density = sum(p * torch.exp(-(i - loc) ** 2 / config.mixture_var) for p, loc in zip(probs, locs))
+    return density / density.sum()
+
+
+def export_timesteps(config: FlashConfig) -> list[int]:
+    """The grid timesteps at the mixture modes: where the student was trained to start (999, 749, 499, 249)."""
+    grid = select_timesteps("trailing", config.teacher_steps)
+    return [int(grid[j * config.teacher_steps // config.sample_steps]) for j in range(config.sample_steps)]
+
+
+class Discriminator(torch.nn.Module):
+    """The reference head on teacher features: conv 3x3, strided conv 4x4, GroupNorm, conv to one logit map.
+
+    The last convolution is 4x4 as the reference on SD's 8x8 mid-block features and shrinks with smaller
+    maps; the logit map is averaged, so any feature size works.
+    """
+
+    def __init__(self, in_channels: int, channels: int, feature_size: int):
+        super().__init__()
+        last = max(1, min(4, feature_size // 2))
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(in_channels, channels, 3, 1, 1), torch.nn.SiLU(),
+            torch.nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False), torch.nn.SiLU(),
+            torch.nn.GroupNorm(4, channels * 2), torch.nn.Conv2d(channels * 2, 1, last, 1, 0, bias=False),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features).flatten(1).mean(1)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class FeatureTap:
+    """The output of one named module of a network, without running the layers after it."""
+
+    def __init__(self, network: torch.nn.Module, module_name: str):
+        modules = dict(network.named_modules())
+        if module_name not in modules:
+            near = [n for n in modules if n.count(".") == 0 and n][:8]
+            raise ValueError(f"the teacher has no module {module_name!r} for discriminator features; top-level modules: {near}")
+        self.network, self.module = network, modules[module_name]
+
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
+        captured = []
+
+        def hook(module, inputs, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+            raise _StopForward
+
+        handle = self.module.register_forward_hook(hook)
+        try:
+            self.network(*args, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+
+def add_student_lora(unet, config: FlashConfig, init: Optional[dict] = None):
+    """Attach the trainable LoRA (PEFT) to a copy of the teacher UNet; ``init``: LoRA modules to start from."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    unet.requires_grad_(False)
+    if init is None:
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.lora_targets)))
+        return unet
+    ranks = {m: lora.rank for m, lora in init.items()}
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=sorted(init),
+                                rank_pattern=ranks, alpha_pattern={m: lora.alpha for m, lora in init.items()}))
+    result = set_peft_model_state_dict(unet, write_lora(init, "peft"))
+    if result.unexpected_keys:
+        raise ValueError(f"the initial LoRA does not fit the teacher UNet: {result.unexpected_keys[:3]}")
+    return unet
+
+
+def student_lora_modules(student, config: FlashConfig) -> dict:
+    """The student's LoRA as core ``LoraModules`` (module path -> down, up, alpha)."""
+    from peft import get_peft_model_state_dict
+
+    alphas = {}
+    for name, module in student.named_modules():
+        if hasattr(module, "lora_alpha") and "default" in getattr(module, "lora_alpha", {}):
+            alphas[name] = float(module.lora_alpha["default"])
+    modules, _ = read_lora(get_peft_model_state_dict(student), alpha=alphas or config.alpha)
+    return modules
+
+
+class FlashDistillation(torch.nn.Module):
+    """Student, frozen teacher, discriminator head and text encoders; ``forward(batch, gen)`` returns per-sample losses.
+
+    One module so that ``accelerate`` moves, wraps (DDP) and checkpoints it as a whole; only the LoRA and the
+    head have ``requires_grad``.
+    """
+
+    def __init__(self, pipe, student, teacher, config: FlashConfig, schedule: DiscreteSchedule):
+        super().__init__()
+        self.student, self.teacher, self.config, self.schedule = student, teacher, config, schedule
+        self.text_encoders = torch.nn.ModuleList(
+            [m.requires_grad_(False) for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None])
+        self.prompts = PromptEncoder(pipe)
+        self.tap = FeatureTap(teacher, config.disc_feature_module)
+        features = self._probe_features()
+        self.discriminator = Discriminator(features.shape[1], config.disc_channels, features.shape[-1])
+        self.grid_timesteps = select_timesteps("trailing", config.teacher_steps)
+        self.grid = schedule.sigmas_for_timesteps(self.grid_timesteps)
+
+    def train(self, mode: bool = True) -> "FlashDistillation":
+        super().train(mode)
+        self.teacher.eval()
+        self.text_encoders.eval()
+        return self
+
+    @torch.no_grad()
+    def _probe_features(self) -> torch.Tensor:
+        size = self.teacher.config.sample_size
+        x = torch.zeros(1, self.teacher.config.in_channels, size, size, device=self.teacher.device, dtype=self.teacher.dtype)
+        cond = self.prompts([""])
+        return self.tap(x, torch.tensor([500], device=x.device), **_cast(cond, x.dtype))
+
+    def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg_, z = self.config, batch["latents"]
+        phase = cfg_.phase(batch["step"])
+        n, device = z.shape[0], z.device
+        cond, uncond = self.prompts.with_unconditional(batch["captions"])
+        teacher = UNetDenoiser(self.teacher, self.schedule)
+
+        # 1. Start point on the teacher's grid (one index per batch, so the rollout is batched).
+        start = int(torch.multinomial(start_index_probabilities(cfg_, phase), 1, generator=gen))
+        sigmas = self.grid[start:].to(device)
+        noise = torch.randn(z.shape, generator=gen).to(z)
+        if start == 0:
+            x = noise * start_noise_scaling(sigmas[0])     # pure noise, as at inference
+        else:
+            t_start = torch.full((n,), int(self.grid_timesteps[start]))
+            x = diffuse(self.schedule, z, noise, t_start) * start_noise_scaling(sigmas[0])
+
+        # 2. The student's one-step x0, through the LCM boundary.
+        student_x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(x, sigmas[0].expand(n), **cond)
+
+        # 3. The teacher's multistep CFG target, computed once.
+        scale = cfg_.guidance_min + (cfg_.guidance_max - cfg_.guidance_min) * float(torch.rand((), generator=gen))
+        with torch.no_grad():
+            target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, scale), x, sigmas)
+
+        terms = {"distill": self._distill(student_x0, target)}
+        if cfg_.dmd_weights[phase]:
+            terms["dmd"] = self._dmd(student_x0, cond, uncond, teacher, gen)
+        terms["adversarial"], terms["discriminator"] = self._adversarial(student_x0, target if cfg_.real_from == "teacher" else z, cond, gen)
+        terms["loss"] = (cfg_.distill_weights[phase] * terms["distill"] + cfg_.dmd_weights[phase] * terms.get("dmd", 0.0)
+                         + cfg_.adversarial_weights[phase] * terms["adversarial"] + terms["discriminator"])
+        return terms
+
+    def _distill(self, student_x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        diff = (student_x0.float() - target.float()).flatten(1)
+        if self.config.distill_loss == "l2":
+            return diff.pow(2).mean(1)
+        if self.config.distill_loss == "l1":
+            return diff.abs().mean(1)
+        c = self.config.huber_c
+        return ((diff.pow(2) + c * c).sqrt() - c).mean(1)
+
+    def _dmd(self, student_x0, cond, uncond, teacher, gen) -> torch.Tensor:
+        """Distribution matching: move x0 along (fake x0 - real x0) at a random noise level, normalised per sample."""
+        n = student_x0.shape[0]
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=gen)
+        sigma = self.schedule.sigmas[t].to(student_x0)
+        noise = torch.randn(student_x0.shape, generator=gen).to(student_x0)
+        scale = self.config.guidance_min + (self.config.guidance_max - self.config.guidance_min) * float(torch.rand((), generator=gen))
+        with torch.no_grad():
+            x = student_x0.detach() + noise * sigma.view(-1, 1, 1, 1)
+            real = CFGDenoiser(teacher, cond, uncond, scale)(x, sigma)
+            fake = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond)
+            weight = 1.0 / ((student_x0 - real).abs().flatten(1).mean(1) + 1e-5)
+            goal = student_x0 - weight.view(-1, 1, 1, 1) * (fake - real)
+        return (student_x0.float() - goal.float()).pow(2).flatten(1).mean(1)
+
+    def _adversarial(self, student_x0, real, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """(generator term, discriminator term), both per sample, from one teacher feature pass."""
+        n = student_x0.shape[0]
+        choices = torch.tensor(self.config.gan_timesteps)
+        t = choices[torch.randint(len(choices), (n,), generator=gen)]
+        noise = torch.randn(student_x0.shape, generator=gen).to(student_x0)
+        noisy = torch.cat([diffuse(self.schedule, student_x0, noise, t), diffuse(self.schedule, real.detach(), noise, t)])
+        dtype = self.teacher.dtype
+        feats = self.tap(noisy.to(dtype), torch.cat([t, t]).to(noisy.device), **_cast(cat_cond(cond, cond), dtype)).float()
+        fake_feats, real_feats = feats.chunk(2)
+        frozen_head = {k: p.detach() for k, p in self.discriminator.named_parameters()}
+        fake_for_generator = torch.func.functional_call(self.discriminator, frozen_head, (fake_feats,))
+        fake_logits, real_logits = self.discriminator(torch.cat([fake_feats.detach(), real_feats.detach()])).chunk(2)
+        return _gan_terms(self.config.gan_loss, fake_for_generator, fake_logits, real_logits)
+
+    @torch.no_grad()
+    def sample(self, captions: Sequence[str], seeds: Sequence[int], steps: int) -> torch.Tensor:
+        """Student latents at ``steps`` consistency steps (the exported timesteps when steps match)."""
+        device = self.teacher.device
+        cond = self.prompts(captions)
+        noise = torch.stack([torch.randn(self.teacher.config.in_channels, *(self.teacher.config.sample_size,) * 2,
+                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
+        sigmas = self.schedule.sigmas_for_timesteps(select_timesteps("trailing", steps)).to(device)
+        model = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)
+        return sample_consistency(lambda x, s, **kw: model(x, s, **cond), noise * start_noise_scaling(sigmas[0]), sigmas,
+                                  extra_args={"seed": int(seeds[0])})
+
+
+def _gan_terms(kind: str, fake_for_generator, fake_logits, real_logits) -> tuple[torch.Tensor, torch.Tensor]:
+    if kind == "lsgan":   # on sigmoid outputs, as the reference
+        generator = (torch.sigmoid(fake_for_generator) - 1).pow(2)
+        discriminator = 0.5 * ((torch.sigmoid(real_logits) - 1).pow(2) + torch.sigmoid(fake_logits).pow(2))
+    elif kind == "hinge":
+        generator = -fake_for_generator
+        discriminator = F.relu(1 - real_logits) + F.relu(1 + fake_logits)
+    else:                 # non-saturating
+        generator = F.softplus(-fake_for_generator)
+        discriminator = F.softplus(-real_logits) + F.softplus(fake_logits)
+    return generator, discriminator
+
+
+def _cast(cond: dict, dtype: torch.dtype) -> dict:
+    return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
+
+
+def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path] = None, half_teacher: bool = False,
+                       seed: int = 0) -> FlashDistillation:
+    """Teacher (frozen, half precision if asked) + student (teacher copy + LoRA) + head, from a loaded pipeline.
+
+    LoRA and head initialisation draw from ``seed``, so that a resumed run is the run that never stopped."""
+    import copy
+
+    config.validate()
+    base = base_of(pipe)
+    init = None
+    if init_lora is not None:
+        adapter = read_adapter(init_lora, expected_base=base, expected_kinds=["flash_lora"])
+        init, _ = read_lora(adapter.tensors)
+    teacher = pipe.unet.requires_grad_(False).eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        student = add_student_lora(copy.deepcopy(teacher), config, init)
+        if config.gradient_checkpointing:
+            student.enable_gradient_checkpointing()
+        if half_teacher:
+            teacher.to(torch.bfloat16)
+        return FlashDistillation(pipe, student, teacher, config, DiscreteSchedule.stable_diffusion(
+            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon")))
+
+
+def export_flash_lora(distillation: FlashDistillation, path: str | Path, base: str, provenance: dict) -> AdapterMetadata:
+    """The student's LoRA as one fewstep adapter file: kohya keys + metadata (atomic write)."""
+    config = distillation.config
+    modules = student_lora_modules(distillation.student, config)
+    meta = AdapterMetadata(
+        kind="flash_lora", base=base, prediction=distillation.schedule.prediction_type, sampler="consistency",
+        steps=config.sample_steps, timesteps=export_timesteps(config), provenance=provenance,
+        extra={"consistency_boundary": True, "rank": config.lora_rank, "alpha": config.alpha,
+               "targets": list(config.lora_targets), "cfg_scale": 1.0},
+    )
+    write_adapter(path, {k: v.to(torch.float16) if v.ndim else v.float() for k, v in write_lora(modules, "kohya").items()}, meta)
+    return meta
+
+
+def train_flash(
+    teacher: str | Path,                     # diffusers pipeline folder or single-file checkpoint
+    data,                                    # CaptionedImages, or a dataset spec for load_dataset ("proxy", a folder, shards)
+    run_dir: str | Path,                     # checkpoints, logs, sample grids
+    out: str | Path,                         # the exported adapter file
+    config: FlashConfig = FlashConfig(),
+    resolution: Optional[int] = None,        # image size for a dataset spec (default: the teacher's native size)
+    teacher_config: Optional[str | Path] = None,  # diffusers folder with configs, for single-file teachers
+    init_lora: Optional[str | Path] = None,  # a Flash LoRA file to continue from
+    mixed_precision: str = "no",
+    checkpoint_every: int = 250,
+    sample_every: int = 250,
+    log_every: int = 25,
+    seed: int = 0,
+    resume: bool = True,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+) -> Optional[Path]:
+    """Distil ``teacher`` into a Flash LoRA and export it; returns ``out``, or None if stopped by ``stop_after``."""
+    from ... import __version__
+    from ..loop import training_loop
+    from ..pipelines import load_teacher
+    from ..teacher import encode_dataset, save_grid, to_pixels, to_uint8
+
+    config.validate()
+    run_dir, out = Path(run_dir), Path(out)
+    pipe = load_teacher(teacher, config=teacher_config)
+    base = base_of(pipe)
+    distillation = build_distillation(pipe, config, init_lora, half_teacher=mixed_precision != "no", seed=seed)
+    if isinstance(data, str):
+        from ..data import load_dataset
+
+        data = load_dataset(data, size=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    log.info("Flash student: %s trainable LoRA parameters, discriminator head %s",
+             f"{sum(p.numel() for p in distillation.student.parameters() if p.requires_grad):,}",
+             f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")
+    mean, std = encode_dataset(pipe.vae, to_pixels(data.images))
+    scaling = pipe.vae.config.scaling_factor
+    captions = list(data.captions)
+
+    def batch_fn(gen):
+        idx = torch.randint(len(mean), (config.batch_size,), generator=gen)
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        return {"latents": z, "captions": [captions[i] for i in idx]}
+
+    preview = sorted(set(captions))[:20]
+
+    def sample_fn(model, step):
+        for steps in (1, 2, config.sample_steps):
+            latents = model.sample(preview, list(range(len(preview))), steps)
+            images = to_uint8(pipe.vae.to(latents.device).decode(latents / scaling).sample)
+            save_grid(images, run_dir / "samples" / f"step-{step:08d}-{steps}steps.png", columns=len(preview))
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "flash_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    model = training_loop(
+        run_dir, distillation, lambda m, b, g: m(b, g), batch_fn, config.total_steps, lr=config.lr,
+        lr_scales={"discriminator.": config.disc_lr / config.lr}, grad_clip=config.grad_clip, ema_decay=config.ema_decay,
+        mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
+        seed=seed, resume=resume, stop_after=stop_after, progress=progress, desc="flash")
+    if stop_after is not None and stop_after < config.total_steps:
+        return None
+    provenance = {"method": "flash", "teacher": str(teacher), "train_steps": config.total_steps, "images": len(data),
+                  "fewstep_version": __version__, "config": {k: v for k, v in dataclasses.asdict(config).items()
+                                                              if k in ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss")}}
+    export_flash_lora(model, out, base, provenance)
+    return out
+
+
+def load_config(preset: str = "paper", config_file: Optional[str | Path] = None, **overrides) -> FlashConfig:
+    """A preset, then a JSON file of options, then explicit overrides (None values ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown Flash preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    config = PRESETS[preset]
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.exists():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            options = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+        config = config.replace(**options)
+    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    return config

@@ -1,0 +1,56 @@
+"""Sample a teacher pipeline with an adapter file applied, the way the file's metadata says.
+
+What the ComfyUI nodes and the A1111 extension do inside their hosts, done on a diffusers pipeline: used
+by ``fewstep bench``, ``fewstep eval --adapter`` and the quickstart. The LoRA is merged into a copy of the
+UNet (no per-step LoRA overhead); sampler, timesteps and boundary condition come from the metadata.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..core.adapter_file import Adapter, read_adapter
+from ..core.lora import merge_lora, read_lora
+from ..core.parameterization import start_noise_scaling
+from ..core.samplers import get_sampler
+from ..core.schedule import DiscreteSchedule
+from .diffusers_sampling import UNetDenoiser
+from .pipelines import PromptEncoder, base_of
+from .teacher import to_uint8
+
+
+class AdaptedTeacher:
+    """A pipeline whose UNet carries a LoRA adapter file (kind ``flash_lora``), sampled without CFG."""
+
+    def __init__(self, pipe, adapter_path: str | Path, strength: float = 1.0):
+        self.pipe = pipe
+        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["flash_lora"])
+        modules, _ = read_lora(self.adapter.tensors)
+        self.unet = copy.deepcopy(pipe.unet)
+        merge_lora(self.unet, modules, strength)
+        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
+        self.prompts = PromptEncoder(pipe)
+
+    @torch.no_grad()
+    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None) -> torch.Tensor:
+        meta = self.adapter.metadata
+        steps = steps or meta.steps
+        config = self.unet.config
+        noise = torch.stack([torch.randn(config.in_channels, config.sample_size, config.sample_size,
+                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.unet.device)
+        sigmas = self.schedule.sigmas_for_timesteps(meta.timesteps_for(steps)).to(noise.device)
+        model = UNetDenoiser(self.unet, self.schedule, consistency_boundary=meta.consistency_boundary)
+        cond = self.prompts(captions)
+        sampler = get_sampler("onestep" if steps == 1 and meta.sampler == "consistency" else meta.sampler)
+        return sampler(model, noise * start_noise_scaling(sigmas[0]), sigmas, extra_args={**cond, "seed": int(seeds[0])})
+
+    def images(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None) -> np.ndarray:
+        latents = self.latents(captions, seeds, steps)
+        vae = self.pipe.vae
+        with torch.no_grad():
+            return to_uint8(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
