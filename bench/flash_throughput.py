@@ -96,7 +96,7 @@ def main() -> None:
     preset = "proxy" if args.model == "proxy" else "paper"
     overrides = {"gradient_checkpointing": args.gradient_checkpointing or None, "batch_size": args.batch_size}
     config = load_config(preset, **overrides)
-    model = build_distillation(pipe, config, half_teacher=dtype != torch.float32).to(device)
+    model = build_distillation(pipe, config, teacher_dtype=dtype).to(device)
     model.train()
     lora = torch.optim.AdamW([p for p in model.student.parameters() if p.requires_grad], lr=config.lr)
     head = torch.optim.AdamW(model.discriminator.parameters(), lr=config.disc_lr)

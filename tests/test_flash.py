@@ -380,3 +380,40 @@ def test_a1111_maps_every_kohya_name_to_a_unet_layer(base):
     names = [L.module_to_kohya_name(n) for n, _ in real_unet(base).named_modules() if n.endswith(LORA_LAYERS)]
     unmatched = [n for n in names if convert(n, False) not in ldm_layers]
     assert len(names) > 250 and unmatched == []
+
+
+def test_teacher_paths_that_cannot_load_say_what_to_pass(tmp_path):
+    from fewstep.training.pipelines import TeacherError
+
+    with pytest.raises(TeacherError, match="does not exist"):
+        load_teacher(tmp_path / "nothing")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(TeacherError, match="no model_index.json"):
+        load_teacher(tmp_path / "folder")
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TeacherError, match="--teacher-config"):
+        load_teacher(tmp_path / "model.safetensors")
+
+
+def test_cli_trains_stops_resumes_and_exports(tmp_path, capsys):
+    teacher = _tiny_teacher(tmp_path)
+    args = ["train", "flash", "--teacher", str(teacher), "--run-dir", str(tmp_path / "run"), "--phase-steps", "1,1,1,1",
+            "--batch-size", "2", "--lora-rank", "2", "--teacher-steps", "8", "--sample-every", "0"]
+    assert main(args + ["--stop-after", "2"]) == 0
+    assert "stopped after step 2" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "Flash LoRA written to" in capsys.readouterr().out
+    adapter = read_adapter(tmp_path / "run" / "flash_lora.safetensors")
+    assert adapter.metadata.provenance["train_steps"] == 4 and adapter.metadata.extra["rank"] == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]   # resumed at 2, not restarted
+
+
+def test_every_trainer_resumes_by_default():
+    from fewstep.training.cli import build_parser
+
+    parser = build_parser()
+    for kind in ("teacher", "flash"):
+        assert parser.parse_args(["train", kind]).no_resume is False
+        assert parser.parse_args(["train", kind, "--resume"]).no_resume is False
+        assert parser.parse_args(["train", kind, "--no-resume"]).no_resume is True

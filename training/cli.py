@@ -108,7 +108,7 @@ def add_train(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (RUN_DIR/samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise")
-    p.add_argument("--resume", dest="no_resume", action="store_false",
+    p.add_argument("--resume", dest="no_resume", action="store_false", default=False,
                    help="continue each stage from its newest checkpoint in RUN_DIR (the default)")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="start over, removing RUN_DIR's checkpoints")
     p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this many steps (resume later)")
@@ -166,7 +166,7 @@ def add_train_flash(methods) -> None:
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
     p.add_argument("--sample-every", type=int, default=250, help="steps between 1/2/4-step sample grids (RUN_DIR/samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of batches and noise")
-    p.add_argument("--resume", dest="no_resume", action="store_false", help="continue from RUN_DIR's newest checkpoint (the default)")
+    p.add_argument("--resume", dest="no_resume", action="store_false", default=False, help="continue from RUN_DIR's newest checkpoint (the default)")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="start over, removing RUN_DIR's checkpoints")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")

@@ -380,9 +380,9 @@ def _cast(cond: dict, dtype: torch.dtype) -> dict:
     return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
 
 
-def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path] = None, half_teacher: bool = False,
-                       seed: int = 0) -> FlashDistillation:
-    """Teacher (frozen, half precision if asked) + student (teacher copy + LoRA) + head, from a loaded pipeline.
+def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path] = None,
+                       teacher_dtype: torch.dtype = torch.float32, seed: int = 0) -> FlashDistillation:
+    """Frozen teacher (in ``teacher_dtype``) + student (teacher copy + fp32 LoRA) + head, from a loaded pipeline.
 
     LoRA and head initialisation draw from ``seed``, so that a resumed run is the run that never stopped."""
     import copy
@@ -399,8 +399,7 @@ def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path
         student = add_student_lora(copy.deepcopy(teacher), config, init)
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        if half_teacher:
-            teacher.to(torch.bfloat16)
+        teacher.to(teacher_dtype)
         return FlashDistillation(pipe, student, teacher, config, DiscreteSchedule.stable_diffusion(
             prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon")))
 
@@ -447,7 +446,8 @@ def train_flash(
     run_dir, out = Path(run_dir), Path(out)
     pipe = load_teacher(teacher, config=teacher_config)
     base = base_of(pipe)
-    distillation = build_distillation(pipe, config, init_lora, half_teacher=mixed_precision != "no", seed=seed)
+    teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+    distillation = build_distillation(pipe, config, init_lora, teacher_dtype=teacher_dtype, seed=seed)
     if isinstance(data, str):
         from ..data import load_dataset
 
