@@ -50,7 +50,7 @@ def test_bad_options_are_named():
         F.load_config("paper", lora_rnak=4)
     with pytest.raises(ValueError, match="dmd_weights has 3 entries but there are 4 phases"):
         F.load_config("paper", dmd_weights=[0, 1, 1])
-    with pytest.raises(ValueError, match="distill_loss 'lpips'"):
+    with pytest.raises(ValueError, match="distill_loss 'lpips' needs lpips_weights"):
         F.load_config("paper", distill_loss="lpips")
     with pytest.raises(ValueError, match="unknown Flash preset"):
         F.load_config("fast")
@@ -281,7 +281,7 @@ def test_cli_errors_say_what_was_wrong(tmp_path, capsys):
     assert main(["train", "flash", "--config", str(tmp_path / "bad.json"), "--dry-run", "--run-dir", str(tmp_path / "r")]) == 2
     assert "did you mean lora_rank" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["train", "flash", "--distill-loss", "lpips"])
+        main(["train", "flash", "--distill-loss", "lpisp"])
     assert main(["train", "flash", "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
     options = json.loads((tmp_path / "r" / "training_options.json").read_text())
     assert options["preset"] == "proxy" and options["flash"]["teacher_steps"] == 16

@@ -151,7 +151,10 @@ def add_train_flash(methods) -> None:
     group.add_argument("--phase-steps", type=_int_list, default=None, help="optimiser steps per phase, e.g. 5000,5000,5000,5000")
     group.add_argument("--guidance-min", type=float, default=None, help="lowest teacher CFG scale (paper: 3)")
     group.add_argument("--guidance-max", type=float, default=None, help="highest teacher CFG scale (paper: 13)")
-    group.add_argument("--distill-loss", default=None, choices=["l2", "l1", "huber"], help="distillation loss (default l2)")
+    group.add_argument("--distill-loss", default=None, choices=["l2", "l1", "huber", "lpips"],
+                       help="distillation loss (default l2; the paper's lpips needs --lpips-weights)")
+    group.add_argument("--lpips-weights", type=_str_list, default=None,
+                       help="comma-separated local files: torchvision's VGG16 checkpoint and the lpips package's vgg.pth")
     group.add_argument("--distill-weights", type=_float_list, default=None, help="per-phase weights, e.g. 1,1,1,1")
     group.add_argument("--dmd-weights", type=_float_list, default=None, help="per-phase DMD weights (paper: 0,0.3,0.5,0.7)")
     group.add_argument("--adversarial-weights", type=_float_list, default=None, help="per-phase GAN weights (paper: 0,0.1,0.2,0.3)")
@@ -186,7 +189,7 @@ def _float_list(text: str) -> list[float]:
 
 
 FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phase_steps", "guidance_min", "guidance_max",
-               "distill_loss", "distill_weights", "dmd_weights", "adversarial_weights", "gan_loss", "real_from", "lr", "disc_lr",
+               "distill_loss", "lpips_weights", "distill_weights", "dmd_weights", "adversarial_weights", "gan_loss", "real_from", "lr", "disc_lr",
                "batch_size", "gradient_checkpointing")
 
 

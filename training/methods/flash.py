@@ -40,7 +40,7 @@ from ..pipelines import PromptEncoder, base_of, cat_cond
 
 log = logging.getLogger("fewstep")
 
-DISTILL_LOSSES = ("l2", "l1", "huber")
+DISTILL_LOSSES = ("l2", "l1", "huber", "lpips")
 GAN_LOSSES = ("lsgan", "hinge", "non-saturating")
 REAL_SOURCES = ("data", "teacher")
 
@@ -63,8 +63,10 @@ class FlashConfig:
     guidance_min: float = 3.0
     guidance_max: float = 13.0
     # Losses and their per-phase weights.
-    distill_loss: str = "l2"                         # l2 | l1 | huber (the paper's LPIPS needs VGG weights; not shipped)
+    distill_loss: str = "l2"                         # l2 | l1 | huber | lpips (the paper's; needs lpips_weights)
     huber_c: float = 0.001                           # pseudo-Huber constant, as LCM
+    lpips_weights: tuple[str, ...] = ()              # local files: torchvision VGG16 + the lpips package's vgg.pth
+    lpips_crop: int = 64                             # LPIPS on the decoded centre crop of this many latent pixels, as the reference
     distill_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     dmd_weights: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)
     adversarial_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
@@ -109,6 +111,9 @@ class FlashConfig:
             problems.append("teacher_steps must be at least the number of mixture modes")
         if self.distill_loss not in DISTILL_LOSSES:
             problems.append(f"distill_loss {self.distill_loss!r} is not one of {', '.join(DISTILL_LOSSES)}")
+        elif self.distill_loss == "lpips" and not self.lpips_weights:
+            problems.append("distill_loss 'lpips' needs lpips_weights: local files with torchvision's VGG16 weights and the "
+                            "lpips package's vgg.pth (nothing is downloaded)")
         if self.gan_loss not in GAN_LOSSES:
             problems.append(f"gan_loss {self.gan_loss!r} is not one of {', '.join(GAN_LOSSES)}")
         if self.real_from not in REAL_SOURCES:
@@ -262,6 +267,10 @@ class FlashDistillation(torch.nn.Module):
         self.tap = FeatureTap(teacher, config.disc_feature_module)
         features = self._probe_features()
         self.discriminator = Discriminator(features.shape[1], config.disc_channels, features.shape[-1])
+        if config.distill_loss == "lpips":
+            from ..lpips import LPIPS
+
+            self.lpips, self.vae = LPIPS.from_files(config.lpips_weights), pipe.vae.requires_grad_(False)
         self.grid_timesteps = select_timesteps("trailing", config.teacher_steps)
         self.grid = schedule.sigmas_for_timesteps(self.grid_timesteps)
 
@@ -269,6 +278,8 @@ class FlashDistillation(torch.nn.Module):
         super().train(mode)
         self.teacher.eval()
         self.text_encoders.eval()
+        if hasattr(self, "lpips"):
+            self.lpips.eval(), self.vae.eval()
         return self
 
     @torch.no_grad()
@@ -317,8 +328,16 @@ class FlashDistillation(torch.nn.Module):
             return diff.pow(2).mean(1)
         if self.config.distill_loss == "l1":
             return diff.abs().mean(1)
-        c = self.config.huber_c
-        return ((diff.pow(2) + c * c).sqrt() - c).mean(1)
+        if self.config.distill_loss == "huber":
+            c = self.config.huber_c
+            return ((diff.pow(2) + c * c).sqrt() - c).mean(1)
+        return self.lpips(self._decode_crop(student_x0), self._decode_crop(target.detach()))
+
+    def _decode_crop(self, latents: torch.Tensor) -> torch.Tensor:
+        size = min(self.config.lpips_crop, latents.shape[-1])
+        top, left = (latents.shape[-2] - size) // 2, (latents.shape[-1] - size) // 2
+        crop = latents[..., top:top + size, left:left + size] / self.vae.config.scaling_factor
+        return self.vae.decode(crop.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
     def _dmd(self, student_x0, cond, uncond, teacher, gen) -> torch.Tensor:
         """Distribution matching: move x0 along (fake x0 - real x0) at a random noise level, normalised per sample."""
