@@ -20,7 +20,7 @@ import os
 import struct
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -304,13 +304,26 @@ def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], met
     name = os.fspath(path)
     metadata.validate()
     check_tensors(tensors, metadata, os.path.basename(name))
-    folder = os.path.dirname(os.path.abspath(name))
+    atomic_write(name, lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp,
+                                             metadata=metadata.to_strings()))
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it: readers never see half a file.
+
+    The file gets the permissions a plain ``open`` would give (mkstemp's are owner-only, which hides adapters
+    from a UI running as another user).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(os.fspath(path))[1])
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata.to_strings())
-        os.replace(tmp, name)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1,4 +1,5 @@
 """core.adapter_file and base-model inference: round trips, inference for foreign files, one-line errors for bad ones."""
+import os
 import re
 
 import pytest
@@ -55,6 +56,9 @@ def test_write_read_round_trip(tmp_path, sd15_lora):
     meta = _meta(guidance={"convention": "imagen", "w_min": 2.0, "w_max": 12.0, "default_w": 6.0})
     A.write_adapter(path, sd15_lora, meta)
     assert [p.name for p in tmp_path.iterdir()] == ["flash.safetensors"]  # no temporary file left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask   # readable as a plain open() would make it, not owner-only
     adapter = A.read_adapter(path, expected_base="sd15")
     assert adapter.metadata == meta and not adapter.inferred and adapter.notes == []
     assert set(adapter.tensors) == set(sd15_lora)

@@ -147,8 +147,11 @@ def _distill_at(model, z, captions, start):
 
 
 def test_bundled_student_beats_the_teacher_at_equal_steps():
-    """The shipped proxy Flash LoRA, 2 and 4 steps without CFG, lands closer to the teacher's converged CFG sample
-    (DPM-Solver++ 32 steps) than the teacher itself with CFG at the same step count (twice the NFE)."""
+    """The shipped proxy Flash LoRA without CFG against the teacher with CFG 4 (twice the NFE):
+    at 1 step it lands closer to the teacher's converged sample from the same noise (both deterministic),
+    and at 2 steps its samples score a better FID on the fixed prompt set."""
+    from fewstep.training.bench import StudentEntry, TeacherEntry, evaluate_entry
+
     pipe = load_teacher(BUNDLED_TEACHER)
     student = AdaptedTeacher(pipe, BUNDLED_FLASH)
     captions = ["a handwritten digit three", "a silhouette of a cat", "a handwritten digit seven", "a silhouette of a horse"] * 4
@@ -163,10 +166,13 @@ def test_bundled_student_beats_the_teacher_at_equal_steps():
             return sampler(teacher, noise * start_noise_scaling(sigmas[0]), sigmas)
 
     reference = teacher_at(sample_dpmpp_2m, 32)
-    for steps in (2, 4):
-        distance_student = (student.latents(captions, seeds, steps) - reference).pow(2).mean()
-        distance_teacher = (teacher_at(sample_ddim, steps) - reference).pow(2).mean()
-        assert distance_student < distance_teacher, (steps, float(distance_student), float(distance_teacher))
+    distance_student = (student.latents(captions, seeds, 1) - reference).pow(2).mean()
+    distance_teacher = (teacher_at(sample_ddim, 1) - reference).pow(2).mean()
+    assert distance_student < 0.5 * distance_teacher, (float(distance_student), float(distance_teacher))
+
+    flash = evaluate_entry(pipe, StudentEntry(2, str(BUNDLED_FLASH)), per_class=10, batch_size=200)
+    ddim = evaluate_entry(pipe, TeacherEntry(2), per_class=10, batch_size=200)
+    assert flash["fid"] < ddim["fid"] and flash["nfe"] * 2 == ddim["nfe"], (flash["fid"], ddim["fid"])
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,11 @@ Targets:
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from ..core.adapter_file import AdapterFileError, AdapterMetadata, describe, read_header, write_adapter
+from ..core.adapter_file import AdapterFileError, AdapterMetadata, atomic_write, describe, read_header, write_adapter
 from ..core.lora import LoraModules, read_lora, write_lora
 
 TARGETS = ("fewstep", "diffusers", "peft")
@@ -101,13 +99,13 @@ def export_lora(modules: LoraModules, meta: AdapterMetadata, to: str, out: str |
     config = lora_config_dict(modules)
     if to == "diffusers":
         packed = {f"unet.{k}": v for k, v in config.items()}
-        _atomic(out, lambda tmp: save_file(write_lora(modules, "diffusers"), tmp, metadata={
+        atomic_write(out, lambda tmp: save_file(write_lora(modules, "diffusers"), tmp, metadata={
             "format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(packed, sort_keys=True), **_fewstep_metadata(meta)}))
         return out
     if to == "peft":
         out.mkdir(parents=True, exist_ok=True)
         weights = {f"base_model.model.{k}": v for k, v in write_lora(modules, "peft").items()}
-        _atomic(out / PEFT_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt", **_fewstep_metadata(meta)}))
+        atomic_write(out / PEFT_WEIGHTS, lambda tmp: save_file(weights, tmp, metadata={"format": "pt", **_fewstep_metadata(meta)}))
         (out / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return out
     raise ValueError(f"unknown export target {to!r}; expected one of {', '.join(TARGETS)}")
@@ -119,15 +117,3 @@ def _fewstep_metadata(meta: AdapterMetadata) -> dict[str, str]:
         return {}
     meta.validate()
     return meta.to_strings()
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
