@@ -118,6 +118,7 @@ def training_loop(
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _release_accelerator_state(mixed_precision)
     accelerator = Accelerator(mixed_precision=mixed_precision, log_with=_tracker(), project_dir=str(run_dir / "logs"))
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -203,6 +204,15 @@ def training_loop(
     if sample_fn is not None and end == total_steps:
         sample_fn(final, total_steps)
     return final
+
+
+def _release_accelerator_state(mixed_precision: str) -> None:
+    """accelerate keeps one process-wide state and refuses a second Accelerator with another precision; runs in one
+    process (the quickstart, tests, notebooks) may differ in it. The process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 def _param_groups(model: torch.nn.Module, lr: float, lr_scales: dict[str, float]) -> list[dict]:
