@@ -418,7 +418,8 @@ def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path
         student = add_student_lora(copy.deepcopy(teacher), config, init)
         if config.gradient_checkpointing:
             student.enable_gradient_checkpointing()
-        teacher.to(teacher_dtype)
+        if teacher.dtype != teacher_dtype:
+            teacher.to(teacher_dtype)
         return FlashDistillation(pipe, student, teacher, config, DiscreteSchedule.stable_diffusion(
             prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon")))
 
