@@ -457,6 +457,8 @@ def train_flash(
     progress: bool = True,
 ) -> Optional[Path]:
     """Distil ``teacher`` into a Flash LoRA and export it; returns ``out``, or None if stopped by ``stop_after``."""
+    from accelerate import PartialState
+
     from ... import __version__
     from ..loop import training_loop
     from ..pipelines import load_teacher
@@ -487,6 +489,8 @@ def train_flash(
     preview = sorted(set(captions))[:20]
 
     def sample_fn(model, step):
+        if not PartialState().is_main_process:   # under `accelerate launch`, one process writes previews and the file
+            return
         for steps in (1, 2, config.sample_steps):
             latents = model.sample(preview, list(range(len(preview))), steps)
             images = to_uint8(pipe.vae.to(latents.device).decode(latents / scaling).sample)
@@ -504,7 +508,9 @@ def train_flash(
     provenance = {"method": "flash", "teacher": str(teacher), "train_steps": config.total_steps, "images": len(data),
                   "fewstep_version": __version__, "config": {k: v for k, v in dataclasses.asdict(config).items()
                                                               if k in ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss")}}
-    export_flash_lora(model, out, base, provenance)
+    if PartialState().is_main_process:
+        export_flash_lora(model, out, base, provenance)
+    PartialState().wait_for_everyone()
     return out
 
 
