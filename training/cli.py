@@ -387,7 +387,7 @@ def run_export(args: argparse.Namespace) -> int:
         modules, meta, notes = read_any_lora(args.source, alpha=args.alpha)
         changes = {k: v for k, v in {"base": args.base, "steps": args.steps, "timesteps": args.timesteps}.items() if v is not None}
         if args.steps is not None and args.timesteps is None and meta.timesteps is not None:
-            changes["timesteps"] = meta.timesteps_for(args.steps) if args.steps != meta.steps else meta.timesteps
+            changes["timesteps"] = meta.timesteps_for(args.steps)
         meta = dataclasses.replace(meta, **changes)
         if args.to == "fewstep" and meta.base == "unknown":
             raise AdapterFileError(f"{args.source}: the keys do not tell the base model; pass --base sd15|sdxl|pixart")

@@ -97,21 +97,22 @@ class PromptEncoder:
 
     @torch.no_grad()
     def __call__(self, captions: Sequence[str]) -> dict:
-        return self._encode(list(captions))[0]
+        return self._encode(list(captions), guidance=False)[0]
 
     @torch.no_grad()
     def with_unconditional(self, captions: Sequence[str]) -> tuple[dict, dict]:
-        return self._encode(list(captions))
+        return self._encode(list(captions), guidance=True)
 
-    def _encode(self, captions: list[str]) -> tuple[dict, dict]:
+    def _encode(self, captions: list[str], guidance: bool) -> tuple[dict, Optional[dict]]:
         device = self.pipe.unet.device
         if not self.is_sdxl:
-            cond, uncond = self.pipe.encode_prompt(captions, device, 1, True)
-            return {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond}
-        cond, uncond, pooled, pooled_uncond = self.pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=True)
+            cond, uncond = self.pipe.encode_prompt(captions, device, 1, guidance)
+            return {"encoder_hidden_states": cond}, {"encoder_hidden_states": uncond} if guidance else None
+        cond, uncond, pooled, pooled_uncond = self.pipe.encode_prompt(captions, device=device, do_classifier_free_guidance=guidance)
         ids = self.time_ids.to(device).expand(len(captions), -1)
         return ({"encoder_hidden_states": cond, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}},
-                {"encoder_hidden_states": uncond, "added_cond_kwargs": {"text_embeds": pooled_uncond, "time_ids": ids}})
+                {"encoder_hidden_states": uncond, "added_cond_kwargs": {"text_embeds": pooled_uncond, "time_ids": ids}}
+                if guidance else None)
 
 
 def cat_cond(*conds: dict) -> dict:

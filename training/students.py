@@ -24,6 +24,19 @@ from .pipelines import PromptEncoder, base_of
 from .teacher import to_uint8
 
 
+@torch.no_grad()
+def sample_student(unet, schedule: DiscreteSchedule, cond: dict, seeds: Sequence[int], timesteps: Sequence[int],
+                   sampler: str = "consistency", consistency_boundary: bool = True) -> torch.Tensor:
+    """Latents of a one-pass-per-step student, without CFG, from unit noise drawn per seed (a sample does not
+    depend on the batch it is in). The sampler's own noise is seeded with the first seed."""
+    config = unet.config
+    noise = torch.stack([torch.randn(config.in_channels, config.sample_size, config.sample_size,
+                                     generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(unet.device)
+    sigmas = schedule.sigmas_for_timesteps(timesteps).to(noise.device)
+    model = UNetDenoiser(unet, schedule, consistency_boundary=consistency_boundary)
+    return get_sampler(sampler)(model, noise * start_noise_scaling(sigmas[0]), sigmas, extra_args={**cond, "seed": int(seeds[0])})
+
+
 class AdaptedTeacher:
     """A pipeline whose UNet carries a LoRA adapter file (kind ``flash_lora``), sampled without CFG."""
 
@@ -36,18 +49,10 @@ class AdaptedTeacher:
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
         self.prompts = PromptEncoder(pipe)
 
-    @torch.no_grad()
     def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None) -> torch.Tensor:
         meta = self.adapter.metadata
-        steps = steps or meta.steps
-        config = self.unet.config
-        noise = torch.stack([torch.randn(config.in_channels, config.sample_size, config.sample_size,
-                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(self.unet.device)
-        sigmas = self.schedule.sigmas_for_timesteps(meta.timesteps_for(steps)).to(noise.device)
-        model = UNetDenoiser(self.unet, self.schedule, consistency_boundary=meta.consistency_boundary)
-        cond = self.prompts(captions)
-        sampler = get_sampler("onestep" if steps == 1 and meta.sampler == "consistency" else meta.sampler)
-        return sampler(model, noise * start_noise_scaling(sigmas[0]), sigmas, extra_args={**cond, "seed": int(seeds[0])})
+        return sample_student(self.unet, self.schedule, self.prompts(captions), seeds, meta.timesteps_for(steps or meta.steps),
+                              meta.sampler, meta.consistency_boundary)
 
     def images(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None) -> np.ndarray:
         latents = self.latents(captions, seeds, steps)

@@ -21,6 +21,7 @@ the paper's value as default.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from dataclasses import dataclass
@@ -33,10 +34,11 @@ import torch.nn.functional as F
 from ...core.adapter_file import AdapterMetadata, read_adapter, write_adapter
 from ...core.lora import read_lora, write_lora
 from ...core.parameterization import diffuse, start_noise_scaling
-from ...core.samplers import sample_consistency, sample_dpmpp_2m
+from ...core.samplers import sample_dpmpp_2m
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder, base_of, cat_cond
+from ..students import sample_student
 
 log = logging.getLogger("fewstep")
 
@@ -95,8 +97,8 @@ class FlashConfig:
 
     def phase(self, step: int) -> int:
         """The phase an optimiser step (0-based) belongs to; steps past the last phase stay in it."""
-        bounds = torch.tensor(self.phase_steps).cumsum(0)
-        return min(int((bounds <= step).sum()), len(self.phase_steps) - 1)
+        ends = itertools.accumulate(self.phase_steps)
+        return min(sum(end <= step for end in ends), len(self.phase_steps) - 1)
 
     def validate(self) -> None:
         phases = len(self.phase_steps)
@@ -243,10 +245,8 @@ def student_lora_modules(student, config: FlashConfig) -> dict:
     """The student's LoRA as core ``LoraModules`` (module path -> down, up, alpha)."""
     from peft import get_peft_model_state_dict
 
-    alphas = {}
-    for name, module in student.named_modules():
-        if hasattr(module, "lora_alpha") and "default" in getattr(module, "lora_alpha", {}):
-            alphas[name] = float(module.lora_alpha["default"])
+    alphas = {name: float(module.lora_alpha["default"]) for name, module in student.named_modules()
+              if "default" in getattr(module, "lora_alpha", {})}
     modules, _ = read_lora(get_peft_model_state_dict(student), alpha=alphas or config.alpha)
     return modules
 
@@ -310,9 +310,8 @@ class FlashDistillation(torch.nn.Module):
         student_x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(x, sigmas[0].expand(n), **cond)
 
         # 3. The teacher's multistep CFG target, computed once.
-        scale = cfg_.guidance_min + (cfg_.guidance_max - cfg_.guidance_min) * float(torch.rand((), generator=gen))
         with torch.no_grad():
-            target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, scale), x, sigmas)
+            target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen)), x, sigmas)
 
         terms = {"distill": self._distill(student_x0, target)}
         if cfg_.dmd_weights[phase]:
@@ -321,6 +320,11 @@ class FlashDistillation(torch.nn.Module):
         terms["loss"] = (cfg_.distill_weights[phase] * terms["distill"] + cfg_.dmd_weights[phase] * terms.get("dmd", 0.0)
                          + cfg_.adversarial_weights[phase] * terms["adversarial"] + terms["discriminator"])
         return terms
+
+    def _guidance_scale(self, gen: torch.Generator) -> float:
+        """The teacher's CFG scale, uniform in [guidance_min, guidance_max] (diffusers convention)."""
+        low, high = self.config.guidance_min, self.config.guidance_max
+        return low + (high - low) * float(torch.rand((), generator=gen))
 
     def _distill(self, student_x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         diff = (student_x0.float() - target.float()).flatten(1)
@@ -345,10 +349,9 @@ class FlashDistillation(torch.nn.Module):
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=gen)
         sigma = self.schedule.sigmas[t].to(student_x0)
         noise = torch.randn(student_x0.shape, generator=gen).to(student_x0)
-        scale = self.config.guidance_min + (self.config.guidance_max - self.config.guidance_min) * float(torch.rand((), generator=gen))
         with torch.no_grad():
             x = student_x0.detach() + noise * sigma.view(-1, 1, 1, 1)
-            real = CFGDenoiser(teacher, cond, uncond, scale)(x, sigma)
+            real = CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen))(x, sigma)
             fake = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond)
             weight = 1.0 / ((student_x0 - real).abs().flatten(1).mean(1) + 1e-5)
             goal = student_x0 - weight.view(-1, 1, 1, 1) * (fake - real)
@@ -371,15 +374,8 @@ class FlashDistillation(torch.nn.Module):
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str], seeds: Sequence[int], steps: int) -> torch.Tensor:
-        """Student latents at ``steps`` consistency steps (the exported timesteps when steps match)."""
-        device = self.teacher.device
-        cond = self.prompts(captions)
-        noise = torch.stack([torch.randn(self.teacher.config.in_channels, *(self.teacher.config.sample_size,) * 2,
-                                         generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
-        sigmas = self.schedule.sigmas_for_timesteps(select_timesteps("trailing", steps)).to(device)
-        model = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)
-        return sample_consistency(lambda x, s, **kw: model(x, s, **cond), noise * start_noise_scaling(sigmas[0]), sigmas,
-                                  extra_args={"seed": int(seeds[0])})
+        """Student latents at ``steps`` consistency steps on trailing timesteps (the exported ones at 4 steps)."""
+        return sample_student(self.student, self.schedule, self.prompts(captions), seeds, select_timesteps("trailing", steps))
 
 
 def _gan_terms(kind: str, fake_for_generator, fake_logits, real_logits) -> tuple[torch.Tensor, torch.Tensor]:
