@@ -119,7 +119,7 @@ def main() -> None:
     print(f"speed-up from computing the teacher once: {ratio:.2f}x")
     document = {
         "what": "Flash training steps/s, teacher rollout + features once per batch (fewstep) vs twice (reference structure)",
-        "model": args.model, "resolution": size * pipe.vae_scale_factor, "batch_size": config.batch_size,
+        "model": args.model, "latent_size": size, "batch_size": config.batch_size,
         "teacher_steps": config.teacher_steps, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": config.gradient_checkpointing, "timed_steps": args.steps, "results": results,
         "speedup": ratio,
