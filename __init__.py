@@ -5,3 +5,10 @@ package. It imports nothing heavy: the CLI, ComfyUI and A1111 each load only wha
 """
 
 __version__ = "0.1.0"
+
+
+async def comfy_entrypoint():
+    """ComfyUI's V3 entry point; the nodes (and ComfyUI's own modules) are imported only when ComfyUI asks."""
+    from .nodes.extension import extension
+
+    return extension()

@@ -54,8 +54,10 @@ def denoised_from_output(prediction_type: str, x: torch.Tensor, sigma: torch.Ten
 def consistency_boundary_scalings(
     timestep: torch.Tensor, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out) of LCM's discrete boundary condition: c_skip(0) = 1, c_out(0) = 0."""
-    scaled = timestep.to(torch.float64) * timestep_scaling
+    """(c_skip, c_out) of LCM's discrete boundary condition: c_skip(0) = 1, c_out(0) = 0.
+
+    Computed and returned in float64 on the CPU (MPS has no float64); callers cast to their tensor."""
+    scaled = timestep.detach().to("cpu", torch.float64) * timestep_scaling
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
     return c_skip, c_out
@@ -66,8 +68,8 @@ def apply_consistency_boundary(
 ) -> torch.Tensor:
     """f(x, t) = c_skip(t) x_t + c_out(t) x0, with x_t the DDPM-scaled input, as LCM's training and scheduler do."""
     c_skip, c_out = consistency_boundary_scalings(timestep)
-    c_skip = append_dims(c_skip.to(denoised.dtype), denoised.ndim)
-    c_out = append_dims(c_out.to(denoised.dtype), denoised.ndim)
+    c_skip = append_dims(c_skip.to(denoised.device, denoised.dtype), denoised.ndim)
+    c_out = append_dims(c_out.to(denoised.device, denoised.dtype), denoised.ndim)
     return c_out * denoised + c_skip * scaled_input
 
 

@@ -70,6 +70,12 @@ class DiscreteSchedule:
         return cls(torch.cumprod(1.0 - betas, dim=0), prediction_type)
 
     @classmethod
+    def from_sigmas(cls, sigmas: torch.Tensor, prediction_type: Prediction = "epsilon") -> "DiscreteSchedule":
+        """The schedule whose per-timestep sigmas are ``sigmas`` (increasing), e.g. a host model's own table."""
+        sig = torch.as_tensor(sigmas).detach().to("cpu", torch.float64)
+        return cls(1.0 / (1.0 + sig**2), prediction_type)
+
+    @classmethod
     def stable_diffusion(cls, prediction_type: Prediction = "epsilon") -> "DiscreteSchedule":
         """SD1.5 and SDXL: scaled-linear betas 0.00085-0.012 over 1000 steps."""
         return cls.from_betas(prediction_type=prediction_type)
@@ -169,6 +175,21 @@ def timesteps_explicit(timesteps: Sequence[int], num_train_timesteps: int = NUM_
     if any(b >= a for a, b in zip(ts, ts[1:])):
         raise ValueError(f"explicit timesteps must be strictly decreasing; got {ts}")
     return ts
+
+
+def timesteps_for_denoise(timesteps: Sequence[int], denoise: float) -> list[int]:
+    """The timesteps of a partial denoise (img2img, inpainting, hires refine): the same spacing squeezed below
+    denoise * T, so the step count stays (t -> round((t + 1) * denoise) - 1; 999, 749, 499, 249 at 0.5 ->
+    499, 374, 249, 124), as LCM's img2img shrinks its grid with strength; denoise 1 keeps them. Steps that would
+    coincide merge."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise must be in (0, 1]; got {denoise}")
+    out: list[int] = []
+    for t in timesteps:
+        scaled = max(int(round((int(t) + 1) * denoise)) - 1, 0)
+        if not out or scaled < out[-1]:
+            out.append(scaled)
+    return out
 
 
 def select_timesteps(spacing: Spacing, num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:

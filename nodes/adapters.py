@@ -1,0 +1,198 @@
+"""ComfyUI glue: put a fewstep adapter on a MODEL (and CLIP) and build the SAMPLER and SIGMAS its file asks for.
+
+No diffusion math lives here (DESIGN.md): the boundary condition, timesteps, sigmas and samplers are core's.
+This module only translates between ComfyUI's objects (ModelPatcher, KSAMPLER, model_sampling) and core.
+Host modules are imported inside functions, so the pure parts can be tested without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..core.adapter_file import Adapter, AdapterFileError, read_adapter
+from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, convert_lora, detect_layout
+from ..core.parameterization import append_dims, apply_consistency_boundary, input_scaling
+from ..core.samplers import get_sampler
+from ..core.schedule import DiscreteSchedule, timesteps_for_denoise
+
+logger = logging.getLogger("fewstep")
+
+ADAPTER_FOLDERS = ("fewstep", "loras")  # ComfyUI model folders the adapter menus list, fewstep's own first
+WRAPPER_KEY = "fewstep"                 # one package-wide key for every patch fewstep puts on a model
+SUPPORTED_KINDS = ("flash_lora",)
+# ComfyUI model-config classes (matched anywhere in the MRO, so SSD-1B, Vega, pix2pix variants count) -> base.
+_BASE_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "PixArtAlpha": "pixart"}
+
+
+def register_model_folder() -> None:
+    """models/fewstep, next to models/loras (extra_model_paths.yaml may add more under the key ``fewstep``)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path("fewstep", os.path.join(folder_paths.models_dir, "fewstep"), is_default=True)
+
+
+def list_adapters() -> list[str]:
+    """Every .safetensors in the adapter folders: only safetensors, since loading never unpickles."""
+    import folder_paths
+
+    names: list[str] = []
+    for folder in ADAPTER_FOLDERS:
+        names += [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(".safetensors") and n not in names]
+    return names
+
+
+def adapter_path(name: str) -> str:
+    import folder_paths
+
+    for folder in ADAPTER_FOLDERS:
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            return path
+    raise AdapterFileError(f"{name}: not found in models/{' or models/'.join(ADAPTER_FOLDERS)}; refresh the node list")
+
+
+def model_base(model) -> str:
+    """fewstep's base name of a ComfyUI MODEL, from its model-config class."""
+    config = model.model.model_config
+    for cls in type(config).__mro__:
+        if cls.__name__ in _BASE_OF_CONFIG:
+            return _BASE_OF_CONFIG[cls.__name__]
+    raise AdapterFileError(f"fewstep adapters are made for SD1.5, SDXL or PixArt models; this MODEL is {type(config).__name__}")
+
+
+_last_read: dict[str, Any] = {}
+
+
+def load_adapter(path: str, base: str) -> Adapter:
+    """read_adapter, checked against the model's base; the last file stays in memory while it is unchanged,
+    so re-running a graph with a new seed does not re-read it."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size, base)
+    if _last_read.get("key") != key:
+        _last_read.clear()
+        adapter = read_adapter(path, expected_base=base)
+        if adapter.metadata.kind not in SUPPORTED_KINDS:
+            raise AdapterFileError(f"{os.path.basename(path)}: is a {adapter.metadata.kind}; these nodes load "
+                                   f"{' and '.join(SUPPORTED_KINDS)} files so far: update fewstep")
+        _last_read.update(key=key, adapter=adapter)
+    return _last_read["adapter"]
+
+
+def kohya_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The LoRA in the kohya layout ComfyUI's loader maps (it ignores PEFT/diffusers keys with a log line)."""
+    if detect_layout(adapter.tensors) == "kohya":
+        return adapter.tensors
+    return convert_lora(adapter.tensors, "kohya", alpha=adapter.metadata.extra.get("alpha"))
+
+
+def lora_module_names(state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """kohya module names (``lora_unet_…``, ``lora_te_…``) of a kohya state dict."""
+    return {key.split(".", 1)[0] for key in state_dict}
+
+
+def unmatched_unet_modules(state_dict: dict[str, torch.Tensor], key_map: dict[str, Any]) -> list[str]:
+    """UNet LoRA modules the model has no layer for: ComfyUI would only log them, we refuse the file."""
+    return sorted(n for n in lora_module_names(state_dict) if n.startswith(KOHYA_UNET_PREFIX) and n not in key_map)
+
+
+def add_lora(model, clip, adapter: Adapter, strength: float, notes: list[str]):
+    """(model, clip) clones with the LoRA's patches at ``strength``; every UNet module must find its layer."""
+    import comfy.lora
+
+    state_dict = kohya_state_dict(adapter)
+    if clip is None:
+        text = [k for k in state_dict if k.startswith(KOHYA_TEXT_PREFIXES)]
+        if text:
+            notes.append(f"{len(lora_module_names({k: None for k in text}))} text-encoder LoRA modules left out: connect CLIP to apply them")
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(KOHYA_TEXT_PREFIXES)}
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    unmatched = unmatched_unet_modules(state_dict, key_map)
+    if unmatched:
+        total = sum(n.startswith(KOHYA_UNET_PREFIX) for n in lora_module_names(state_dict))
+        raise AdapterFileError(f"{os.path.basename(adapter.path)}: {len(unmatched)} of {total} UNet LoRA modules match no "
+                               f"layer of this model (e.g. {unmatched[0]}): it was made for a different model")
+    patches = comfy.lora.load_lora(state_dict, key_map)
+    model = model.clone()
+    model.add_patches(patches, strength)
+    if clip is not None:
+        clip = clip.clone()
+        clip.add_patches(patches, strength)
+    return model, clip
+
+
+def consistency_boundary_wrapper(executor, x, sigma, *args, **kwargs):
+    """APPLY_MODEL wrapper: the model's x0 through LCM's boundary condition, as consistency students were trained."""
+    denoised = executor(x, sigma, *args, **kwargs)
+    timestep = executor.class_obj.model_sampling.timestep(sigma)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug("fewstep: denoising at timestep %s", [int(t) for t in timestep.reshape(-1).unique().tolist()])
+    scaled_input = x * append_dims(input_scaling(sigma), x.ndim)
+    return apply_consistency_boundary(denoised, scaled_input.to(denoised.dtype), timestep)
+
+
+def add_consistency_boundary(model):
+    """A clone whose denoised output goes through the boundary condition (replacing any earlier fewstep one)."""
+    from comfy.patcher_extension import WrappersMP
+
+    model = model.clone()
+    model.remove_wrappers_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY)
+    model.add_wrapper_with_key(WrappersMP.APPLY_MODEL, WRAPPER_KEY, consistency_boundary_wrapper)
+    return model
+
+
+def make_sampler(name: str, **options):
+    """ComfyUI SAMPLER over core's sampler ``name``, given the options that sampler takes (others are dropped)."""
+    import comfy.samplers
+
+    fn = get_sampler(name)
+    accepted = inspect.signature(fn).parameters
+    return comfy.samplers.KSAMPLER(fn, extra_options={k: v for k, v in options.items() if k in accepted})
+
+
+def model_schedule(model) -> DiscreteSchedule:
+    """core's schedule over the MODEL's own sigma table (so patched or zero-SNR schedules are honoured)."""
+    return DiscreteSchedule.from_sigmas(model.get_model_object("model_sampling").sigmas)
+
+
+@dataclass
+class Prepared:
+    """What the loader and the one-node sampler hand on: the patched model and how to sample with it."""
+
+    model: Any
+    clip: Any
+    sampler_name: str
+    timesteps: list[int]
+    sigmas: torch.Tensor
+    cfg: float  # the CFG scale the adapter was trained for (1: no CFG)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self, name: str, adapter: Adapter, cfg: float) -> str:
+        meta = adapter.metadata
+        source = "inferred from its keys" if adapter.inferred else "from its metadata"
+        passes = "one model pass per step" if cfg == 1 else "two model passes per step"
+        lines = [f"{name}: {meta.kind} for {meta.base} ({source})",
+                 f"sampler {self.sampler_name}, {len(self.timesteps)} steps at timesteps "
+                 f"{', '.join(map(str, self.timesteps))}, CFG {cfg:g} ({passes})"]
+        return "\n".join(lines + adapter.notes + self.notes)
+
+
+def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: float = 1.0,
+            sampler_options: Optional[dict] = None) -> tuple[Prepared, Adapter]:
+    """Everything a node needs from an adapter file: patched MODEL/CLIP, SAMPLER name, timesteps and SIGMAS."""
+    adapter = load_adapter(adapter_path(name), model_base(model))
+    meta, notes = adapter.metadata, []
+    model, clip = add_lora(model, clip, adapter, strength, notes)
+    if meta.consistency_boundary:
+        model = add_consistency_boundary(model)
+    timesteps = timesteps_for_denoise(meta.timesteps_for(steps or meta.steps), denoise)
+    sigmas = model_schedule(model).sigmas_for_timesteps(timesteps)
+    cfg = float(meta.extra.get("cfg_scale", 1.0))
+    return Prepared(model, clip, meta.sampler, timesteps, sigmas, cfg, notes), adapter

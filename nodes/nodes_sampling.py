@@ -1,0 +1,170 @@
+"""fewstep's ComfyUI nodes (V3 schema): load an adapter, pick a sampler and sigmas, or do it all in one KSampler."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from ..core.samplers import SAMPLERS
+from ..core.schedule import SPACINGS, select_timesteps, timesteps_explicit, timesteps_for_denoise
+from . import adapters
+
+CATEGORY = "sampling/fewstep"
+MAX_STEPS = 50
+
+_ADAPTER_TOOLTIP = ("A few-step adapter from models/fewstep or models/loras: a fewstep file (it says how to sample), "
+                    "or an LCM, TCD, Hyper-SD or released Flash Diffusion LoRA (settings are inferred and shown on the node).")
+_STRENGTH_TOOLTIP = "How strongly the adapter is applied; 1.0 is what it was trained for."
+_STEPS_TOOLTIP = "Sampling steps; 0 takes the adapter's own step count."
+_DENOISE_TOOLTIP = ("Below 1.0 the latent keeps part of its content (img2img, inpainting, hires refine): the step count "
+                    "stays and the steps are squeezed into the lower part of the noise schedule.")
+
+
+def _adapter_input() -> io.Combo.Input:
+    return io.Combo.Input("adapter", options=adapters.list_adapters(), tooltip=_ADAPTER_TOOLTIP)
+
+
+class FewStepLoadAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepLoadAdapter",
+            display_name="FewStep Load Adapter",
+            category=CATEGORY,
+            description="Applies a few-step adapter to a model and outputs the sampler and sigmas it was trained for, "
+                        "for SamplerCustom / SamplerCustomAdvanced (use CFG 1.0 there).",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5, SDXL or PixArt model the adapter was made for."),
+                _adapter_input(),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip=_STRENGTH_TOOLTIP),
+                io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, tooltip=_STEPS_TOOLTIP),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional: connect CLIP to also apply the adapter's text-encoder weights, if it has any."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The model with the adapter applied."),
+                io.Clip.Output(display_name="CLIP", tooltip="CLIP with the adapter's text-encoder weights (only if CLIP was connected)."),
+                io.Sampler.Output(display_name="SAMPLER", tooltip="The sampler the adapter was trained for."),
+                io.Sigmas.Output(display_name="SIGMAS", tooltip="The adapter's timesteps as sigmas for this model."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter: str, strength: float, steps: int, clip=None) -> io.NodeOutput:
+        prepared, loaded = adapters.prepare(model, clip, adapter, strength, steps)
+        return io.NodeOutput(prepared.model, prepared.clip, adapters.make_sampler(prepared.sampler_name), prepared.sigmas,
+                             ui=ui.PreviewText(prepared.summary(adapter, loaded, prepared.cfg)))
+
+
+class FewStepSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepSampler",
+            display_name="FewStep Sampler",
+            category=CATEGORY,
+            description="A few-step sampler for SamplerCustom / SamplerCustomAdvanced.",
+            inputs=[
+                io.Combo.Input("sampler", options=list(SAMPLERS), default="consistency",
+                               tooltip="consistency: LCM/Flash multistep sampling (predict x0, re-noise); dpmpp_2m: "
+                                       "DPM-Solver++(2M); ddim: deterministic DDIM; stochastic: DDPM-like ancestral "
+                                       "steps; onestep: a single pass to x0."),
+                io.Float.Input("gamma", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="consistency only: TCD's stochasticity. 1.0 re-noises fully (LCM, Flash), "
+                                       "0.0 is deterministic (DDIM-like); about 0.3 suits TCD LoRAs."),
+                io.Float.Input("eta", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="ddim only: fresh noise per step (0 deterministic, 1 as DDPM)."),
+            ],
+            outputs=[io.Sampler.Output(display_name="SAMPLER")],
+        )
+
+    @classmethod
+    def execute(cls, sampler: str, gamma: float, eta: float) -> io.NodeOutput:
+        return io.NodeOutput(adapters.make_sampler(sampler, gamma=gamma, eta=eta))
+
+
+class FewStepSigmas(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepSigmas",
+            display_name="FewStep Sigmas",
+            category=CATEGORY,
+            description="Sigmas for a few-step schedule at the model's own noise levels.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model whose noise schedule the sigmas follow."),
+                io.Int.Input("steps", default=4, min=1, max=MAX_STEPS, tooltip="Number of steps (ignored for explicit)."),
+                io.Combo.Input("spacing", options=list(SPACINGS) + ["explicit"], default="trailing",
+                               tooltip="trailing: evenly spaced from the last timestep (999, 749, 499, 249; Flash, "
+                                       "SDXL-Lightning); lcm: LCM's grid (999, 759, 499, 259; LCM/TCD LoRAs); "
+                                       "explicit: the list below."),
+                io.String.Input("timesteps", default="999, 749, 499, 249",
+                                tooltip="explicit only: training timesteps, highest first, separated by commas."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=_DENOISE_TOOLTIP),
+            ],
+            outputs=[io.Sigmas.Output(display_name="SIGMAS")],
+        )
+
+    @classmethod
+    def execute(cls, model, steps: int, spacing: str, timesteps: str, denoise: float) -> io.NodeOutput:
+        if spacing == "explicit":
+            chosen = timesteps_explicit(_parse_timesteps(timesteps))
+        else:
+            chosen = select_timesteps(spacing, steps)
+        return io.NodeOutput(adapters.model_schedule(model).sigmas_for_timesteps(timesteps_for_denoise(chosen, denoise)))
+
+
+def _parse_timesteps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"timesteps must be whole numbers separated by commas, e.g. 999, 749, 499, 249; got {text!r}") from None
+
+
+class FewStepKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepKSampler",
+            display_name="FewStep KSampler",
+            category=CATEGORY,
+            description="One node for few-step sampling: applies the adapter and samples with the settings in its file. "
+                        "Works for txt2img, img2img (denoise) and inpainting latents (noise mask).",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.5, SDXL or PixArt model the adapter was made for."),
+                _adapter_input(),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip=_STRENGTH_TOOLTIP),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="The random seed of the starting noise and of each re-noising step."),
+                io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, tooltip=_STEPS_TOOLTIP),
+                io.Float.Input("cfg", default=1.0, min=1.0, max=20.0, step=0.1,
+                               tooltip="1.0 is one model pass per step, as few-step adapters are trained; above 1 the "
+                                       "negative prompt is used too, at twice the cost (some LCM LoRAs like 1.5-2)."),
+                io.Conditioning.Input("positive", tooltip="What the image should show."),
+                io.Conditioning.Input("negative", tooltip="What it should not show; used when cfg is above 1."),
+                io.Latent.Input("latent_image", tooltip="An empty latent (txt2img), an encoded image (img2img) or an "
+                                                        "inpainting latent with a noise mask."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=_DENOISE_TOOLTIP),
+            ],
+            outputs=[io.Latent.Output(display_name="LATENT", tooltip="The sampled latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, adapter: str, strength: float, seed: int, steps: int, cfg: float, positive, negative,
+                latent_image, denoise: float) -> io.NodeOutput:
+        import comfy.sample
+        import comfy.utils
+        import latent_preview
+
+        prepared, loaded = adapters.prepare(model, None, adapter, strength, steps, denoise)
+        patched = prepared.model
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        callback = latent_preview.prepare_callback(patched, len(prepared.sigmas) - 1)
+        latent["samples"] = comfy.sample.sample_custom(
+            patched, noise, cfg, adapters.make_sampler(prepared.sampler_name), prepared.sigmas, positive, negative, samples,
+            noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        return io.NodeOutput(latent, ui=ui.PreviewText(prepared.summary(adapter, loaded, cfg)))
+
+
+NODES = [FewStepLoadAdapter, FewStepKSampler, FewStepSampler, FewStepSigmas]

@@ -1,0 +1,183 @@
+"""fewstep's nodes inside a real ComfyUI: a headless server on loopback, API-format graphs through POST /prompt.
+
+Runs only when COMFYUI_PATH points at a ComfyUI checkout (see tests/comfyui_host.py); skips with the reason otherwise.
+The checkpoint is a tiny SD1.5 that ComfyUI detects (model_channels 320, context 768, one level, TAESD VAE), and the
+LoRA comes from `fewstep train flash` on a diffusers teacher with the very same UNet and text encoder.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fewstep.core.adapter_file import AdapterMetadata, read_adapter, write_adapter
+from fewstep.core.lora import LoraModule, convert_lora, write_lora
+from fewstep.training.cli import main
+
+from .comfyui_host import ComfyServer, build_tiny_sd15_teacher, comfyui, copy_into, write_checkpoint
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+FLASH = "tiny_flash.safetensors"
+FLASH_INFERRED = "tiny_flash_diffusers_layout.safetensors"
+WRONG_BASE = "sdxl_flash.safetensors"
+DENOISING = re.compile(r"fewstep: denoising at timestep \[(\d+)\]")
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    found = comfyui()
+    if isinstance(found, str):
+        pytest.skip(found)
+    path, python, stubs = found
+    root = tmp_path_factory.mktemp("comfyui")
+    models = root / "work" / "models"
+    teacher = build_tiny_sd15_teacher(root / "teacher")
+    (models / "checkpoints").mkdir(parents=True)
+    write_checkpoint(teacher, models / "checkpoints" / "tiny_sd15.safetensors", path, python, stubs)
+    # A short run at a high learning rate, so that the LoRA visibly changes the model.
+    assert main(["train", "flash", "--teacher", str(teacher), "--run-dir", str(root / "run"), "--phase-steps", "1,1,1,1",
+                 "--batch-size", "2", "--lora-rank", "4", "--teacher-steps", "8", "--sample-every", "0", "--lr", "1e-2"]) == 0
+    flash = copy_into(root / "run" / "flash_lora.safetensors", models / "loras")
+    flash.rename(flash.with_name(FLASH))
+    # The same weights as a released file would come: diffusers keys, no fewstep metadata.
+    adapter = read_adapter(models / "loras" / FLASH)
+    save_file(convert_lora(adapter.tensors, "diffusers"), str(models / "loras" / FLASH_INFERRED))
+    (models / "fewstep").mkdir()
+    sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
+    write_adapter(models / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
+    server = ComfyServer(root / "work", path, python, stubs)
+    yield server
+    server.close()
+
+
+def _base_graph(prompt: str = "a silhouette of a cat") -> dict:
+    return {
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny_sd15.safetensors"}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": prompt, "clip": ["ckpt", 1]}},
+        "neg": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["ckpt", 1]}},
+        "empty": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    }
+
+
+def _ksampler(latent, seed: int, adapter: str = FLASH, denoise: float = 1.0, strength: float = 1.0) -> dict:
+    return {"class_type": "FewStepKSampler", "inputs": {
+        "model": ["ckpt", 0], "adapter": adapter, "strength": strength, "seed": seed, "steps": 0, "cfg": 1.0,
+        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": latent, "denoise": denoise}}
+
+
+def _outputs(graph: dict, samples, prefix: str) -> dict:
+    graph["decode"] = {"class_type": "VAEDecode", "inputs": {"samples": samples, "vae": ["ckpt", 2]}}
+    graph["save"] = {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": prefix}}
+    graph["save_latent"] = {"class_type": "SaveLatent", "inputs": {"samples": samples, "filename_prefix": f"latents/{prefix}"}}
+    return graph
+
+
+def _run(comfy: ComfyServer, graph: dict) -> tuple[dict, list[int]]:
+    """(history entry, the timesteps fewstep's patched model was called at during this run)."""
+    before = len(comfy.log())
+    entry = comfy.run(graph)
+    return entry, [int(t) for t in DENOISING.findall(comfy.log()[before:])]
+
+
+def _latent(comfy: ComfyServer, entry: dict, node: str = "save_latent") -> torch.Tensor:
+    saved = entry["outputs"][node]["latents"][0]
+    return load_file(str(comfy.workdir / "output" / saved["subfolder"] / saved["filename"]))["latent_tensor"]
+
+
+def _assert_success(entry: dict) -> None:
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"][-1]
+
+
+def test_nodes_are_registered_with_tooltips(comfy):
+    info = comfy.get("/object_info")
+    ours = {name: node for name, node in info.items() if name.startswith("FewStep")}
+    assert set(ours) == {"FewStepLoadAdapter", "FewStepKSampler", "FewStepSampler", "FewStepSigmas"}
+    for name, node in ours.items():
+        assert node["category"] == "sampling/fewstep" and node["display_name"].startswith("FewStep ")
+        for group in node["input"].values():
+            for input_name, (_, options) in group.items():
+                assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
+    adapters = ours["FewStepLoadAdapter"]["input"]["required"]["adapter"][1]["options"]
+    assert {FLASH, FLASH_INFERRED, WRONG_BASE} <= set(adapters)   # models/fewstep and models/loras
+
+
+def test_ksampler_txt2img_samples_at_the_files_timesteps(comfy):
+    entry, timesteps = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=1)}, ["sample", 0], "ks"))
+    _assert_success(entry)
+    assert entry["outputs"]["save"]["images"], "no image written"
+    assert timesteps == [999, 749, 499, 249]   # the file's fewstep.timesteps, one model pass each
+    assert "4 steps at timesteps 999, 749, 499, 249" in entry["outputs"]["sample"]["text"][0]
+    assert torch.isfinite(_latent(comfy, entry)).all()
+
+
+def test_load_adapter_into_sampler_custom_applies_the_lora(comfy):
+    def graph(strength: float, prefix: str) -> dict:
+        g = _base_graph()
+        g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {
+            "model": ["ckpt", 0], "adapter": FLASH, "strength": strength, "steps": 0, "clip": ["ckpt", 1]}}
+        g["sample"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": ["load", 0], "add_noise": True, "noise_seed": 2, "cfg": 1.0, "positive": ["pos", 0],
+            "negative": ["neg", 0], "sampler": ["load", 2], "sigmas": ["load", 3], "latent_image": ["empty", 0]}}
+        return _outputs(g, ["sample", 0], prefix)
+
+    entry, timesteps = _run(comfy, graph(1.0, "custom"))
+    _assert_success(entry)
+    assert entry["outputs"]["save"]["images"]
+    assert timesteps == [999, 749, 499, 249]
+    without, _ = _run(comfy, graph(0.0, "custom_strength0"))
+    _assert_success(without)
+    with_lora, no_lora = _latent(comfy, entry), _latent(comfy, without)
+    assert torch.isfinite(with_lora).all() and (with_lora - no_lora).abs().max() > 1e-3
+
+
+def test_inpainting_latent_keeps_the_unmasked_part(comfy):
+    g = _base_graph()
+    g["image"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x804020}}
+    g["encode"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["image", 0], "vae": ["ckpt", 2]}}
+    g["canvas"] = {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}}
+    g["top"] = {"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 64, "height": 32}}
+    g["mask"] = {"class_type": "MaskComposite", "inputs": {"destination": ["canvas", 0], "source": ["top", 0], "x": 0, "y": 0,
+                                                         "operation": "add"}}
+    g["masked"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["encode", 0], "mask": ["mask", 0]}}
+    g["sample"] = _ksampler(["masked", 0], seed=3, denoise=0.5)
+    g["save_original"] = {"class_type": "SaveLatent", "inputs": {"samples": ["encode", 0], "filename_prefix": "latents/original"}}
+    entry, timesteps = _run(comfy, _outputs(g, ["sample", 0], "inpaint"))
+    _assert_success(entry)
+    assert timesteps == [499, 374, 249, 124]   # denoise 0.5: four steps squeezed below t = 500
+    result, original = _latent(comfy, entry), _latent(comfy, entry, "save_original")
+    assert torch.allclose(result[..., 5:, :], original[..., 5:, :], atol=1e-4)   # rows well below the mask edge
+    assert (result[..., :3, :] - original[..., :3, :]).abs().max() > 1e-2       # the masked top was repainted
+
+
+def test_file_without_metadata_loads_with_inferred_settings(comfy):
+    g = _base_graph()
+    g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {"model": ["ckpt", 0], "adapter": FLASH_INFERRED,
+                                                               "strength": 1.0, "steps": 0}}
+    g["sample"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["load", 0], "add_noise": True, "noise_seed": 4, "cfg": 1.0, "positive": ["pos", 0],
+        "negative": ["neg", 0], "sampler": ["load", 2], "sigmas": ["load", 3], "latent_image": ["empty", 0]}}
+    entry, timesteps = _run(comfy, _outputs(g, ["sample", 0], "inferred"))
+    _assert_success(entry)
+    assert timesteps == [999, 759, 499, 259]   # LCM's grid, what such LoRAs are published with
+    shown = entry["outputs"]["load"]["text"][0]
+    assert "inferred from its keys" in shown and "no fewstep metadata" in shown
+
+
+def test_wrong_base_adapter_is_a_node_error(comfy):
+    entry, _ = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=5, adapter=WRONG_BASE)},
+                                    ["sample", 0], "wrong"))
+    assert entry["status"]["status_str"] == "error"
+    kind, error = entry["status"]["messages"][-1]
+    assert kind == "execution_error" and error["node_type"] == "FewStepKSampler"
+    assert "adapter is for sdxl" in error["exception_message"] and "the model is sd15" in error["exception_message"]
+    assert comfy.get("/system_stats")   # the server lives on
+
+
+def test_no_lora_key_went_unloaded(comfy):
+    # Runs last in this module: every graph above has loaded the LoRA by now.
+    assert "lora key not loaded" not in comfy.log()
+    assert "fewstep: denoising at timestep" in comfy.log()
