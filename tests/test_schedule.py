@@ -118,3 +118,27 @@ def test_diffuse_matches_diffusers_add_noise():
     ref = DDPMScheduler(**sd_scheduler_config())
     x0, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 400, 999])
     torch.testing.assert_close(diffuse(S.DiscreteSchedule.stable_diffusion(), x0, noise, t), ref.add_noise(x0, noise, t))
+
+
+@pytest.mark.parametrize("steps,denoise", [(4, 0.5), (4, 0.25), (2, 0.5), (8, 0.5), (4, 0.8), (1, 0.5)])
+def test_partial_denoise_keeps_the_step_count_as_comfyui_basic_scheduler(steps, denoise):
+    """ComfyUI's BasicScheduler takes the last N of a steps/denoise schedule; for trailing spacing the squeeze is that."""
+    total = round(steps / denoise)
+    assert S.timesteps_for_denoise(S.timesteps_trailing(steps), denoise) == S.timesteps_trailing(total)[-steps:]
+
+
+def test_partial_denoise_edges():
+    assert S.timesteps_for_denoise([999, 759, 499, 259], 1.0) == [999, 759, 499, 259]
+    assert S.timesteps_for_denoise([999, 749, 499, 249], 0.002) == [1, 0]   # coinciding steps merge, none below 0
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="denoise must be in"):
+            S.timesteps_for_denoise([999], bad)
+
+
+def test_schedule_from_a_hosts_sigma_table():
+    """A host's own sigma table (float32, as ComfyUI keeps it) gives back the same sigmas and timestep lookups."""
+    sd = S.DiscreteSchedule.stable_diffusion()
+    host = S.DiscreteSchedule.from_sigmas(sd.sigmas.float())
+    torch.testing.assert_close(host.sigmas, sd.sigmas, rtol=1e-6, atol=0)
+    sigmas = host.sigmas_for_timesteps([999, 749, 499, 249])
+    assert host.timestep(sigmas[:-1]).tolist() == [999, 749, 499, 249]
