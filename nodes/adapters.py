@@ -91,9 +91,9 @@ def kohya_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     return convert_lora(adapter.tensors, "kohya", alpha=adapter.metadata.extra.get("alpha"))
 
 
-def lora_module_names(state_dict: dict[str, torch.Tensor]) -> set[str]:
-    """kohya module names (``lora_unet_…``, ``lora_te_…``) of a kohya state dict."""
-    return {key.split(".", 1)[0] for key in state_dict}
+def lora_module_names(keys) -> set[str]:
+    """kohya module names (``lora_unet_…``, ``lora_te_…``) of kohya state-dict keys."""
+    return {key.split(".", 1)[0] for key in keys}
 
 
 def unmatched_unet_modules(state_dict: dict[str, torch.Tensor], key_map: dict[str, Any]) -> list[str]:
@@ -109,7 +109,7 @@ def add_lora(model, clip, adapter: Adapter, strength: float, notes: list[str]):
     if clip is None:
         text = [k for k in state_dict if k.startswith(KOHYA_TEXT_PREFIXES)]
         if text:
-            notes.append(f"{len(lora_module_names({k: None for k in text}))} text-encoder LoRA modules left out: connect CLIP to apply them")
+            notes.append(f"text-encoder LoRA weights ({len(lora_module_names(text))} modules) left out: connect CLIP to apply them")
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(KOHYA_TEXT_PREFIXES)}
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if clip is not None:

@@ -23,7 +23,9 @@ pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 FLASH = "tiny_flash.safetensors"
 FLASH_INFERRED = "tiny_flash_diffusers_layout.safetensors"
+FLASH_WITH_TEXT = "tiny_flash_text_encoder.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
+TEXT_MODULE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 DENOISING = re.compile(r"fewstep: denoising at timestep \[(\d+)\]")
 
 
@@ -46,6 +48,10 @@ def comfy(tmp_path_factory):
     # The same weights as a released file would come: diffusers keys, no fewstep metadata.
     adapter = read_adapter(models / "loras" / FLASH)
     save_file(convert_lora(adapter.tensors, "diffusers"), str(models / "loras" / FLASH_INFERRED))
+    # The same plus a text-encoder module (kohya lora_te_ keys), as many community LoRAs carry.
+    text = {f"{TEXT_MODULE}.lora_down.weight": torch.randn(4, 768) * 0.5, f"{TEXT_MODULE}.lora_up.weight": torch.randn(768, 4) * 0.5,
+            f"{TEXT_MODULE}.alpha": torch.tensor(4.0)}
+    write_adapter(models / "loras" / FLASH_WITH_TEXT, {**adapter.tensors, **text}, adapter.metadata)
     (models / "fewstep").mkdir()
     sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
     write_adapter(models / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
@@ -102,7 +108,7 @@ def test_nodes_are_registered_with_tooltips(comfy):
             for input_name, (_, options) in group.items():
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
     adapters = ours["FewStepLoadAdapter"]["input"]["required"]["adapter"][1]["options"]
-    assert {FLASH, FLASH_INFERRED, WRONG_BASE} <= set(adapters)   # models/fewstep and models/loras
+    assert {FLASH, FLASH_INFERRED, FLASH_WITH_TEXT, WRONG_BASE} <= set(adapters)   # models/fewstep and models/loras
 
 
 def test_ksampler_txt2img_samples_at_the_files_timesteps(comfy):
@@ -165,6 +171,28 @@ def test_file_without_metadata_loads_with_inferred_settings(comfy):
     assert timesteps == [999, 759, 499, 259]   # LCM's grid, what such LoRAs are published with
     shown = entry["outputs"]["load"]["text"][0]
     assert "inferred from its keys" in shown and "no fewstep metadata" in shown
+
+
+def test_text_encoder_weights_go_to_clip_when_it_is_connected(comfy):
+    def graph(prefix: str, through_loader: bool) -> dict:
+        g = _base_graph("a handwritten digit seven")
+        g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {
+            "model": ["ckpt", 0], "adapter": FLASH_WITH_TEXT, "strength": 1.0, "steps": 0, "clip": ["ckpt", 1]}}
+        if through_loader:
+            g["pos"]["inputs"]["clip"] = ["load", 1]
+        g["sample"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": ["load", 0], "add_noise": True, "noise_seed": 6, "cfg": 1.0, "positive": ["pos", 0],
+            "negative": ["neg", 0], "sampler": ["load", 2], "sigmas": ["load", 3], "latent_image": ["empty", 0]}}
+        return _outputs(g, ["sample", 0], prefix)
+
+    patched, _ = _run(comfy, graph("text_lora", through_loader=True))
+    plain, _ = _run(comfy, graph("text_lora_plain_clip", through_loader=False))
+    _assert_success(patched), _assert_success(plain)
+    assert (_latent(comfy, patched) - _latent(comfy, plain)).abs().max() > 1e-3   # the prompt was encoded differently
+    one_node, _ = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=6, adapter=FLASH_WITH_TEXT)},
+                                       ["sample", 0], "text_lora_ksampler"))
+    _assert_success(one_node)
+    assert "text-encoder LoRA weights (1 modules) left out: connect CLIP" in one_node["outputs"]["sample"]["text"][0]
 
 
 def test_wrong_base_adapter_is_a_node_error(comfy):
