@@ -32,6 +32,7 @@ from .schedule import PREDICTIONS, select_timesteps
 FORMAT_VERSION = 1
 KINDS: tuple[str, ...] = ("flash_lora", "sun_adapter", "guided_student", "gdd_student", "snap_student")
 META_PREFIX = "fewstep."
+W_EMBEDDING_KEY = "time_embedding.cond_proj.weight"  # a guided student's w projection (diffusers' time_cond_proj_dim)
 UNKNOWN_BASE = "unknown"
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -249,7 +250,7 @@ def _infer_metadata(keys: Sequence[str], name: str) -> AdapterMetadata:
         # The released SUN adapter samples with 4 trailing steps and no CFG.
         return AdapterMetadata(kind="sun_adapter", base=UNKNOWN_BASE, sampler="ddim", steps=4,
                                timesteps=[999, 749, 499, 249], extra={"layout": "sun_released"})
-    if any(k.endswith("time_embedding.cond_proj.weight") for k in keys):
+    if any(k.endswith(W_EMBEDDING_KEY) for k in keys):
         return AdapterMetadata(kind="guided_student", base=UNKNOWN_BASE, sampler="ddim", steps=8,
                                timesteps=None, extra={"layout": "diffusers_unet"})
     shown = ", ".join(sorted(keys)[:3]) or "no tensors"
@@ -295,6 +296,8 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: AdapterMetadata, name:
             raise AdapterFileError(f"{name}: {exc}") from None
         if not modules:
             raise AdapterFileError(f"{name}: a flash_lora file with no UNet LoRA modules (only text-encoder keys)")
+    elif meta.kind == "guided_student" and W_EMBEDDING_KEY not in tensors:
+        raise AdapterFileError(f"{name}: a guided_student file without its w-embedding ({W_EMBEDDING_KEY})")
 
 
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> None:

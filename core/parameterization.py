@@ -73,6 +73,21 @@ def apply_consistency_boundary(
     return c_out * denoised + c_skip * scaled_input
 
 
+def distillation_weight(sigma: torch.Tensor, space: str = "x") -> torch.Tensor:
+    """Per-sample weight on the x0 squared error of a distillation loss.
+
+    "x": max(SNR, 1), the truncated-SNR weighting of progressive distillation (Salimans & Ho 2022) that Meng et al.
+    and SnapFusion use; "eps": SNR, which makes the loss the squared error of the implied noise. SNR = 1 / sigma^2.
+    """
+    snr = sigma.to(torch.float32).pow(-2)
+    if space == "x":
+        return snr.clamp(min=1.0)
+    elif space == "eps":
+        return snr
+    else:
+        raise ValueError(f"unknown loss space {space!r}; expected 'x' or 'eps'")
+
+
 def diffuse(schedule: DiscreteSchedule, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     """The DDPM forward process in the network's (scaled) space: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
     a = schedule.alphas_cumprod[timestep.cpu().long()].to(x0.device, x0.dtype)

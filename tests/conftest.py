@@ -30,3 +30,12 @@ def tiny_sdxl_unet():
 def text_context():
     """Random text-encoder states for the tiny SD1.5 UNet (batch 2, 77 tokens, width 32)."""
     return torch.randn(2, 77, 32, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def proxy_data():
+    """Every 20th proxy training image with its caption: a small real dataset for training tests."""
+    from fewstep.training.data import CaptionedImages, load_proxy_dataset
+
+    data = load_proxy_dataset("train")
+    return CaptionedImages(data.images[::20], [data.captions[i] for i in range(0, len(data), 20)])

@@ -66,12 +66,6 @@ def test_config_file_sits_between_preset_and_flags(tmp_path):
         F.load_config("paper", path)
 
 
-@pytest.fixture(scope="module")
-def proxy_data():
-    data = load_proxy_dataset("train")
-    return CaptionedImages(data.images[::20], [data.captions[i] for i in range(0, len(data), 20)])
-
-
 def _tiny_teacher(tmp_path, base="sd15"):
     path = tmp_path / f"tiny-{base}"
     build_tiny_pipeline(base, seed=0).save_pretrained(path)

@@ -73,3 +73,14 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="does not belong to this model"):
         training_loop(tmp_path, Other(), loss_fn, batch_fn, total_steps=8, progress=False)
+
+
+def test_ema_follows_the_model_to_its_device():
+    """accelerate moves the model after the EMA is made (and a resumed EMA comes from a CPU checkpoint)."""
+    from fewstep.training.loop import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)
+    model.to("meta")
+    ema.update(model)
+    assert all(t.device.type == "meta" for t in ema.shadow.values())

@@ -58,38 +58,53 @@ class TeacherEntry:
 
 @dataclass(frozen=True)
 class StudentEntry:
-    """A distilled adapter file on the teacher, sampled as its metadata says, without CFG."""
+    """A distilled adapter file on the teacher, one pass per step without CFG: its own sampler and timesteps unless
+    ``sampler`` is given; ``w`` is a guided student's guidance input (None: the file's default)."""
 
     steps: int
-    adapter: str = str(BUNDLED_FLASH)
+    adapter: str | None = str(BUNDLED_FLASH)
     label: str = "flash"
+    w: float | None = None
+    sampler: str | None = None
     cfg_scale: float = 1.0
 
     @property
     def name(self) -> str:
-        return f"{self.label}-{self.steps}steps"
+        return f"{self.label}-{self.steps}steps" + (f"-w{self.w:g}" if self.w is not None else "") + (f"-{self.sampler}" if self.sampler else "")
 
     @property
     def nfe(self) -> int:
         return self.steps
 
     def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int) -> np.ndarray:
-        from .students import AdaptedTeacher
+        from .students import load_student
 
+        if self.adapter is None:
+            raise ValueError(f"{self.name}: this bench set needs a student file: pass --adapter")
         key = (id(pipe), self.adapter)
-        if key not in _ADAPTED:
-            _ADAPTED.clear()
-            _ADAPTED[key] = AdaptedTeacher(pipe, self.adapter)
-        student = _ADAPTED[key]
-        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps)
+        if key not in _LOADED:
+            _LOADED.clear()
+            _LOADED[key] = load_student(pipe, self.adapter)
+        student = _LOADED[key]
+        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.w, self.sampler)
                                for i in range(0, len(captions), batch_size)])
 
 
-_ADAPTED: dict = {}
+_LOADED: dict = {}
+GUIDED_W = DEFAULT_CFG_SCALE - 1.0   # the teacher's CFG 4 as Meng's w
+
+
+def _guided(steps: int, w: float = GUIDED_W, sampler: str | None = None) -> StudentEntry:
+    return StudentEntry(steps, adapter=None, label="guided", w=w, sampler=sampler)
+
 
 BENCH_SETS = {
     "teacher": [TeacherEntry(s) for s in (50, 25, 8, 4, 2)],
     "flash": [TeacherEntry(50), TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1)],
+    # Stage 1 at the teacher's step count (half the NFE), the few-step rows both samplers, and w as a control.
+    "guided": [TeacherEntry(50), _guided(50), TeacherEntry(8), TeacherEntry(4),
+               *[_guided(n, sampler=s) for n in (8, 4, 2, 1) for s in ("ddim", "stochastic")],
+               *[e for w in (0.0, 1.0, 6.0) for e in (TeacherEntry(50, w + 1.0), _guided(50, w))]],
 }
 
 
@@ -117,7 +132,7 @@ def run_bench(
     if set_name not in BENCH_SETS:
         raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
     out_dir = Path(out_dir)
-    pipe = load_teacher(teacher)
+    pipe = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
     entries = [dataclasses.replace(e, adapter=str(adapter)) if adapter and isinstance(e, StudentEntry) else e
                for e in BENCH_SETS[set_name]]
     rows = []
@@ -126,7 +141,7 @@ def run_bench(
         log.info("%s: FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["prompt_accuracy"])
     document = {
         "sanity": fid_sanity(per_class),
-        "set": set_name, "teacher": str(teacher), "adapter": str(adapter or BUNDLED_FLASH) if set_name != "teacher" else None, "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
+        "set": set_name, "teacher": str(teacher), "adapter": str(adapter or BUNDLED_FLASH) if set_name == "flash" else (str(adapter) if adapter else None), "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
         "reference": "proxy held-out split (1,500 real images), EfficientNet-Lite0 features",
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

@@ -115,6 +115,7 @@ def add_train(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
     p.set_defaults(run=run_train_teacher)
     add_train_flash(methods)
+    add_train_guided(methods)
 
 
 def add_train_flash(methods) -> None:
@@ -128,20 +129,7 @@ def add_train_flash(methods) -> None:
         "--preset proxy fits the bundled teacher on a CPU. Precedence: preset < --config FILE < flags. Rerun the same "
         "command to resume.",
     )
-    p.add_argument("--teacher", default=None,
-                   help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
-    p.add_argument("--teacher-config", default=None,
-                   help="for a single-file teacher: a diffusers folder of the same base model to take configs and tokenizer from")
-    p.add_argument("--data", default="proxy",
-                   help="'proxy' (bundled digits + animals), a folder of images with .txt captions / metadata.jsonl, "
-                   "or webdataset shards ('shards/*.tar')")
-    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the teacher's native size)")
-    p.add_argument("--run-dir", default="runs/flash", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
-    p.add_argument("--out", default=None, help="the adapter file to write (default: RUN_DIR/flash_lora.safetensors)")
-    p.add_argument("--preset", default=None, choices=["paper", "proxy"],
-                   help="option defaults: the paper's SD setup, or the CPU-sized proxy setup (default: proxy for the bundled "
-                   "teacher, paper otherwise)")
-    p.add_argument("--config", default=None, help="JSON file of Flash options (field names as in `--dry-run` output)")
+    _add_teacher_args(p, "flash", "flash_lora.safetensors", "Flash")
     p.add_argument("--init-lora", default=None, help="continue from this Flash/LCM-style LoRA file (its rank, alpha and targets are kept)")
     group = p.add_argument_group("method options (override preset and --config)")
     group.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (paper: 128 for SD1.5, 64 for SDXL)")
@@ -164,16 +152,68 @@ def add_train_flash(methods) -> None:
     group.add_argument("--disc-lr", type=float, default=None, help="discriminator head learning rate (paper: 1e-5)")
     group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU (paper: 4)")
     group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
+    _add_run_args(p, sample_help="steps between 1/2/4-step sample grids (RUN_DIR/samples)")
+    p.set_defaults(run=run_train_flash)
+
+
+def _add_teacher_args(p, method: str, out_name: str, label: str) -> None:
+    """What every distillation command takes: teacher, data, where to write, preset and config file."""
+    p.add_argument("--teacher", default=None,
+                   help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
+    p.add_argument("--teacher-config", default=None,
+                   help="for a single-file teacher: a diffusers folder of the same base model to take configs and tokenizer from")
+    p.add_argument("--data", default="proxy",
+                   help="'proxy' (bundled digits + animals), a folder of images with .txt captions / metadata.jsonl, "
+                   "or webdataset shards ('shards/*.tar')")
+    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the teacher's native size)")
+    p.add_argument("--run-dir", default=f"runs/{method}", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
+    p.add_argument("--out", default=None, help=f"the adapter file to write (default: RUN_DIR/{out_name})")
+    p.add_argument("--preset", default=None, choices=["paper", "proxy"],
+                   help="option defaults: the paper's SD setup, or the CPU-sized proxy setup (default: proxy for the bundled "
+                   "teacher, paper otherwise)")
+    p.add_argument("--config", default=None, help=f"JSON file of {label} options (field names as in `--dry-run` output)")
+
+
+def _add_run_args(p, sample_help: str) -> None:
+    """Run mechanics every distillation command shares."""
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="accelerate mixed precision; auto = bf16 on CUDA (frozen teacher in bf16), off on CPU")
     p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, default=250, help="steps between 1/2/4-step sample grids (RUN_DIR/samples)")
+    p.add_argument("--sample-every", type=int, default=250, help=sample_help)
     p.add_argument("--seed", type=int, default=0, help="seed of batches and noise")
     p.add_argument("--resume", dest="no_resume", action="store_false", default=False, help="continue from RUN_DIR's newest checkpoint (the default)")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="start over, removing RUN_DIR's checkpoints")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
-    p.set_defaults(run=run_train_flash)
+
+
+def add_train_guided(methods) -> None:
+    p = methods.add_parser(
+        "guided",
+        help="distil a teacher into a student that takes the guidance weight w as input (one pass per step)",
+        description="Guided distillation (Meng et al. 2023), stage 1: a student initialised from the teacher learns to give "
+        "the teacher's classifier-free-guided prediction (1 + w) cond - w uncond in one pass, w being an input (Imagen's "
+        "convention: CFG scale s = 1 + w). Writes one adapter file (kind guided_student: the UNet with its w-embedding + "
+        "fewstep metadata). Stage 2 (progressive step halving) is being built. Precedence: preset < --config FILE < flags. "
+        "Rerun the same command to resume.",
+    )
+    p.add_argument("--stage", type=int, default=1, choices=[1], help="1: w-conditioned student (stage 2 is being built)")
+    _add_teacher_args(p, "guided", "guided_student.safetensors", "guided")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--w-min", type=float, default=None, help="lowest guidance weight w trained (paper: 2; CFG scale = 1 + w)")
+    group.add_argument("--w-max", type=float, default=None, help="highest guidance weight w trained (paper: 14)")
+    group.add_argument("--default-w", type=float, default=None, help="the w the exported file proposes (paper preset: 6.5)")
+    group.add_argument("--loss-space", default=None, choices=["x", "eps"],
+                       help="x: x0 error weighted by max(SNR, 1), the paper's; eps: the implied noise's MSE")
+    group.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    group.add_argument("--lr", type=float, default=None, help="learning rate (whole UNet)")
+    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
+    group.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
+    group.add_argument("--sampler", default=None, choices=["ddim", "stochastic"], help="the sampler the file names")
+    group.add_argument("--sample-steps", type=int, default=None, help="the step count the file names (stage 1: the teacher's)")
+    group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
+    _add_run_args(p, sample_help="steps between sample grids at w = 0 and the default w (RUN_DIR/samples)")
+    p.set_defaults(run=run_train_guided)
 
 
 def _str_list(text: str) -> list[str]:
@@ -193,45 +233,61 @@ FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phas
                "batch_size", "gradient_checkpointing")
 
 
+GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "steps", "lr", "batch_size", "ema_decay", "sampler",
+                "sample_steps", "gradient_checkpointing")
+
+
 def run_train_flash(args: argparse.Namespace) -> int:
+    from .methods import flash
+
+    return _run_distillation(args, "flash", flash.load_config, FLASH_FLAGS, "flash_lora.safetensors",
+                             lambda **kw: flash.train_flash(init_lora=args.init_lora, **kw),
+                             "Flash LoRA written to {out}; try: fewstep bench --set flash --adapter {out}")
+
+
+def run_train_guided(args: argparse.Namespace) -> int:
+    from .methods import guided
+
+    return _run_distillation(args, "guided", guided.load_config, GUIDED_FLAGS, "guided_student.safetensors",
+                             guided.train_guided, "guided student written to {out}; try: fewstep bench --set guided --adapter {out}")
+
+
+def _run_distillation(args: argparse.Namespace, method: str, load_config, flags, out_name: str, train, done: str) -> int:
+    """Resolve options (preset < --config < flags), print and save them, train, report; errors exit with 2."""
     import dataclasses
     from pathlib import Path
 
+    from ..core.adapter_file import AdapterFileError
     from .bench import BUNDLED_TEACHER
-    from .methods.flash import load_config
     from .pipelines import TeacherError
 
     teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
     preset = args.preset or ("proxy" if teacher.resolve() == BUNDLED_TEACHER.resolve() else "paper")
     try:
-        config = load_config(preset, args.config, **{k: getattr(args, k) for k in FLASH_FLAGS})
+        config = load_config(preset, args.config, **{k: getattr(args, k) for k in flags})
         if not teacher.exists():
             raise TeacherError(f"teacher {teacher} does not exist: pass a diffusers pipeline folder (with model_index.json) "
                                "or a single-file .safetensors checkpoint")
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out = args.out or str(Path(args.run_dir) / "flash_lora.safetensors")
+    out = args.out or str(Path(args.run_dir) / out_name)
     options = {"teacher": str(teacher), "data": args.data, "preset": preset, "run_dir": args.run_dir, "out": out,
-               "mixed_precision": _mixed_precision(args.mixed_precision), "flash": dataclasses.asdict(config)}
+               "mixed_precision": _mixed_precision(args.mixed_precision), method: dataclasses.asdict(config)}
     print(json.dumps(options, indent=2))
     Path(args.run_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.run_dir) / "training_options.json").write_text(json.dumps(options, indent=2) + "\n")
     if args.dry_run:
         return 0
-    from ..core.adapter_file import AdapterFileError
-    from .methods.flash import train_flash
-
     try:
-        result = train_flash(teacher, args.data, args.run_dir, out, config, resolution=args.resolution,
-                             teacher_config=args.teacher_config, init_lora=args.init_lora,
-                             mixed_precision=options["mixed_precision"], checkpoint_every=args.checkpoint_every,
-                             sample_every=args.sample_every, seed=args.seed, resume=not args.no_resume, stop_after=args.stop_after)
+        result = train(teacher=teacher, data=args.data, run_dir=args.run_dir, out=out, config=config, resolution=args.resolution,
+                       teacher_config=args.teacher_config, mixed_precision=options["mixed_precision"],
+                       checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, seed=args.seed,
+                       resume=not args.no_resume, stop_after=args.stop_after)
     except (TeacherError, AdapterFileError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"Flash LoRA written to {result}; try: fewstep bench --set flash --adapter {result}" if result
-          else f"stopped after step {args.stop_after}; rerun to continue")
+    print(done.format(out=result) if result else f"stopped after step {args.stop_after}; rerun to continue")
     return 0
 
 
@@ -277,19 +333,24 @@ def add_bench(subparsers) -> None:
         "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
         "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
     )
-    p.add_argument("--set", default="teacher", choices=["teacher", "flash"],
-                   help="'teacher' (50/25/8/4/2 steps with CFG) or 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 steps)")
+    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided"],
+                   help="'teacher' (50/25/8/4/2 steps with CFG), 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 "
+                   "steps) or 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, 8/4/2/1 steps with DDIM and "
+                   "stochastic sampling, and a sweep over w; needs --adapter)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
     p.add_argument("--out-dir", default="bench/results", help="where results go")
-    p.add_argument("--adapter", default=None, help="the student file for sets with students (default: the bundled proxy Flash LoRA)")
+    p.add_argument("--adapter", default=None, help="the student file for sets with students (flash: default the bundled proxy Flash LoRA)")
     p.set_defaults(run=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     from .bench import BUNDLED_TEACHER, markdown_table, run_bench
 
+    if args.set == "guided" and not args.adapter:
+        print("error: --set guided needs --adapter: a guided_student file from `fewstep train guided`", file=sys.stderr)
+        return 2
     document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter)
     print(markdown_table(document), end="")
     return 0

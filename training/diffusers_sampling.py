@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from ..core.guidance import cfg
+from ..core.guidance import cfg, guidance_scale_embedding
 from ..core.parameterization import denoise, start_noise_scaling
 from ..core.schedule import DiscreteSchedule
 from .pipelines import cat_cond
@@ -84,3 +84,9 @@ class CFGDenoiser:
 
 def _as_cond(cond) -> dict:
     return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
+def w_condition(w: torch.Tensor | float, embedding_dim: int, like: torch.Tensor, n: int) -> dict:
+    """The UNet keyword that carries a guided student's w (``time_cond_proj_dim`` features), one row per sample."""
+    w = torch.as_tensor(w, dtype=torch.float32).reshape(-1).expand(n)
+    return {"timestep_cond": guidance_scale_embedding(w, embedding_dim).to(like.device, like.dtype)}

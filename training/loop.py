@@ -48,13 +48,15 @@ class EMA:
     def update(self, model: torch.nn.Module) -> None:
         for n, p in model.named_parameters():
             if n in self.shadow:
+                if self.shadow[n].device != p.device:   # created (or resumed) before accelerate moved the model
+                    self.shadow[n] = self.shadow[n].to(p.device)
                 self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
         params = dict(model.named_parameters())
         for n, value in self.shadow.items():
-            params[n].copy_(value.to(params[n].dtype))
+            params[n].copy_(value.to(params[n].device, params[n].dtype))
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

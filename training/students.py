@@ -14,12 +14,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.adapter_file import Adapter, read_adapter
+from ..core.adapter_file import Adapter, AdapterFileError, describe, read_adapter, read_header
 from ..core.lora import merge_lora, read_lora
 from ..core.parameterization import start_noise_scaling
 from ..core.samplers import get_sampler
 from ..core.schedule import DiscreteSchedule
-from .diffusers_sampling import UNetDenoiser
+from .diffusers_sampling import UNetDenoiser, w_condition
 from .pipelines import PromptEncoder, base_of
 from .teacher import to_uint8
 
@@ -37,7 +37,19 @@ def sample_student(unet, schedule: DiscreteSchedule, cond: dict, seeds: Sequence
     return get_sampler(sampler)(model, noise * start_noise_scaling(sigmas[0]), sigmas, extra_args={**cond, "seed": int(seeds[0])})
 
 
-class AdaptedTeacher:
+class _Student:
+    """What the student kinds share: ``images`` decodes the subclass's ``latents(captions, seeds, steps, w, sampler)``;
+    None means the file's own setting."""
+
+    def images(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
+               w: Optional[float] = None, sampler: Optional[str] = None) -> np.ndarray:
+        latents = self.latents(captions, seeds, steps, w, sampler)
+        vae = self.pipe.vae
+        with torch.no_grad():
+            return to_uint8(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
+
+
+class AdaptedTeacher(_Student):
     """A pipeline whose UNet carries a LoRA adapter file (kind ``flash_lora``), sampled without CFG."""
 
     def __init__(self, pipe, adapter_path: str | Path, strength: float = 1.0):
@@ -49,13 +61,50 @@ class AdaptedTeacher:
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
         self.prompts = PromptEncoder(pipe)
 
-    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None) -> torch.Tensor:
+    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
+                w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
+        """``w`` is accepted for a uniform interface; a Flash LoRA has no guidance input."""
         meta = self.adapter.metadata
         return sample_student(self.unet, self.schedule, self.prompts(captions), seeds, meta.timesteps_for(steps or meta.steps),
-                              meta.sampler, meta.consistency_boundary)
+                              sampler or meta.sampler, meta.consistency_boundary)
 
-    def images(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None) -> np.ndarray:
-        latents = self.latents(captions, seeds, steps)
-        vae = self.pipe.vae
-        with torch.no_grad():
-            return to_uint8(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
+
+class GuidedStudent(_Student):
+    """A ``guided_student`` file: the teacher's UNet architecture plus a w-embedding, one pass per step with w as input."""
+
+    def __init__(self, pipe, adapter_path: str | Path):
+        from diffusers import UNet2DConditionModel
+
+        self.pipe = pipe
+        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["guided_student"])
+        meta = self.adapter.metadata
+        self.embedding_dim = int(meta.extra["embedding_dim"])
+        self.unet = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=self.embedding_dim)
+        result = self.unet.load_state_dict(self.adapter.tensors, strict=False)
+        if result.missing_keys or result.unexpected_keys:
+            raise AdapterFileError(f"{Path(adapter_path).name}: does not fit this teacher's UNet (missing "
+                                   f"{result.missing_keys[:2]}, unexpected {result.unexpected_keys[:2]}): made for another model")
+        self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
+        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
+        self.prompts = PromptEncoder(pipe)
+
+    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
+                w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
+        meta = self.adapter.metadata
+        cond = self.prompts(captions)
+        w = meta.guidance["default_w"] if w is None else w
+        cond.update(w_condition(w, self.embedding_dim, cond["encoder_hidden_states"], len(captions)))
+        return sample_student(self.unet, self.schedule, cond, seeds, meta.timesteps_for(steps or meta.steps),
+                              sampler or meta.sampler, consistency_boundary=False)
+
+
+def load_student(pipe, adapter_path: str | Path) -> _Student:
+    """The sampler for an adapter file of any kind fewstep can sample on a diffusers pipeline."""
+    name = Path(adapter_path).name
+    meta, _, _ = describe(read_header(adapter_path), name, base_of(pipe))
+    if meta.kind == "flash_lora":
+        return AdaptedTeacher(pipe, adapter_path)
+    elif meta.kind == "guided_student":
+        return GuidedStudent(pipe, adapter_path)
+    else:
+        raise AdapterFileError(f"{name}: fewstep cannot sample {meta.kind} files on a diffusers pipeline yet")

@@ -39,6 +39,7 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder, base_of, cat_cond
 from ..students import sample_student
+from .common import load_options, load_teacher_data, provenance, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -131,19 +132,7 @@ class FlashConfig:
 
     def replace(self, **changes) -> "FlashConfig":
         """A copy with some options changed; unknown names raise a ValueError that lists the valid ones."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            import difflib
-
-            hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
-            raise ValueError(f"unknown Flash option(s) {', '.join(hints)}; valid options: {', '.join(sorted(names))}")
-        tuples = {k: _as_tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
-        return dataclasses.replace(self, **tuples)
-
-
-def _as_tuple(value):
-    return tuple(_as_tuple(v) if isinstance(v, list) else v for v in value)
+        return replace_options(self, "Flash", **changes)
 
 
 PRESETS = {
@@ -455,75 +444,39 @@ def train_flash(
     """Distil ``teacher`` into a Flash LoRA and export it; returns ``out``, or None if stopped by ``stop_after``."""
     from accelerate import PartialState
 
-    from ... import __version__
     from ..loop import training_loop
-    from ..pipelines import load_teacher
-    from ..teacher import encode_dataset, save_grid, to_pixels, to_uint8
 
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
-    pipe = load_teacher(teacher, config=teacher_config)
-    base = base_of(pipe)
+    setup = load_teacher_data(teacher, data, resolution, teacher_config)
     teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    distillation = build_distillation(pipe, config, init_lora, teacher_dtype=teacher_dtype, seed=seed)
-    if isinstance(data, str):
-        from ..data import load_dataset
-
-        data = load_dataset(data, size=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    distillation = build_distillation(setup.pipe, config, init_lora, teacher_dtype=teacher_dtype, seed=seed)
     log.info("Flash student: %s trainable LoRA parameters, discriminator head %s",
              f"{sum(p.numel() for p in distillation.student.parameters() if p.requires_grad):,}",
              f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")
-    mean, std = encode_dataset(pipe.vae, to_pixels(data.images))
-    scaling = pipe.vae.config.scaling_factor
-    captions = list(data.captions)
-
-    def batch_fn(gen):
-        idx = torch.randint(len(mean), (config.batch_size,), generator=gen)
-        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        return {"latents": z, "captions": [captions[i] for i in idx]}
-
-    preview = sorted(set(captions))[:20]
+    preview = setup.preview_captions()
 
     def sample_fn(model, step):
-        if not PartialState().is_main_process:   # under `accelerate launch`, one process writes previews and the file
-            return
         for steps in (1, 2, config.sample_steps):
-            latents = model.sample(preview, list(range(len(preview))), steps)
-            images = to_uint8(pipe.vae.to(latents.device).decode(latents / scaling).sample)
-            save_grid(images, run_dir / "samples" / f"step-{step:08d}-{steps}steps.png", columns=len(preview))
+            setup.save_grid(model.sample(preview, list(range(len(preview))), steps),
+                            run_dir / "samples" / f"step-{step:08d}-{steps}steps.png")
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "flash_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     model = training_loop(
-        run_dir, distillation, lambda m, b, g: m(b, g), batch_fn, config.total_steps, lr=config.lr,
+        run_dir, distillation, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.total_steps, lr=config.lr,
         lr_scales={"discriminator.": config.disc_lr / config.lr}, grad_clip=config.grad_clip, ema_decay=config.ema_decay,
         mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
         seed=seed, resume=resume, stop_after=stop_after, progress=progress, desc="flash")
     if stop_after is not None and stop_after < config.total_steps:
         return None
-    provenance = {"method": "flash", "teacher": str(teacher), "train_steps": config.total_steps, "images": len(data),
-                  "fewstep_version": __version__, "config": {k: v for k, v in dataclasses.asdict(config).items()
-                                                              if k in ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss")}}
     if PartialState().is_main_process:
-        export_flash_lora(model, out, base, provenance)
+        export_flash_lora(model, out, setup.base, provenance("flash", teacher, config.total_steps, len(setup.captions), config,
+                                                             ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss")))
     PartialState().wait_for_everyone()
     return out
 
 
 def load_config(preset: str = "paper", config_file: Optional[str | Path] = None, **overrides) -> FlashConfig:
     """A preset, then a JSON file of options, then explicit overrides (None values ignored)."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown Flash preset {preset!r}; expected one of {', '.join(PRESETS)}")
-    config = PRESETS[preset]
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.exists():
-            raise ValueError(f"config file {path} does not exist")
-        try:
-            options = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
-        config = config.replace(**options)
-    config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-    config.validate()
-    return config
+    return load_options(PRESETS, "Flash", preset, config_file, **overrides)

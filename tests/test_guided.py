@@ -1,0 +1,178 @@
+"""Guided distillation, stage 1: the w-embedding, the objective against the teacher's own CFG, training, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from safetensors.torch import save_file
+
+from fewstep.core.adapter_file import AdapterFileError, read_adapter, write_adapter
+from fewstep.core.guidance import cfg_imagen
+from fewstep.core.parameterization import distillation_weight
+from fewstep.training import methods
+from fewstep.training.bench import BUNDLED_TEACHER
+from fewstep.training.cli import main
+from fewstep.training.diffusers_sampling import w_condition
+from fewstep.training.methods import guided as G
+from fewstep.training.methods.common import load_teacher_data
+from fewstep.training.pipelines import PromptEncoder, load_teacher
+from fewstep.training.students import GuidedStudent, load_student
+from fewstep.training.tiny_models import build_tiny_pipeline, build_tiny_unet, sd_scheduler_config
+
+TINY = dict(steps=6, batch_size=4, lr=1e-3, ema_decay=None, sample_steps=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("guided") / "tiny-sd15"
+    build_tiny_pipeline("sd15", seed=0).save_pretrained(path)
+    return path
+
+
+def test_w_embedding_starts_at_zero_so_the_student_is_the_teacher():
+    teacher = build_tiny_unet("sd15")
+    student = G.add_w_embedding(teacher, 256)
+    projection = student.time_embedding.cond_proj.weight
+    assert projection.shape == (teacher.config.block_out_channels[0], 256) and not projection.any()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([999, 10])
+    context = torch.randn(2, 77, teacher.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = teacher(x, t, context).sample
+        for w in (0.0, 7.0):
+            torch.testing.assert_close(student(x, t, context, **w_condition(w, 256, x, 2)).sample, expected)
+    assert G.add_w_embedding(student, 256).time_embedding.cond_proj is not student.time_embedding.cond_proj  # a copy
+
+
+def test_a_trained_w_projection_makes_w_an_input():
+    student = G.add_w_embedding(build_tiny_unet("sd15"), 256)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.1)
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        low, high = (student(x, t, context, **w_condition(w, 256, x, 1)).sample for w in (0.0, 5.0))
+    assert (low - high).abs().max() > 1e-3
+
+
+def test_distillation_weight_is_truncated_snr_in_x_space():
+    alphas_cumprod = DDPMScheduler(**sd_scheduler_config()).alphas_cumprod.double()
+    t = torch.tensor([0, 100, 500, 999])
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])           # alpha^2 / sigma^2 in DDPM's terms
+    sigma = ((1 - alphas_cumprod[t]) / alphas_cumprod[t]).sqrt()
+    torch.testing.assert_close(distillation_weight(sigma, "x").double(), snr.clamp(min=1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(distillation_weight(sigma, "eps").double(), snr, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="unknown loss space"):
+        distillation_weight(sigma, "v")
+
+
+def _fixed_batch(pipe, n=4):
+    gen = torch.Generator().manual_seed(0)
+    return {"latents": torch.randn(n, 4, 8, 8, generator=gen), "captions": ["a handwritten digit three", "a silhouette of a cat"] * (n // 2)}
+
+
+def test_at_w_zero_the_initial_student_already_matches_and_the_loss_is_the_cfg_gap(tiny_teacher):
+    pipe = load_teacher(tiny_teacher)
+    batch = _fixed_batch(pipe)
+    at_zero = G.build_stage1(pipe, G.load_config("proxy", w_min=0.0, w_max=0.0, default_w=0.0))
+    assert at_zero(batch, torch.Generator().manual_seed(1))["loss"].abs().max() < 1e-8
+    # At w = 4 the initial loss is the weighted gap between the teacher's conditional prediction and its CFG one.
+    model = G.build_stage1(pipe, G.load_config("proxy", w_min=4.0, w_max=4.0, default_w=4.0))
+    gen = torch.Generator().manual_seed(1)
+    loss = model(batch, gen)["loss"]
+    gen = torch.Generator().manual_seed(1)
+    cond, uncond = PromptEncoder(pipe).with_unconditional(batch["captions"])
+    t = torch.randint(0, 1000, (4,), generator=gen)
+    sigma = model.schedule.sigmas[t].float()
+    x = batch["latents"] + sigma.view(-1, 1, 1, 1) * torch.randn(batch["latents"].shape, generator=gen)
+
+    def x0(text):
+        eps = pipe.unet(x / (1 + sigma.view(-1, 1, 1, 1) ** 2).sqrt(), t, text["encoder_hidden_states"]).sample
+        return x - sigma.view(-1, 1, 1, 1) * eps
+
+    with torch.no_grad():
+        gap = (x0(cond) - cfg_imagen(x0(cond), x0(uncond), 4.0)).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, distillation_weight(sigma) * gap, rtol=1e-4, atol=1e-6)
+
+
+def test_training_lowers_the_loss_on_the_bundled_teacher(proxy_data, tmp_path):
+    """80 steps on the proxy teacher: on fixed batches and draws of t, noise and w the student gets closer to the
+    teacher's CFG output than at initialisation (where it is the teacher's conditional prediction)."""
+    config = G.load_config("proxy", **{**TINY, "steps": 80, "lr": 5e-4, "batch_size": 16})
+    setup = load_teacher_data(BUNDLED_TEACHER, proxy_data)
+    batches = [setup.batch_fn(16)(torch.Generator().manual_seed(seed)) for seed in range(4)]   # as training draws them
+
+    def loss(model):
+        return sum(model(b, torch.Generator().manual_seed(seed))["loss"].mean().item() for seed, b in enumerate(batches))
+
+    before = loss(G.build_stage1(setup.pipe, config))
+    out = G.train_guided(BUNDLED_TEACHER, proxy_data, tmp_path / "run", tmp_path / "g.safetensors", config, sample_every=0,
+                         progress=False)
+    trained = G.build_stage1(setup.pipe, config)
+    trained.student = GuidedStudent(setup.pipe, out).unet
+    after = loss(trained)
+    assert after < 0.93 * before, (before, after)   # 0.90 measured; the truncated-SNR weighting makes this loss noisy
+
+
+def test_export_round_trip_and_metadata(tiny_teacher, proxy_data, tmp_path):
+    config = G.load_config("proxy", **TINY)
+    out = G.train_guided(tiny_teacher, proxy_data, tmp_path / "run", tmp_path / "g.safetensors", config, sample_every=3,
+                         progress=False)
+    adapter = read_adapter(out, expected_base="sd15", expected_kinds=["guided_student"])
+    meta = adapter.metadata
+    assert meta.sampler == "ddim" and meta.steps == 4 and meta.timesteps == [999, 749, 499, 249]
+    assert meta.guidance == {"convention": "imagen", "w_min": 0.0, "w_max": 8.0, "default_w": 3.0}
+    assert meta.extra["embedding_dim"] == 256 and meta.provenance["method"] == "guided"
+    assert (tmp_path / "run" / "samples" / "step-00000003-w3.png").is_file()
+    pipe = load_teacher(tiny_teacher)
+    student = load_student(pipe, out)
+    assert isinstance(student, GuidedStudent)
+    seeds, captions = [0, 1], ["a handwritten digit three", "a silhouette of a cat"]
+    images = student.images(captions, seeds, 2, w=3.0)
+    assert images.shape == (2, 32, 32, 3)
+    # Without a w, the file's default w is used.
+    torch.testing.assert_close(student.latents(captions, seeds, 2), student.latents(captions, seeds, 2, w=3.0))
+    broken = {k: v for k, v in adapter.tensors.items() if "cond_proj" not in k}
+    with pytest.raises(AdapterFileError, match="without its w-embedding"):
+        write_adapter(tmp_path / "broken.safetensors", broken, meta)   # never written
+    save_file(broken, str(tmp_path / "broken.safetensors"), metadata=meta.to_strings())   # made elsewhere
+    with pytest.raises(AdapterFileError, match="without its w-embedding"):
+        read_adapter(tmp_path / "broken.safetensors")
+
+
+def test_stage1_resumes_to_the_uninterrupted_result(tiny_teacher, proxy_data, tmp_path):
+    config = G.load_config("proxy", **TINY)
+    kw = dict(sample_every=0, checkpoint_every=2, progress=False)
+    G.train_guided(tiny_teacher, proxy_data, tmp_path / "straight", tmp_path / "a.safetensors", config, **kw)
+    assert G.train_guided(tiny_teacher, proxy_data, tmp_path / "killed", tmp_path / "b.safetensors", config, stop_after=4, **kw) is None
+    G.train_guided(tiny_teacher, proxy_data, tmp_path / "killed", tmp_path / "b.safetensors", config, **kw)
+    a, b = read_adapter(tmp_path / "a.safetensors").tensors, read_adapter(tmp_path / "b.safetensors").tensors
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a["time_embedding.cond_proj.weight"].abs().max() > 0   # the w projection trained
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ValueError, match="need 0 <= w_min <= w_max"):
+        G.load_config("paper", w_min=5.0, w_max=2.0)
+    with pytest.raises(ValueError, match="default_w 20.0 lies outside"):
+        G.load_config("paper", default_w=20.0)
+    with pytest.raises(ValueError, match=r"w_mni \(did you mean w_min\?\)"):
+        G.load_config("paper", w_mni=1.0)
+    with pytest.raises(ValueError, match="sampler 'euler' is not one of"):
+        G.load_config("paper", sampler="euler")
+    assert methods.guided.PRESETS["paper"].w_min == 2.0
+
+
+def test_cli_trains_stops_resumes_and_bench_needs_an_adapter(tiny_teacher, tmp_path, capsys):
+    args = ["train", "guided", "--teacher", str(tiny_teacher), "--run-dir", str(tmp_path / "run"), "--steps", "4",
+            "--batch-size", "2", "--sample-every", "0", "--sample-steps", "4"]
+    assert main(args + ["--stop-after", "2"]) == 0
+    assert "stopped after step 2" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "guided student written to" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]
+    assert main(["train", "guided", "--teacher", str(tiny_teacher), "--w-min", "3", "--w-max", "1", "--dry-run"]) == 2
+    assert "need 0 <= w_min <= w_max" in capsys.readouterr().err
+    assert main(["bench", "--set", "guided"]) == 2
+    assert "needs --adapter" in capsys.readouterr().err

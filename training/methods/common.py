@@ -1,0 +1,113 @@
+"""What every distillation method shares: options (preset < JSON file < flags), the teacher with its training
+data as latents, and preview grids. Each method keeps only its own objective, student and export."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence, TypeVar
+
+import torch
+
+Config = TypeVar("Config")
+
+
+def replace_options(config: Config, label: str, **changes) -> Config:
+    """A copy of a method's config dataclass with some options changed; JSON lists become tuples. Unknown names
+    raise a ValueError with a "did you mean" and the valid names."""
+    names = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        hints = [f"{u} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(u, names, 1)) else u for u in unknown]
+        raise ValueError(f"unknown {label} option(s) {', '.join(hints)}; valid options: {', '.join(sorted(names))}")
+    return dataclasses.replace(config, **{k: _as_tuple(v) if isinstance(v, list) else v for k, v in changes.items()})
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) if isinstance(v, list) else v for v in value)
+
+
+def load_options(presets: dict[str, Config], label: str, preset: str, config_file: Optional[str | Path] = None,
+                 **overrides) -> Config:
+    """A preset, then a JSON file of options, then explicit overrides (None values ignored); validated."""
+    if preset not in presets:
+        raise ValueError(f"unknown {label} preset {preset!r}; expected one of {', '.join(presets)}")
+    config = presets[preset]
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.exists():
+            raise ValueError(f"config file {path} does not exist")
+        try:
+            options = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+        config = replace_options(config, label, **options)
+    config = replace_options(config, label, **{k: v for k, v in overrides.items() if v is not None})
+    config.validate()
+    return config
+
+
+@dataclass
+class TeacherData:
+    """A loaded teacher pipeline and its training set as VAE latent distributions (encoded once)."""
+
+    pipe: object
+    base: str
+    mean: torch.Tensor
+    std: torch.Tensor
+    captions: list[str]
+
+    @property
+    def scaling(self) -> float:
+        return self.pipe.vae.config.scaling_factor
+
+    def batch_fn(self, batch_size: int) -> Callable[[torch.Generator], dict]:
+        """Batches of {"latents", "captions"}: a fresh posterior sample of random training images per step."""
+        def batch(gen: torch.Generator) -> dict:
+            idx = torch.randint(len(self.mean), (batch_size,), generator=gen)
+            z = (self.mean[idx] + self.std[idx] * torch.randn(self.mean[idx].shape, generator=gen)) * self.scaling
+            return {"latents": z, "captions": [self.captions[i] for i in idx]}
+        return batch
+
+    def preview_captions(self, count: int = 20) -> list[str]:
+        return sorted(set(self.captions))[:count]
+
+    def save_grid(self, latents: torch.Tensor, path: Path) -> None:
+        """Decode and write one row of previews (main process only under ``accelerate launch``)."""
+        from accelerate import PartialState
+
+        from ..teacher import save_grid, to_uint8
+
+        if not PartialState().is_main_process:
+            return
+        vae = self.pipe.vae.to(latents.device)
+        with torch.no_grad():
+            images = to_uint8(vae.decode(latents.to(vae.dtype) / self.scaling).sample)
+        save_grid(images, path, columns=len(latents))
+
+
+def load_teacher_data(teacher: str | Path, data, resolution: Optional[int] = None,
+                      teacher_config: Optional[str | Path] = None) -> TeacherData:
+    """The teacher (diffusers folder or single file) and a dataset (object or spec) encoded by its VAE."""
+    from ..pipelines import base_of, load_teacher
+    from ..teacher import encode_dataset, to_pixels
+
+    pipe = load_teacher(teacher, config=teacher_config)
+    if isinstance(data, str):
+        from ..data import load_dataset
+
+        data = load_dataset(data, size=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+    mean, std = encode_dataset(pipe.vae, to_pixels(data.images))
+    return TeacherData(pipe, base_of(pipe), mean, std, list(data.captions))
+
+
+def provenance(method: str, teacher: str | Path, train_steps: int, images: int, config, fields: Sequence[str]) -> dict:
+    """How an adapter was made, for its metadata."""
+    from ... import __version__
+
+    options = dataclasses.asdict(config)
+    return {"method": method, "teacher": str(teacher), "train_steps": train_steps, "images": images,
+            "fewstep_version": __version__, "config": {k: options[k] for k in fields}}
