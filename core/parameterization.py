@@ -88,6 +88,21 @@ def distillation_weight(sigma: torch.Tensor, space: str = "x") -> torch.Tensor:
         raise ValueError(f"unknown loss space {space!r}; expected 'x' or 'eps'")
 
 
+def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step in sigma space, per sample: keep the implied noise, move to sigma_next."""
+    ratio = append_dims(sigma_next / sigma, x.ndim)
+    return denoised + ratio * (x - denoised)
+
+
+def progressive_distillation_target(
+    x: torch.Tensor, x_next: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
+    """The x0 whose single DDIM step from (x, sigma) lands on x_next at sigma_next (Salimans & Ho 2022, Algorithm 2):
+    x~ = (x_next - (sigma_next / sigma) x) / (1 - sigma_next / sigma); at sigma_next = 0 it is x_next itself."""
+    ratio = append_dims(sigma_next / sigma, x.ndim)
+    return (x_next - ratio * x) / (1.0 - ratio)
+
+
 def diffuse(schedule: DiscreteSchedule, x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
     """The DDPM forward process in the network's (scaled) space: x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
     a = schedule.alphas_cumprod[timestep.cpu().long()].to(x0.device, x0.dtype)

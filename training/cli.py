@@ -193,11 +193,16 @@ def add_train_guided(methods) -> None:
         help="distil a teacher into a student that takes the guidance weight w as input (one pass per step)",
         description="Guided distillation (Meng et al. 2023), stage 1: a student initialised from the teacher learns to give "
         "the teacher's classifier-free-guided prediction (1 + w) cond - w uncond in one pass, w being an input (Imagen's "
-        "convention: CFG scale s = 1 + w). Writes one adapter file (kind guided_student: the UNet with its w-embedding + "
-        "fewstep metadata). Stage 2 (progressive step halving) is being built. Precedence: preset < --config FILE < flags. "
-        "Rerun the same command to resume.",
+        "convention: CFG scale s = 1 + w). Stage 2: progressive distillation, the student of each round takes one DDIM step "
+        "where the previous one takes two, halving the steps from --start-steps to --target-steps with w kept as an input; "
+        "each round writes RUN_DIR/round-NNsteps/guided_student.safetensors. Writes one adapter file (kind guided_student: "
+        "the UNet with its w-embedding + fewstep metadata). Precedence: preset < --config FILE < flags. Rerun the same "
+        "command to resume.",
     )
-    p.add_argument("--stage", type=int, default=1, choices=[1], help="1: w-conditioned student (stage 2 is being built)")
+    p.add_argument("--stage", type=int, default=1, choices=[1, 2],
+                   help="1: w-conditioned student from the teacher; 2: progressive step halving of --student")
+    p.add_argument("--student", default=None,
+                   help="stage 2: the guided_student file to halve (stage 1's, or a later round's)")
     _add_teacher_args(p, "guided", "guided_student.safetensors", "guided")
     group = p.add_argument_group("method options (override preset and --config)")
     group.add_argument("--w-min", type=float, default=None, help="lowest guidance weight w trained (paper: 2; CFG scale = 1 + w)")
@@ -207,8 +212,12 @@ def add_train_guided(methods) -> None:
                        help="x: x0 error weighted by max(SNR, 1), the paper's; eps: the implied noise's MSE")
     group.add_argument("--steps", type=int, default=None, help="optimiser steps")
     group.add_argument("--lr", type=float, default=None, help="learning rate (whole UNet)")
+    group.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (per stage-2 round)")
     group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
     group.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
+    group.add_argument("--start-steps", type=int, default=None, help="stage 2: the step count the first round halves (default 16)")
+    group.add_argument("--target-steps", type=int, default=None, help="stage 2: the last round's step count (default 1)")
+    group.add_argument("--round-steps", type=int, default=None, help="stage 2: optimiser steps per round")
     group.add_argument("--sampler", default=None, choices=["ddim", "stochastic"], help="the sampler the file names")
     group.add_argument("--sample-steps", type=int, default=None, help="the step count the file names (stage 1: the teacher's)")
     group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
@@ -233,8 +242,8 @@ FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phas
                "batch_size", "gradient_checkpointing")
 
 
-GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "steps", "lr", "batch_size", "ema_decay", "sampler",
-                "sample_steps", "gradient_checkpointing")
+GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "steps", "lr", "warmup_steps", "batch_size", "ema_decay", "start_steps",
+                "target_steps", "round_steps", "sampler", "sample_steps", "gradient_checkpointing")
 
 
 def run_train_flash(args: argparse.Namespace) -> int:
@@ -248,8 +257,15 @@ def run_train_flash(args: argparse.Namespace) -> int:
 def run_train_guided(args: argparse.Namespace) -> int:
     from .methods import guided
 
+    if args.stage == 1:
+        return _run_distillation(args, "guided", guided.load_config, GUIDED_FLAGS, "guided_student.safetensors",
+                                 guided.train_guided, "guided student written to {out}; try: fewstep bench --set guided --adapter {out}")
+    if not args.student:
+        print("error: --stage 2 needs --student: the guided_student file of stage 1 (or of a later round)", file=sys.stderr)
+        return 2
     return _run_distillation(args, "guided", guided.load_config, GUIDED_FLAGS, "guided_student.safetensors",
-                             guided.train_guided, "guided student written to {out}; try: fewstep bench --set guided --adapter {out}")
+                             lambda **kw: guided.train_progressive(student=args.student, **kw),
+                             "few-step guided student written to {out}; every round's is in RUN_DIR/round-*steps/")
 
 
 def _run_distillation(args: argparse.Namespace, method: str, load_config, flags, out_name: str, train, done: str) -> int:

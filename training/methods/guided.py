@@ -1,4 +1,4 @@
-"""Guided distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models"), stage 1.
+"""Guided distillation (Meng et al. 2023, "On Distillation of Guided Diffusion Models"): stage 1 and stage 2.
 
 Stage 1 teaches a student, initialised from the teacher, to take the guidance weight w as an input and to give
 the teacher's classifier-free-guided prediction in one pass:
@@ -13,6 +13,12 @@ the timestep features: diffusers' ``time_cond_proj_dim``, as in LCM's full-UNet 
 zero, so at step 0 the student is the teacher. Each sample draws t uniformly over the training timesteps and
 w uniformly in [w_min, w_max]. The loss is in x-space with the truncated-SNR weight max(SNR, 1) of progressive
 distillation (the paper's), or the plain MSE of the implied noise (``loss_space="eps"``).
+
+Stage 2 is progressive distillation (Salimans & Ho 2022) with w kept as an input: in each round a student,
+initialised from its teacher (the previous round's student, the stage-1 student at first), learns to take in one
+DDIM step what its teacher takes in two, so N halves per round (16 -> 8 -> 4 -> 2 -> 1 by default). The target is
+the x0 whose single DDIM step lands where the teacher's two steps landed (``core.parameterization``), with the
+same truncated-SNR weighting. Every round writes its own student file and resumes by itself.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 
 from ...core.adapter_file import AdapterMetadata, write_adapter
 from ...core.guidance import cfg_scale_from_imagen_w
-from ...core.parameterization import append_dims, distillation_weight
+from ...core.parameterization import append_dims, ddim_step, distillation_weight, progressive_distillation_target
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from ..pipelines import PromptEncoder
@@ -39,6 +45,7 @@ from .common import load_options, load_teacher_data, provenance, replace_options
 log = logging.getLogger("fewstep")
 
 LOSS_SPACES = ("x", "eps")
+PROVENANCE_FIELDS = ("w_min", "w_max", "loss_space", "embedding_dim")
 GUIDED_SAMPLERS = ("ddim", "stochastic")
 
 
@@ -55,10 +62,15 @@ class GuidedConfig:
     # Stage 1 optimisation: the whole UNet is trained.
     steps: int = 10000
     lr: float = 1e-5
+    warmup_steps: int = 0                           # linear learning-rate warm-up (each stage-2 round starts near its optimum)
     batch_size: int = 8
     ema_decay: Optional[float] = 0.9999
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
+    # Stage 2: progressive halving from start_steps (the stage-1 student's) down to target_steps.
+    start_steps: int = 16
+    target_steps: int = 1
+    round_steps: int = 2000                         # optimiser steps per round
     # What the exported file says: sampler and default step count (stage 1 keeps the teacher's steps).
     sampler: str = "ddim"                           # ddim | stochastic (Meng's: one double step, re-noise one back)
     sample_steps: int = 50
@@ -73,19 +85,35 @@ class GuidedConfig:
             problems.append(f"loss_space {self.loss_space!r} is not one of {', '.join(LOSS_SPACES)}")
         if self.sampler not in GUIDED_SAMPLERS:
             problems.append(f"sampler {self.sampler!r} is not one of {', '.join(GUIDED_SAMPLERS)}")
-        if min(self.steps, self.batch_size, self.embedding_dim, self.sample_steps) < 1:
-            problems.append("steps, batch_size, embedding_dim and sample_steps must be positive")
+        if self.warmup_steps < 0:
+            problems.append("warmup_steps must not be negative")
+        if min(self.steps, self.batch_size, self.embedding_dim, self.sample_steps, self.round_steps, self.target_steps) < 1:
+            problems.append("steps, batch_size, embedding_dim, sample_steps, round_steps and target_steps must be positive")
+        elif self.start_steps <= self.target_steps or self.start_steps % self.target_steps or \
+                (self.start_steps // self.target_steps) & (self.start_steps // self.target_steps - 1):
+            problems.append(f"start_steps must be target_steps times a power of two (halving per round); got "
+                            f"{self.start_steps} and {self.target_steps}")
         if problems:
             raise ValueError("invalid guided-distillation configuration: " + "; ".join(problems))
 
     def replace(self, **changes) -> "GuidedConfig":
         return replace_options(self, "guided", **changes)
 
+    @property
+    def rounds(self) -> list[int]:
+        """The student step count of each stage-2 round."""
+        steps, out = self.start_steps, []
+        while steps > self.target_steps:
+            steps //= 2
+            out.append(steps)
+        return out
+
 
 PRESETS = {
     "paper": GuidedConfig(),
     # The bundled proxy teacher samples at CFG 4 (w = 3): w in [0, 8] covers it; sized for a 2-core CPU.
-    "proxy": GuidedConfig(w_min=0.0, w_max=8.0, default_w=3.0, steps=2000, lr=1e-4, batch_size=32, ema_decay=0.999),
+    "proxy": GuidedConfig(w_min=0.0, w_max=8.0, default_w=3.0, steps=2000, lr=1e-4, batch_size=32, ema_decay=0.999,
+                          round_steps=500, warmup_steps=50),
 }
 
 
@@ -109,8 +137,8 @@ def add_w_embedding(unet, embedding_dim: int):
     return student.to(unet.device, unet.dtype)
 
 
-class GuidedStage1(torch.nn.Module):
-    """Student, frozen teacher and text encoders; ``forward(batch, gen)`` returns the per-sample stage-1 loss."""
+class _GuidedModule(torch.nn.Module):
+    """A trainable w-conditioned student, its frozen teacher and the text encoders, as one module for accelerate."""
 
     def __init__(self, pipe, student, teacher, config: GuidedConfig, schedule: DiscreteSchedule):
         super().__init__()
@@ -124,19 +152,12 @@ class GuidedStage1(torch.nn.Module):
         self.teacher.eval(), self.text_encoders.eval()
         return self
 
-    def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        cfg_, z = self.config, batch["latents"]
-        n = z.shape[0]
-        cond, uncond = self.prompts.with_unconditional(batch["captions"])
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=gen)
-        sigma = self.schedule.sigmas[t].to(z)
-        x = z + append_dims(sigma, z.ndim) * torch.randn(z.shape, generator=gen).to(z)   # sigma space: x0 + sigma eps
-        w = cfg_.w_min + (cfg_.w_max - cfg_.w_min) * torch.rand(n, generator=gen)
-        with torch.no_grad():
-            target = CFGDenoiser(UNetDenoiser(self.teacher, self.schedule), cond, uncond, cfg_scale_from_imagen_w(w).to(z))(x, sigma)
-        student = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond, **w_condition(w, cfg_.embedding_dim, z, n))
-        error = (student.float() - target.float()).pow(2).flatten(1).mean(1)
-        return {"loss": distillation_weight(sigma, cfg_.loss_space) * error, "x0_mse": error.detach()}
+    def _draw_w(self, n: int, gen: torch.Generator) -> torch.Tensor:
+        return self.config.w_min + (self.config.w_max - self.config.w_min) * torch.rand(n, generator=gen)
+
+    def _loss(self, student_x0, target, sigma) -> dict[str, torch.Tensor]:
+        error = (student_x0.float() - target.float()).pow(2).flatten(1).mean(1)
+        return {"loss": distillation_weight(sigma, self.config.loss_space) * error, "x0_mse": error.detach()}
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str], seeds: Sequence[int], steps: int, w: float) -> torch.Tensor:
@@ -147,6 +168,50 @@ class GuidedStage1(torch.nn.Module):
                               self.config.sampler, consistency_boundary=False)
 
 
+class GuidedStage1(_GuidedModule):
+    """Stage 1: ``forward(batch, gen)`` returns the per-sample loss against the teacher's CFG prediction."""
+
+    def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg_, z = self.config, batch["latents"]
+        n = z.shape[0]
+        cond, uncond = self.prompts.with_unconditional(batch["captions"])
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=gen)
+        sigma = self.schedule.sigmas[t].to(z)
+        x = z + append_dims(sigma, z.ndim) * torch.randn(z.shape, generator=gen).to(z)   # sigma space: x0 + sigma eps
+        w = self._draw_w(n, gen)
+        with torch.no_grad():
+            target = CFGDenoiser(UNetDenoiser(self.teacher, self.schedule), cond, uncond, cfg_scale_from_imagen_w(w).to(z))(x, sigma)
+        student = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond, **w_condition(w, cfg_.embedding_dim, z, n))
+        return self._loss(student, target, sigma)
+
+
+class ProgressiveRound(_GuidedModule):
+    """Stage 2, one round: the student's single DDIM step over [t, t''] against the teacher's two over [t, t', t'']."""
+
+    def __init__(self, pipe, student, teacher, config: GuidedConfig, schedule: DiscreteSchedule, steps: int):
+        super().__init__(pipe, student, teacher, config, schedule)
+        self.steps = steps
+        # The teacher's 2N-step trailing grid; the student's N steps are every other point of it.
+        self.register_buffer("grid_sigmas", schedule.sigmas_for_timesteps(select_timesteps("trailing", 2 * steps)), persistent=False)
+
+    def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        cfg_, z = self.config, batch["latents"]
+        n = z.shape[0]
+        cond = self.prompts(batch["captions"])
+        i = 2 * torch.randint(0, self.steps, (n,), generator=gen)
+        sig = self.grid_sigmas.to(z)
+        sigma, sigma_mid, sigma_next = sig[i], sig[i + 1], sig[i + 2]
+        x = z + append_dims(sigma, z.ndim) * torch.randn(z.shape, generator=gen).to(z)
+        w = w_condition(self._draw_w(n, gen), cfg_.embedding_dim, z, n)
+        teacher = UNetDenoiser(self.teacher, self.schedule)
+        with torch.no_grad():
+            x_mid = ddim_step(x, teacher(x, sigma, **cond, **w), sigma, sigma_mid)
+            x_next = ddim_step(x_mid, teacher(x_mid, sigma_mid, **cond, **w), sigma_mid, sigma_next)
+            target = progressive_distillation_target(x, x_next, sigma, sigma_next)
+        student = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond, **w)
+        return self._loss(student, target, sigma)
+
+
 def build_stage1(pipe, config: GuidedConfig, seed: int = 0) -> GuidedStage1:
     config.validate()
     teacher = pipe.unet.requires_grad_(False).eval()
@@ -155,22 +220,25 @@ def build_stage1(pipe, config: GuidedConfig, seed: int = 0) -> GuidedStage1:
         student = add_w_embedding(teacher, config.embedding_dim).requires_grad_(True).train()
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    schedule = DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
-    return GuidedStage1(pipe, student, teacher, config, schedule)
+    return GuidedStage1(pipe, student, teacher, config, _schedule_of(pipe))
 
 
-def export_guided_student(model: GuidedStage1, path: str | Path, base: str, provenance: dict) -> AdapterMetadata:
-    """The student UNet (diffusers keys, fp16) + metadata as one fewstep adapter file (atomic write)."""
-    config = model.config
+def export_guided_student(student, schedule: DiscreteSchedule, config: GuidedConfig, path: str | Path, base: str,
+                          steps: int, stage: int, provenance: dict) -> AdapterMetadata:
+    """A w-conditioned student UNet (diffusers keys, fp16) + metadata as one fewstep adapter file (atomic write)."""
     meta = AdapterMetadata(
-        kind="guided_student", base=base, prediction=model.schedule.prediction_type, sampler=config.sampler,
-        steps=config.sample_steps, timesteps=select_timesteps("trailing", config.sample_steps), provenance=provenance,
+        kind="guided_student", base=base, prediction=schedule.prediction_type, sampler=config.sampler,
+        steps=steps, timesteps=select_timesteps("trailing", steps), provenance=provenance,
         guidance={"convention": "imagen", "w_min": config.w_min, "w_max": config.w_max, "default_w": config.default_w},
-        extra={"embedding_dim": config.embedding_dim, "layout": "diffusers_unet", "stage": 1, "cfg_scale": 1.0},
+        extra={"embedding_dim": config.embedding_dim, "layout": "diffusers_unet", "stage": stage, "cfg_scale": 1.0},
     )
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.student.state_dict().items()}
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in student.state_dict().items()}
     write_adapter(path, tensors, meta)
     return meta
+
+
+def _schedule_of(pipe) -> DiscreteSchedule:
+    return DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def train_guided(
@@ -211,13 +279,87 @@ def train_guided(
     (run_dir / "guided_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     model = training_loop(
         run_dir, model, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.steps, lr=config.lr,
-        grad_clip=config.grad_clip, ema_decay=config.ema_decay, mixed_precision=mixed_precision,
+        warmup_steps=config.warmup_steps, grad_clip=config.grad_clip, ema_decay=config.ema_decay, mixed_precision=mixed_precision,
         checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
         seed=seed, resume=resume, stop_after=stop_after, progress=progress, desc="guided stage 1")
     if stop_after is not None and stop_after < config.steps:
         return None
     if PartialState().is_main_process:
-        export_guided_student(model, out, setup.base, provenance("guided", teacher, config.steps, len(setup.captions), config,
-                                                                ("w_min", "w_max", "loss_space", "embedding_dim")))
+        export_guided_student(model.student, model.schedule, config, out, setup.base, config.sample_steps, 1,
+                              provenance("guided", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS))
     PartialState().wait_for_everyone()
+    return out
+
+
+def train_progressive(
+    teacher: str | Path,                     # the pipeline the students were distilled from (text encoders, VAE, data)
+    student: str | Path,                     # a guided_student file: the stage-1 student or a later round's
+    data,                                    # CaptionedImages, or a dataset spec for load_dataset
+    run_dir: str | Path,                     # one sub-folder per round: checkpoints, logs, previews, its student
+    out: str | Path,                         # the final (target_steps) student file
+    config: GuidedConfig = GuidedConfig(),
+    resolution: Optional[int] = None,
+    teacher_config: Optional[str | Path] = None,
+    mixed_precision: str = "no",
+    checkpoint_every: int = 250,
+    sample_every: int = 500,
+    log_every: int = 25,
+    seed: int = 0,
+    resume: bool = True,
+    stop_after: Optional[int] = None,        # stop (as if killed) after this many stage-2 steps, counted over all rounds
+    progress: bool = True,
+) -> Optional[Path]:
+    """Stage 2: halve the student's steps round by round down to ``target_steps``; None if stopped by ``stop_after``.
+
+    A round whose student file exists is done; a resumed run continues the unfinished round from its checkpoint."""
+    import shutil
+
+    from accelerate import PartialState
+
+    from ..loop import training_loop
+    from ..students import GuidedStudent
+
+    config.validate()
+    run_dir, out = Path(run_dir), Path(out)
+    if not resume:
+        for finished in sorted(run_dir.glob("round-*steps")):
+            log.warning("starting over: removing %s", finished)
+            shutil.rmtree(finished)
+    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    schedule = _schedule_of(setup.pipe)
+    current = GuidedStudent(setup.pipe, student).unet
+    preview = setup.preview_captions()
+    for index, steps in enumerate(config.rounds):
+        round_stop = None if stop_after is None else stop_after - index * config.round_steps
+        round_dir = run_dir / f"round-{steps:02d}steps"
+        round_file = round_dir / "guided_student.safetensors"
+        if round_file.exists():
+            current = GuidedStudent(setup.pipe, round_file).unet
+            continue
+        if round_stop is not None and round_stop <= 0:
+            return None
+        model = ProgressiveRound(setup.pipe, copy.deepcopy(current).requires_grad_(True), current.requires_grad_(False).eval(),
+                                 config, schedule, steps)
+        if config.gradient_checkpointing:
+            model.student.enable_gradient_checkpointing()
+
+        def sample_fn(m, step, steps=steps, round_dir=round_dir):
+            setup.save_grid(m.sample(preview, list(range(len(preview))), steps, config.default_w),
+                            round_dir / "samples" / f"step-{step:08d}-w{config.default_w:g}.png")
+
+        model = training_loop(
+            round_dir, model, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.round_steps, lr=config.lr,
+            warmup_steps=config.warmup_steps, grad_clip=config.grad_clip, ema_decay=config.ema_decay, mixed_precision=mixed_precision,
+            checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
+            seed=seed, resume=resume, stop_after=round_stop, progress=progress, desc=f"guided stage 2: {2 * steps} -> {steps} steps")
+        if round_stop is not None and round_stop < config.round_steps:
+            return None
+        if PartialState().is_main_process:
+            export_guided_student(model.student, schedule, config, round_file, setup.base, steps, 2,
+                                  {**provenance("guided", teacher, config.round_steps, len(setup.captions), config, PROVENANCE_FIELDS),
+                                   "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"})
+        PartialState().wait_for_everyone()
+        current = GuidedStudent(setup.pipe, round_file).unet
+    if PartialState().is_main_process:
+        shutil.copyfile(run_dir / f"round-{config.target_steps:02d}steps" / "guided_student.safetensors", out)
     return out
