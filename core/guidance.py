@@ -49,6 +49,14 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int = 256, dtype: t
     return emb
 
 
+def w_conditioning_offset(projection: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
+    """What a guided student adds to its timestep features for guidance weight w: diffusers' ``cond_proj`` applied to
+    ``guidance_scale_embedding(w)``. ``projection`` is that layer's weight (timestep width, embedding width);
+    returns (len(w), timestep width). Hosts without a ``timestep_cond`` input add it to the features themselves."""
+    features = guidance_scale_embedding(w, projection.shape[1])
+    return features.to(projection.device, projection.dtype) @ projection.T
+
+
 def _bcast(value, like: torch.Tensor):
     if torch.is_tensor(value) and value.ndim == 1:
         return value.reshape(value.shape + (1,) * (like.ndim - 1))

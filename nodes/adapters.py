@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.adapter_file import Adapter, AdapterFileError, read_adapter
+from ..core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, read_adapter
+from ..core.guidance import cfg_scale_from_imagen_w, w_conditioning_offset
 from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, convert_lora, detect_layout
 from ..core.parameterization import append_dims, apply_consistency_boundary, input_scaling
 from ..core.samplers import get_sampler
@@ -25,7 +26,7 @@ logger = logging.getLogger("fewstep")
 
 ADAPTER_FOLDERS = ("fewstep", "loras")  # ComfyUI model folders the adapter menus list, fewstep's own first
 WRAPPER_KEY = "fewstep"                 # one package-wide key for every patch fewstep puts on a model
-SUPPORTED_KINDS = ("flash_lora",)
+SUPPORTED_KINDS = ("flash_lora", "guided_student")
 # ComfyUI model-config classes (matched anywhere in the MRO, so SSD-1B, Vega, pix2pix variants count) -> base.
 _BASE_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "PixArtAlpha": "pixart"}
 
@@ -128,6 +129,46 @@ def add_lora(model, clip, adapter: Adapter, strength: float, notes: list[str]):
     return model, clip
 
 
+class TimeEmbedWithW(torch.nn.Sequential):
+    """The UNet's time MLP with a fixed offset on its input: a guided student's w projection for one w (diffusers adds
+    ``cond_proj(features(w))`` to the timestep features there). The same child modules as the original, so weight
+    patches addressed to ``time_embed.0`` / ``time_embed.2`` still reach them."""
+
+    def __init__(self, time_embed: torch.nn.Sequential, offset: torch.Tensor):
+        super().__init__(*time_embed)
+        self.offset = offset
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return super().forward(t_emb + self.offset.to(t_emb))
+
+
+def add_guided_student(model, adapter: Adapter, strength: float, w: float):
+    """A clone carrying a guided student's UNet (as differences from the model's weights, times ``strength``) and its
+    w projection at guidance weight ``w``."""
+    import comfy.utils
+
+    name = os.path.basename(adapter.path)
+    ldm_of = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)   # diffusers name -> LDM name
+    base = model.model.state_dict()
+    patches, unmatched = {}, []
+    for key, value in adapter.tensors.items():
+        target = "diffusion_model." + ldm_of.get(key, "")
+        if key == W_EMBEDDING_KEY:
+            continue
+        if key not in ldm_of or target not in base or base[target].shape != value.shape:
+            unmatched.append(key)
+            continue
+        patches[target] = ("diff", ((value.float() - base[target].float()).to(base[target].dtype),))
+    if unmatched:
+        raise AdapterFileError(f"{name}: {len(unmatched)} UNet tensors do not fit this model (e.g. {unmatched[0]}): "
+                               "the student was made for a different model")
+    model = model.clone()
+    model.add_patches(patches, strength)
+    offset = w_conditioning_offset(adapter.tensors[W_EMBEDDING_KEY].float(), w)
+    model.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(model.get_model_object("diffusion_model.time_embed"), offset))
+    return model
+
+
 def consistency_boundary_wrapper(executor, x, sigma, *args, **kwargs):
     """APPLY_MODEL wrapper: the model's x0 through LCM's boundary condition, as consistency students were trained."""
     denoised = executor(x, sigma, *args, **kwargs)
@@ -172,6 +213,7 @@ class Prepared:
     timesteps: list[int]
     sigmas: torch.Tensor
     cfg: float  # the CFG scale the adapter was trained for (1: no CFG)
+    w: Optional[float] = None  # a guided student's guidance weight
     notes: list[str] = field(default_factory=list)
 
     def summary(self, name: str, adapter: Adapter, cfg: float) -> str:
@@ -181,18 +223,30 @@ class Prepared:
         lines = [f"{name}: {meta.kind} for {meta.base} ({source})",
                  f"sampler {self.sampler_name}, {len(self.timesteps)} steps at timesteps "
                  f"{', '.join(map(str, self.timesteps))}, CFG {cfg:g} ({passes})"]
+        if self.w is not None:
+            lines.append(f"guidance w = {self.w:g} as the student's input (like CFG {cfg_scale_from_imagen_w(self.w):g}; "
+                         f"trained for w in [{meta.guidance['w_min']:g}, {meta.guidance['w_max']:g}])")
         return "\n".join(lines + adapter.notes + self.notes)
 
 
 def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: float = 1.0,
-            sampler_options: Optional[dict] = None) -> tuple[Prepared, Adapter]:
-    """Everything a node needs from an adapter file: patched MODEL/CLIP, SAMPLER name, timesteps and SIGMAS."""
+            w: Optional[float] = None) -> tuple[Prepared, Adapter]:
+    """Everything a node needs from an adapter file: patched MODEL/CLIP, SAMPLER name, timesteps and SIGMAS.
+    ``w`` is a guided student's guidance weight (None: the file's default)."""
     adapter = load_adapter(adapter_path(name), model_base(model))
     meta, notes = adapter.metadata, []
-    model, clip = add_lora(model, clip, adapter, strength, notes)
-    if meta.consistency_boundary:
-        model = add_consistency_boundary(model)
+    if meta.kind == "guided_student":
+        w = float(meta.guidance["default_w"]) if w is None else w
+        lo, hi = meta.guidance["w_min"], meta.guidance["w_max"]
+        if not lo <= w <= hi:
+            notes.append(f"w = {w:g} lies outside the trained range [{lo:g}, {hi:g}]: expect weaker control")
+        model = add_guided_student(model, adapter, strength, w)
+    else:
+        w = None
+        model, clip = add_lora(model, clip, adapter, strength, notes)
+        if meta.consistency_boundary:
+            model = add_consistency_boundary(model)
     timesteps = timesteps_for_denoise(meta.timesteps_for(steps or meta.steps), denoise)
     sigmas = model_schedule(model).sigmas_for_timesteps(timesteps)
     cfg = float(meta.extra.get("cfg_scale", 1.0))
-    return Prepared(model, clip, meta.sampler, timesteps, sigmas, cfg, notes), adapter
+    return Prepared(model, clip, meta.sampler, timesteps, sigmas, cfg, w, notes), adapter

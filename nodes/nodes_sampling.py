@@ -11,10 +11,13 @@ from . import adapters
 CATEGORY = "sampling/fewstep"
 MAX_STEPS = 50
 
-_ADAPTER_TOOLTIP = ("A few-step adapter from models/fewstep or models/loras: a fewstep file (it says how to sample), "
-                    "or an LCM, TCD, Hyper-SD or released Flash Diffusion LoRA (settings are inferred and shown on the node).")
+_ADAPTER_TOOLTIP = ("A few-step adapter from models/fewstep or models/loras: a fewstep file (Flash LoRA or guided student; "
+                    "it says how to sample), or an LCM, TCD, Hyper-SD or released Flash Diffusion LoRA (settings are inferred "
+                    "and shown on the node).")
 _STRENGTH_TOOLTIP = "How strongly the adapter is applied; 1.0 is what it was trained for."
 _STEPS_TOOLTIP = "Sampling steps; 0 takes the adapter's own step count."
+_W_TOOLTIP = ("Guided students only: the guidance weight w the student takes as input (Imagen's convention: like CFG "
+              "scale 1 + w, at one pass per step); -1 uses the file's default. Ignored by LoRA adapters.")
 _DENOISE_TOOLTIP = ("Below 1.0 the latent keeps part of its content (img2img, inpainting, hires refine): the step count "
                     "stays and the steps are squeezed into the lower part of the noise schedule.")
 
@@ -37,6 +40,7 @@ class FewStepLoadAdapter(io.ComfyNode):
                 _adapter_input(),
                 io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip=_STRENGTH_TOOLTIP),
                 io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, tooltip=_STEPS_TOOLTIP),
+                io.Float.Input("w", default=-1.0, min=-1.0, max=30.0, step=0.5, tooltip=_W_TOOLTIP),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional: connect CLIP to also apply the adapter's text-encoder weights, if it has any."),
             ],
@@ -49,8 +53,8 @@ class FewStepLoadAdapter(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, adapter: str, strength: float, steps: int, clip=None) -> io.NodeOutput:
-        prepared, loaded = adapters.prepare(model, clip, adapter, strength, steps)
+    def execute(cls, model, adapter: str, strength: float, steps: int, w: float, clip=None) -> io.NodeOutput:
+        prepared, loaded = adapters.prepare(model, clip, adapter, strength, steps, w=_file_default_if_negative(w))
         return io.NodeOutput(prepared.model, prepared.clip, adapters.make_sampler(prepared.sampler_name), prepared.sigmas,
                              ui=ui.PreviewText(prepared.summary(adapter, loaded, prepared.cfg)))
 
@@ -113,6 +117,10 @@ class FewStepSigmas(io.ComfyNode):
         return io.NodeOutput(adapters.model_schedule(model).sigmas_for_timesteps(timesteps_for_denoise(chosen, denoise)))
 
 
+def _file_default_if_negative(w: float):
+    return None if w < 0 else w
+
+
 def _parse_timesteps(text: str) -> list[int]:
     try:
         return [int(part) for part in text.replace(";", ",").split(",") if part.strip()]
@@ -136,6 +144,7 @@ class FewStepKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed of the starting noise and of each re-noising step."),
                 io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, tooltip=_STEPS_TOOLTIP),
+                io.Float.Input("w", default=-1.0, min=-1.0, max=30.0, step=0.5, tooltip=_W_TOOLTIP),
                 io.Float.Input("cfg", default=1.0, min=1.0, max=20.0, step=0.1,
                                tooltip="1.0 is one model pass per step, as few-step adapters are trained; above 1 the "
                                        "negative prompt is used too, at twice the cost (some LCM LoRAs like 1.5-2)."),
@@ -149,13 +158,13 @@ class FewStepKSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, adapter: str, strength: float, seed: int, steps: int, cfg: float, positive, negative,
+    def execute(cls, model, adapter: str, strength: float, seed: int, steps: int, w: float, cfg: float, positive, negative,
                 latent_image, denoise: float) -> io.NodeOutput:
         import comfy.sample
         import comfy.utils
         import latent_preview
 
-        prepared, loaded = adapters.prepare(model, None, adapter, strength, steps, denoise)
+        prepared, loaded = adapters.prepare(model, None, adapter, strength, steps, denoise, w=_file_default_if_negative(w))
         patched = prepared.model
         latent = latent_image.copy()
         samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])

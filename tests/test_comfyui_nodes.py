@@ -25,6 +25,7 @@ FLASH = "tiny_flash.safetensors"
 FLASH_INFERRED = "tiny_flash_diffusers_layout.safetensors"
 FLASH_WITH_TEXT = "tiny_flash_text_encoder.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
+GUIDED = "tiny_guided.safetensors"
 TEXT_MODULE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 DENOISING = re.compile(r"fewstep: denoising at timestep \[(\d+)\]")
 
@@ -53,6 +54,10 @@ def comfy(tmp_path_factory):
             f"{TEXT_MODULE}.alpha": torch.tensor(4.0)}
     write_adapter(models / "loras" / FLASH_WITH_TEXT, {**adapter.tensors, **text}, adapter.metadata)
     (models / "fewstep").mkdir()
+    # A guided student (stage 1) of the same teacher: a full UNet with its w projection.
+    assert main(["train", "guided", "--teacher", str(teacher), "--run-dir", str(root / "guided"), "--steps", "4",
+                 "--batch-size", "2", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4",
+                 "--out", str(models / "fewstep" / GUIDED)]) == 0
     sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
     write_adapter(models / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
     server = ComfyServer(root / "work", path, python, stubs)
@@ -71,7 +76,7 @@ def _base_graph(prompt: str = "a silhouette of a cat") -> dict:
 
 def _ksampler(latent, seed: int, adapter: str = FLASH, denoise: float = 1.0, strength: float = 1.0) -> dict:
     return {"class_type": "FewStepKSampler", "inputs": {
-        "model": ["ckpt", 0], "adapter": adapter, "strength": strength, "seed": seed, "steps": 0, "cfg": 1.0,
+        "model": ["ckpt", 0], "adapter": adapter, "strength": strength, "seed": seed, "steps": 0, "w": -1.0, "cfg": 1.0,
         "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": latent, "denoise": denoise}}
 
 
@@ -108,7 +113,7 @@ def test_nodes_are_registered_with_tooltips(comfy):
             for input_name, (_, options) in group.items():
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
     adapters = ours["FewStepLoadAdapter"]["input"]["required"]["adapter"][1]["options"]
-    assert {FLASH, FLASH_INFERRED, FLASH_WITH_TEXT, WRONG_BASE} <= set(adapters)   # models/fewstep and models/loras
+    assert {FLASH, FLASH_INFERRED, FLASH_WITH_TEXT, WRONG_BASE, GUIDED} <= set(adapters)   # models/fewstep and models/loras
 
 
 def test_ksampler_txt2img_samples_at_the_files_timesteps(comfy):
@@ -124,7 +129,7 @@ def test_load_adapter_into_sampler_custom_applies_the_lora(comfy):
     def graph(strength: float, prefix: str) -> dict:
         g = _base_graph()
         g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {
-            "model": ["ckpt", 0], "adapter": FLASH, "strength": strength, "steps": 0, "clip": ["ckpt", 1]}}
+            "model": ["ckpt", 0], "adapter": FLASH, "strength": strength, "steps": 0, "w": -1.0, "clip": ["ckpt", 1]}}
         g["sample"] = {"class_type": "SamplerCustom", "inputs": {
             "model": ["load", 0], "add_noise": True, "noise_seed": 2, "cfg": 1.0, "positive": ["pos", 0],
             "negative": ["neg", 0], "sampler": ["load", 2], "sigmas": ["load", 3], "latent_image": ["empty", 0]}}
@@ -162,7 +167,7 @@ def test_inpainting_latent_keeps_the_unmasked_part(comfy):
 def test_file_without_metadata_loads_with_inferred_settings(comfy):
     g = _base_graph()
     g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {"model": ["ckpt", 0], "adapter": FLASH_INFERRED,
-                                                               "strength": 1.0, "steps": 0}}
+                                                               "strength": 1.0, "steps": 0, "w": -1.0}}
     g["sample"] = {"class_type": "SamplerCustom", "inputs": {
         "model": ["load", 0], "add_noise": True, "noise_seed": 4, "cfg": 1.0, "positive": ["pos", 0],
         "negative": ["neg", 0], "sampler": ["load", 2], "sigmas": ["load", 3], "latent_image": ["empty", 0]}}
@@ -177,7 +182,7 @@ def test_text_encoder_weights_go_to_clip_when_it_is_connected(comfy):
     def graph(prefix: str, through_loader: bool) -> dict:
         g = _base_graph("a handwritten digit seven")
         g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {
-            "model": ["ckpt", 0], "adapter": FLASH_WITH_TEXT, "strength": 1.0, "steps": 0, "clip": ["ckpt", 1]}}
+            "model": ["ckpt", 0], "adapter": FLASH_WITH_TEXT, "strength": 1.0, "steps": 0, "w": -1.0, "clip": ["ckpt", 1]}}
         if through_loader:
             g["pos"]["inputs"]["clip"] = ["load", 1]
         g["sample"] = {"class_type": "SamplerCustom", "inputs": {
@@ -193,6 +198,34 @@ def test_text_encoder_weights_go_to_clip_when_it_is_connected(comfy):
                                        ["sample", 0], "text_lora_ksampler"))
     _assert_success(one_node)
     assert "text-encoder LoRA weights (1 modules) left out: connect CLIP" in one_node["outputs"]["sample"]["text"][0]
+
+
+def test_guided_student_takes_w_as_input(comfy):
+    def graph(w: float, strength: float, prefix: str) -> dict:
+        g = _base_graph()
+        g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {
+            "model": ["ckpt", 0], "adapter": GUIDED, "strength": strength, "steps": 0, "w": w}}
+        g["sample"] = {"class_type": "SamplerCustom", "inputs": {
+            "model": ["load", 0], "add_noise": True, "noise_seed": 8, "cfg": 1.0, "positive": ["pos", 0],
+            "negative": ["neg", 0], "sampler": ["load", 2], "sigmas": ["load", 3], "latent_image": ["empty", 0]}}
+        return _outputs(g, ["sample", 0], prefix)
+
+    low, _ = _run(comfy, graph(0.0, 1.0, "guided_w0"))
+    high, _ = _run(comfy, graph(6.0, 1.0, "guided_w6"))
+    off, _ = _run(comfy, graph(6.0, 0.0, "guided_strength0"))
+    for entry in (low, high, off):
+        _assert_success(entry)
+    shown = high["outputs"]["load"]["text"][0]
+    assert "guided_student for sd15" in shown and "sampler ddim, 4 steps at timesteps 999, 749, 499, 249" in shown
+    assert "guidance w = 6" in shown
+    w0, w6, base = _latent(comfy, low), _latent(comfy, high), _latent(comfy, off)
+    assert torch.isfinite(w6).all()
+    assert (w0 - w6).abs().max() > 1e-4     # w reaches the model through the time embedding
+    assert (w6 - base).abs().max() > 1e-3   # the student's weights are applied
+    one_node, _ = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=9, adapter=GUIDED)},
+                                       ["sample", 0], "guided_ksampler"))
+    _assert_success(one_node)
+    assert "guidance w = 6.5" in one_node["outputs"]["sample"]["text"][0]   # the file's default w (paper preset)
 
 
 def test_wrong_base_adapter_is_a_node_error(comfy):

@@ -200,3 +200,23 @@ def test_load_adapter_checks_base_and_kind(host):
     save_file({"1.to_k_neg.weight": torch.zeros(320, 768)}, str(sun))
     with pytest.raises(AdapterFileError, match="is a sun_adapter; these nodes load flash_lora"):
         host.adapters.load_adapter(str(sun), "sd15")
+
+
+def test_time_embed_offset_reproduces_diffusers_cond_proj(host):
+    """ComfyUI's LDM UNet has no timestep_cond input: the node adds the w projection to the time MLP's input instead."""
+    from fewstep.core.guidance import w_conditioning_offset
+    from fewstep.training.diffusers_sampling import w_condition
+    from fewstep.training.methods.guided import add_w_embedding
+    from fewstep.training.tiny_models import build_tiny_unet
+
+    unet = add_w_embedding(build_tiny_unet("sd15"), 256)
+    embedding = unet.time_embedding
+    torch.nn.init.normal_(embedding.cond_proj.weight, std=0.05)
+    t_emb = unet.time_proj(torch.tensor([999, 500, 3])).float()
+    ldm_style = torch.nn.Sequential(embedding.linear_1, torch.nn.SiLU(), embedding.linear_2)
+    for w in (0.0, 2.5, 9.0):
+        with torch.no_grad():
+            expected = embedding(t_emb, w_condition(w, 256, t_emb, 3)["timestep_cond"])
+            patched = host.adapters.TimeEmbedWithW(ldm_style, w_conditioning_offset(embedding.cond_proj.weight, w))(t_emb)
+        torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-6)
+    assert list(dict(host.adapters.TimeEmbedWithW(ldm_style, torch.zeros(1)).named_children())) == ["0", "1", "2"]
