@@ -122,7 +122,8 @@ def run_bench(
     batch_size: int = 250,                # samples generated together
     out_dir: str | Path = "bench/results",  # JSON, markdown and grids go here
     progress: bool = True,                # progress bar over configurations
-    adapter: str | Path | None = None,    # the student file for the set's student entries (default: the bundled one)
+    adapter: str | Path | Sequence[str | Path] | None = None,  # student file(s): each student row takes the one made
+                                                                # for its step count, else the first (flash: the bundled one)
 ) -> dict:
     """Run a bench set and write its results; returns the JSON document."""
     from tqdm.auto import tqdm
@@ -133,7 +134,8 @@ def run_bench(
         raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
     out_dir = Path(out_dir)
     pipe = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
-    entries = [dataclasses.replace(e, adapter=str(adapter)) if adapter and isinstance(e, StudentEntry) else e
+    adapters = [str(a) for a in ([adapter] if isinstance(adapter, (str, Path)) else adapter or [])]
+    entries = [dataclasses.replace(e, adapter=_adapter_for(e.steps, adapters)) if adapters and isinstance(e, StudentEntry) else e
                for e in BENCH_SETS[set_name]]
     rows = []
     for entry in tqdm(entries, desc=f"bench {set_name}", disable=not progress):
@@ -141,7 +143,7 @@ def run_bench(
         log.info("%s: FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["prompt_accuracy"])
     document = {
         "sanity": fid_sanity(per_class),
-        "set": set_name, "teacher": str(teacher), "adapter": str(adapter or BUNDLED_FLASH) if set_name == "flash" else (str(adapter) if adapter else None), "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
+        "set": set_name, "teacher": str(teacher), "adapters": adapters or ([str(BUNDLED_FLASH)] if set_name == "flash" else []), "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
         "reference": "proxy held-out split (1,500 real images), EfficientNet-Lite0 features",
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -152,6 +154,16 @@ def run_bench(
     (out_dir / f"{set_name}.json").write_text(json.dumps(document, indent=2) + "\n")
     (out_dir / f"{set_name}.md").write_text(markdown_table(document))
     return document
+
+
+def _adapter_for(steps: int, adapters: list[str]) -> str:
+    """The file whose metadata names ``steps`` (e.g. one progressive-distillation round's student), else the first."""
+    from ..core.adapter_file import describe, read_header
+
+    for path in adapters:
+        if describe(read_header(path), Path(path).name)[0].steps == steps:
+            return path
+    return adapters[0]
 
 
 def fid_sanity(per_class: int) -> dict:

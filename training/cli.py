@@ -357,7 +357,9 @@ def add_bench(subparsers) -> None:
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
     p.add_argument("--out-dir", default="bench/results", help="where results go")
-    p.add_argument("--adapter", default=None, help="the student file for sets with students (flash: default the bundled proxy Flash LoRA)")
+    p.add_argument("--adapter", action="append", default=None,
+                   help="a student file for the set's student rows; repeat it to give several (each row takes the file made "
+                   "for its step count, e.g. one per progressive round, else the first); flash: default the bundled proxy LoRA")
     p.set_defaults(run=run_bench_command)
 
 
