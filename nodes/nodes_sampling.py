@@ -22,8 +22,19 @@ _DENOISE_TOOLTIP = ("Below 1.0 the latent keeps part of its content (img2img, in
                     "stays and the steps are squeezed into the lower part of the noise schedule.")
 
 
-def _adapter_input() -> io.Combo.Input:
-    return io.Combo.Input("adapter", options=adapters.list_adapters(), tooltip=_ADAPTER_TOOLTIP)
+def _model_and_adapter_inputs() -> list:
+    """The inputs both adapter nodes start with: model, adapter file, strength."""
+    return [io.Model.Input("model", tooltip="The SD1.5, SDXL or PixArt model the adapter was made for."),
+            io.Combo.Input("adapter", options=adapters.list_adapters(), tooltip=_ADAPTER_TOOLTIP),
+            io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip=_STRENGTH_TOOLTIP)]
+
+
+def _steps_input() -> io.Int.Input:
+    return io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, tooltip=_STEPS_TOOLTIP)
+
+
+def _w_input() -> io.Float.Input:
+    return io.Float.Input("w", default=-1.0, min=-1.0, max=30.0, step=0.5, tooltip=_W_TOOLTIP)
 
 
 class FewStepLoadAdapter(io.ComfyNode):
@@ -36,11 +47,9 @@ class FewStepLoadAdapter(io.ComfyNode):
             description="Applies a few-step adapter to a model and outputs the sampler and sigmas it was trained for, "
                         "for SamplerCustom / SamplerCustomAdvanced (use CFG 1.0 there).",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5, SDXL or PixArt model the adapter was made for."),
-                _adapter_input(),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip=_STRENGTH_TOOLTIP),
-                io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, tooltip=_STEPS_TOOLTIP),
-                io.Float.Input("w", default=-1.0, min=-1.0, max=30.0, step=0.5, tooltip=_W_TOOLTIP),
+                *_model_and_adapter_inputs(),
+                _steps_input(),
+                _w_input(),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional: connect CLIP to also apply the adapter's text-encoder weights, if it has any."),
             ],
@@ -138,13 +147,11 @@ class FewStepKSampler(io.ComfyNode):
             description="One node for few-step sampling: applies the adapter and samples with the settings in its file. "
                         "Works for txt2img, img2img (denoise) and inpainting latents (noise mask).",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.5, SDXL or PixArt model the adapter was made for."),
-                _adapter_input(),
-                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05, tooltip=_STRENGTH_TOOLTIP),
+                *_model_and_adapter_inputs(),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The random seed of the starting noise and of each re-noising step."),
-                io.Int.Input("steps", default=0, min=0, max=MAX_STEPS, tooltip=_STEPS_TOOLTIP),
-                io.Float.Input("w", default=-1.0, min=-1.0, max=30.0, step=0.5, tooltip=_W_TOOLTIP),
+                _steps_input(),
+                _w_input(),
                 io.Float.Input("cfg", default=1.0, min=1.0, max=20.0, step=0.1,
                                tooltip="1.0 is one model pass per step, as few-step adapters are trained; above 1 the "
                                        "negative prompt is used too, at twice the cost (some LCM LoRAs like 1.5-2)."),
