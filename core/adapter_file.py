@@ -28,6 +28,7 @@ from .base_models import BASES, infer_base
 from .lora import LoraKeyError, detect_layout, read_lora
 from .samplers import SAMPLERS
 from .schedule import PREDICTIONS, select_timesteps
+from .sun import SunFileError, group_layer_tensors
 
 FORMAT_VERSION = 1
 KINDS: tuple[str, ...] = ("flash_lora", "sun_adapter", "guided_student", "gdd_student", "snap_student")
@@ -247,8 +248,8 @@ def _infer_metadata(keys: Sequence[str], name: str) -> AdapterMetadata:
         return AdapterMetadata(kind="flash_lora", base=UNKNOWN_BASE, sampler="consistency", steps=4,
                                timesteps=[999, 759, 499, 259], extra={"layout": layout})
     if any(k.endswith("to_k_neg.weight") for k in keys):
-        # The released SUN adapter samples with 4 trailing steps and no CFG.
-        return AdapterMetadata(kind="sun_adapter", base=UNKNOWN_BASE, sampler="ddim", steps=4,
+        # The released SUN adapter samples with DPM-Solver++ (diffusers' default, 2nd order), 4 trailing steps, no CFG.
+        return AdapterMetadata(kind="sun_adapter", base=UNKNOWN_BASE, sampler="dpmpp_2m", steps=4,
                                timesteps=[999, 749, 499, 249], extra={"layout": "sun_released"})
     if any(k.endswith(W_EMBEDDING_KEY) for k in keys):
         return AdapterMetadata(kind="guided_student", base=UNKNOWN_BASE, sampler="ddim", steps=8,
@@ -298,6 +299,11 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: AdapterMetadata, name:
             raise AdapterFileError(f"{name}: a flash_lora file with no UNet LoRA modules (only text-encoder keys)")
     elif meta.kind == "guided_student" and W_EMBEDDING_KEY not in tensors:
         raise AdapterFileError(f"{name}: a guided_student file without its w-embedding ({W_EMBEDDING_KEY})")
+    elif meta.kind == "sun_adapter":
+        try:
+            group_layer_tensors(tensors)   # released files name layers by index ("1"), ours by module name
+        except SunFileError as exc:
+            raise AdapterFileError(f"{name}: {exc}") from None
 
 
 def write_adapter(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: AdapterMetadata) -> None:

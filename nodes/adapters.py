@@ -26,7 +26,7 @@ logger = logging.getLogger("fewstep")
 
 ADAPTER_FOLDERS = ("fewstep", "loras")  # ComfyUI model folders the adapter menus list, fewstep's own first
 WRAPPER_KEY = "fewstep"                 # one package-wide key for every patch fewstep puts on a model
-SUPPORTED_KINDS = ("flash_lora", "guided_student")
+SUPPORTED_KINDS = ("flash_lora", "guided_student", "sun_adapter")
 # ComfyUI model-config classes (matched anywhere in the MRO, so SSD-1B, Vega, pix2pix variants count) -> base.
 _BASE_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "PixArtAlpha": "pixart"}
 
@@ -80,7 +80,7 @@ def load_adapter(path: str, base: str) -> Adapter:
         adapter = read_adapter(path, expected_base=base)
         if adapter.metadata.kind not in SUPPORTED_KINDS:
             raise AdapterFileError(f"{os.path.basename(path)}: is a {adapter.metadata.kind}; these nodes load "
-                                   f"{' and '.join(SUPPORTED_KINDS)} files so far: update fewstep")
+                                   f"{', '.join(SUPPORTED_KINDS[:-1])} and {SUPPORTED_KINDS[-1]} files so far: update fewstep")
         _last_read.update(key=key, adapter=adapter)
     return _last_read["adapter"]
 
@@ -215,17 +215,27 @@ class Prepared:
     cfg: float  # the CFG scale the adapter was trained for (1: no CFG)
     w: Optional[float] = None  # a guided student's guidance weight
     notes: list[str] = field(default_factory=list)
+    sun_patches: list = field(default_factory=list)  # a SUN adapter's attn2 patches: the negative prompt goes through them
+
+    @property
+    def negative_in_adapter(self) -> bool:
+        return bool(self.sun_patches)
 
     def summary(self, name: str, adapter: Adapter, cfg: float) -> str:
         meta = adapter.metadata
         source = "inferred from its keys" if adapter.inferred else "from its metadata"
-        passes = "one model pass per step" if cfg == 1 else "two model passes per step"
+        passes = "one model pass per step" if cfg == 1 or self.negative_in_adapter else "two model passes per step"
         lines = [f"{name}: {meta.kind} for {meta.base} ({source})",
                  f"sampler {self.sampler_name}, {len(self.timesteps)} steps at timesteps "
-                 f"{', '.join(map(str, self.timesteps))}, CFG {cfg:g} ({passes})"]
+                 f"{', '.join(map(str, self.timesteps))}, " + ("no CFG" if self.negative_in_adapter else f"CFG {cfg:g}") + f" ({passes})"]
         if self.w is not None:
             lines.append(f"guidance w = {self.w:g} as the student's input (like CFG {cfg_scale_from_imagen_w(self.w):g}; "
                          f"trained for w in [{meta.guidance['w_min']:g}, {meta.guidance['w_max']:g}])")
+        if self.negative_in_adapter:
+            baked = (meta.guidance or {}).get("cfg_scale")
+            lines.append(f"SUN adapter on {len(self.sun_patches)} cross-attention layers: the negative prompt goes through it"
+                         + (f" (reproduces CFG {baked:g})" if baked else "")
+                         + "; sample with FewStep KSampler or FewStep SUN Guider")
         return "\n".join(lines + adapter.notes + self.notes)
 
 
@@ -233,9 +243,14 @@ def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: fl
             w: Optional[float] = None) -> tuple[Prepared, Adapter]:
     """Everything a node needs from an adapter file: patched MODEL/CLIP, SAMPLER name, timesteps and SIGMAS.
     ``w`` is a guided student's guidance weight (None: the file's default)."""
+    from .sun import add_sun
+
     adapter = load_adapter(adapter_path(name), model_base(model))
-    meta, notes = adapter.metadata, []
-    if meta.kind == "guided_student":
+    meta, notes, sun_patches = adapter.metadata, [], []
+    if meta.kind == "sun_adapter":
+        w = None
+        model, sun_patches = add_sun(model, adapter, strength)
+    elif meta.kind == "guided_student":
         w = float(meta.guidance["default_w"]) if w is None else w
         lo, hi = meta.guidance["w_min"], meta.guidance["w_max"]
         if not lo <= w <= hi:
@@ -249,4 +264,4 @@ def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: fl
     timesteps = timesteps_for_denoise(meta.timesteps_for(steps or meta.steps), denoise)
     sigmas = model_schedule(model).sigmas_for_timesteps(timesteps)
     cfg = float(meta.extra.get("cfg_scale", 1.0))
-    return Prepared(model, clip, meta.sampler, timesteps, sigmas, cfg, w, notes), adapter
+    return Prepared(model, clip, meta.sampler, timesteps, sigmas, cfg, w, notes, sun_patches), adapter

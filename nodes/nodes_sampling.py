@@ -11,13 +11,15 @@ from . import adapters
 CATEGORY = "sampling/fewstep"
 MAX_STEPS = 50
 
-_ADAPTER_TOOLTIP = ("A few-step adapter from models/fewstep or models/loras: a fewstep file (Flash LoRA or guided student; "
-                    "it says how to sample), or an LCM, TCD, Hyper-SD or released Flash Diffusion LoRA (settings are inferred "
+_ADAPTER_TOOLTIP = ("A few-step adapter from models/fewstep or models/loras: a fewstep file (Flash LoRA, guided student or "
+                    "SUN adapter; it says how to sample), the released SUN adapter, or an LCM, TCD, Hyper-SD or released Flash Diffusion LoRA (settings are inferred "
                     "and shown on the node).")
 _STRENGTH_TOOLTIP = "How strongly the adapter is applied; 1.0 is what it was trained for."
 _STEPS_TOOLTIP = "Sampling steps; 0 takes the adapter's own step count."
 _W_TOOLTIP = ("Guided students only: the guidance weight w the student takes as input (Imagen's convention: like CFG "
               "scale 1 + w, at one pass per step); -1 uses the file's default. Ignored by LoRA adapters.")
+_NEGATIVE_STRENGTH_TOOLTIP = ("SUN adapters only: how strongly the negative prompt pushes away (1.0 as trained, 0 ignores it, "
+                              "above 1 pushes harder). Ignored by other adapters.")
 _DENOISE_TOOLTIP = ("Below 1.0 the latent keeps part of its content (img2img, inpainting, hires refine): the step count "
                     "stays and the steps are squeezed into the lower part of the noise schedule.")
 
@@ -126,6 +128,37 @@ class FewStepSigmas(io.ComfyNode):
         return io.NodeOutput(adapters.model_schedule(model).sigmas_for_timesteps(timesteps_for_denoise(chosen, denoise)))
 
 
+def _negative_strength_input() -> io.Float.Input:
+    return io.Float.Input("negative_strength", default=1.0, min=0.0, max=4.0, step=0.05, tooltip=_NEGATIVE_STRENGTH_TOOLTIP)
+
+
+class FewStepSunGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="FewStepSunGuider",
+            display_name="FewStep SUN Guider",
+            category=CATEGORY,
+            description="For a model with a SUN adapter (FewStep Load Adapter): one model pass per step on the positive prompt, "
+                        "while the adapter reads the negative prompt, so it still works without CFG. For SamplerCustomAdvanced.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model from FewStep Load Adapter with a SUN adapter."),
+                io.Conditioning.Input("positive", tooltip="What the image should show."),
+                io.Conditioning.Input("negative", tooltip="What it should not show (an empty prompt is fine)."),
+                _negative_strength_input(),
+            ],
+            outputs=[io.Guider.Output(display_name="GUIDER")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, negative_strength: float) -> io.NodeOutput:
+        from .sun import make_sun_guider
+
+        guider = make_sun_guider(model, negative_strength)
+        guider.set_conds(positive, negative)
+        return io.NodeOutput(guider)
+
+
 def _file_default_if_negative(w: float):
     return None if w < 0 else w
 
@@ -154,9 +187,12 @@ class FewStepKSampler(io.ComfyNode):
                 _w_input(),
                 io.Float.Input("cfg", default=1.0, min=1.0, max=20.0, step=0.1,
                                tooltip="1.0 is one model pass per step, as few-step adapters are trained; above 1 the "
-                                       "negative prompt is used too, at twice the cost (some LCM LoRAs like 1.5-2)."),
+                                       "negative prompt is used too, at twice the cost (some LCM LoRAs like 1.5-2). "
+                                       "SUN adapters ignore it: they read the negative prompt in one pass."),
                 io.Conditioning.Input("positive", tooltip="What the image should show."),
-                io.Conditioning.Input("negative", tooltip="What it should not show; used when cfg is above 1."),
+                io.Conditioning.Input("negative", tooltip="What it should not show; used when cfg is above 1, and always "
+                                                          "with a SUN adapter."),
+                _negative_strength_input(),
                 io.Latent.Input("latent_image", tooltip="An empty latent (txt2img), an encoded image (img2img) or an "
                                                         "inpainting latent with a noise mask."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=_DENOISE_TOOLTIP),
@@ -166,7 +202,8 @@ class FewStepKSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, adapter: str, strength: float, seed: int, steps: int, w: float, cfg: float, positive, negative,
-                latent_image, denoise: float) -> io.NodeOutput:
+                negative_strength: float, latent_image, denoise: float) -> io.NodeOutput:
+        import comfy.model_management
         import comfy.sample
         import comfy.utils
         import latent_preview
@@ -177,10 +214,20 @@ class FewStepKSampler(io.ComfyNode):
         samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         callback = latent_preview.prepare_callback(patched, len(prepared.sigmas) - 1)
-        latent["samples"] = comfy.sample.sample_custom(
-            patched, noise, cfg, adapters.make_sampler(prepared.sampler_name), prepared.sigmas, positive, negative, samples,
+        sampler, options = adapters.make_sampler(prepared.sampler_name), dict(
             noise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        if prepared.negative_in_adapter:
+            from .sun import make_sun_guider
+
+            guider = make_sun_guider(patched, negative_strength)
+            guider.set_conds(positive, negative)
+            options["denoise_mask"] = options.pop("noise_mask")
+            result = guider.sample(noise, samples, sampler, prepared.sigmas, **options)
+            latent["samples"] = result.to(comfy.model_management.intermediate_device())
+        else:
+            latent["samples"] = comfy.sample.sample_custom(patched, noise, cfg, sampler, prepared.sigmas, positive, negative,
+                                                           samples, **options)
         return io.NodeOutput(latent, ui=ui.PreviewText(prepared.summary(adapter, loaded, cfg)))
 
 
-NODES = [FewStepLoadAdapter, FewStepKSampler, FewStepSampler, FewStepSigmas]
+NODES = [FewStepLoadAdapter, FewStepKSampler, FewStepSampler, FewStepSigmas, FewStepSunGuider]

@@ -89,7 +89,8 @@ def test_lora_without_metadata_is_inferred_with_notes(tmp_path, sd15_lora, sdxl_
 
 def test_released_sun_layout_is_recognised(tmp_path):
     # The released SUN file's layout: attention-processor index keys, 768-wide negative K/V for SD1.5.
-    sd = {f"{i}.to_k_neg.weight": torch.zeros(320, 768) for i in (1, 3)} | {f"{i}.to_v_neg.weight": torch.zeros(320, 768) for i in (1, 3)}
+    sd = {f"{i}.{p}": torch.zeros(320, 768) for i in (1, 3) for p in ("to_k_neg.weight", "to_v_neg.weight")}
+    sd |= {f"{i}.{p}": torch.zeros(320) for i in (1, 3) for p in ("to_k_neg_alpha", "to_k_neg_beta")}
     save_file(sd, str(tmp_path / "sun.safetensors"))
     adapter = A.read_adapter(tmp_path / "sun.safetensors")
     assert (adapter.metadata.kind, adapter.metadata.base) == ("sun_adapter", "sd15")

@@ -26,6 +26,9 @@ FLASH_INFERRED = "tiny_flash_diffusers_layout.safetensors"
 FLASH_WITH_TEXT = "tiny_flash_text_encoder.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
 GUIDED = "tiny_guided.safetensors"
+SUN = "tiny_sun.safetensors"
+SUN_RELEASED = "tiny_sun_released_layout.safetensors"
+SUN_PATCH = re.compile(r"fewstep: SUN layer \('(\w+)', (\d+), (\d+)\) ran with a negative prompt")
 TEXT_MODULE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
 DENOISING = re.compile(r"fewstep: denoising at timestep \[(\d+)\]")
 
@@ -58,11 +61,30 @@ def comfy(tmp_path_factory):
     assert main(["train", "guided", "--teacher", str(teacher), "--run-dir", str(root / "guided"), "--steps", "4",
                  "--batch-size", "2", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4",
                  "--out", str(models / "fewstep" / GUIDED)]) == 0
+    # A SUN adapter of the same teacher, in our layout and as the official release lays it out (processor indices).
+    assert main(["train", "sun", "--teacher", str(teacher), "--run-dir", str(root / "sun"), "--steps", "3", "--batch-size", "2",
+                 "--msc-batch-size", "1", "--msc-teacher-steps", "4", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0",
+                 "--out", str(models / "fewstep" / SUN)]) == 0
+    save_file(_released_layout(read_adapter(models / "fewstep" / SUN).tensors), str(models / "fewstep" / SUN_RELEASED))
     sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
     write_adapter(models / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
     server = ComfyServer(root / "work", path, python, stubs)
     yield server
     server.close()
+
+
+def _released_layout(tensors: dict) -> dict:
+    """Keys as the official code saves them: the module's index among the UNet's attention processors."""
+    from diffusers import UNet2DConditionModel
+
+    from .comfyui_host import TINY_SD15_UNET
+
+    index = {name[: -len(".processor")]: i for i, name in enumerate(UNet2DConditionModel(**TINY_SD15_UNET).attn_processors)}
+    out = {}
+    for key, value in tensors.items():
+        module, param = key.split(".attn2.")
+        out[f"{index[module + '.attn2']}.{param}"] = value
+    return out
 
 
 def _base_graph(prompt: str = "a silhouette of a cat") -> dict:
@@ -74,10 +96,12 @@ def _base_graph(prompt: str = "a silhouette of a cat") -> dict:
     }
 
 
-def _ksampler(latent, seed: int, adapter: str = FLASH, denoise: float = 1.0, strength: float = 1.0) -> dict:
+def _ksampler(latent, seed: int, adapter: str = FLASH, denoise: float = 1.0, strength: float = 1.0,
+              negative_strength: float = 1.0) -> dict:
     return {"class_type": "FewStepKSampler", "inputs": {
         "model": ["ckpt", 0], "adapter": adapter, "strength": strength, "seed": seed, "steps": 0, "w": -1.0, "cfg": 1.0,
-        "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": latent, "denoise": denoise}}
+        "positive": ["pos", 0], "negative": ["neg", 0], "negative_strength": negative_strength, "latent_image": latent,
+        "denoise": denoise}}
 
 
 def _outputs(graph: dict, samples, prefix: str) -> dict:
@@ -106,14 +130,14 @@ def _assert_success(entry: dict) -> None:
 def test_nodes_are_registered_with_tooltips(comfy):
     info = comfy.get("/object_info")
     ours = {name: node for name, node in info.items() if name.startswith("FewStep")}
-    assert set(ours) == {"FewStepLoadAdapter", "FewStepKSampler", "FewStepSampler", "FewStepSigmas"}
+    assert set(ours) == {"FewStepLoadAdapter", "FewStepKSampler", "FewStepSampler", "FewStepSigmas", "FewStepSunGuider"}
     for name, node in ours.items():
         assert node["category"] == "sampling/fewstep" and node["display_name"].startswith("FewStep ")
         for group in node["input"].values():
             for input_name, (_, options) in group.items():
                 assert options.get("tooltip"), f"{name}.{input_name} has no tooltip"
     adapters = ours["FewStepLoadAdapter"]["input"]["required"]["adapter"][1]["options"]
-    assert {FLASH, FLASH_INFERRED, FLASH_WITH_TEXT, WRONG_BASE, GUIDED} <= set(adapters)   # models/fewstep and models/loras
+    assert {FLASH, FLASH_INFERRED, FLASH_WITH_TEXT, WRONG_BASE, GUIDED, SUN, SUN_RELEASED} <= set(adapters)   # models/fewstep and models/loras
 
 
 def test_ksampler_txt2img_samples_at_the_files_timesteps(comfy):
@@ -226,6 +250,59 @@ def test_guided_student_takes_w_as_input(comfy):
                                        ["sample", 0], "guided_ksampler"))
     _assert_success(one_node)
     assert "guidance w = 6.5" in one_node["outputs"]["sample"]["text"][0]   # the file's default w (paper preset)
+
+
+# The tiny UNet's cross-attention layers as ComfyUI addresses them: one input block, the middle block, two output blocks.
+TINY_ATTN2 = {("input", 1, 0), ("middle", 0, 0), ("output", 0, 0), ("output", 1, 0)}
+
+
+def _sun_run(comfy: ComfyServer, prefix: str, adapter: str = SUN, negative: str = "blurry", negative_strength: float = 1.0,
+             through_guider: bool = False):
+    """(history entry, the SUN patches that fired in this run)."""
+    g = _base_graph()
+    g["neg"]["inputs"]["text"] = negative
+    if through_guider:
+        g["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {
+            "model": ["ckpt", 0], "adapter": adapter, "strength": 1.0, "steps": 0, "w": -1.0}}
+        g["guider"] = {"class_type": "FewStepSunGuider", "inputs": {
+            "model": ["load", 0], "positive": ["pos", 0], "negative": ["neg", 0], "negative_strength": negative_strength}}
+        g["noise"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 11}}
+        g["sample"] = {"class_type": "SamplerCustomAdvanced", "inputs": {
+            "noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["load", 2], "sigmas": ["load", 3],
+            "latent_image": ["empty", 0]}}
+    else:
+        g["sample"] = _ksampler(["empty", 0], seed=11, adapter=adapter, negative_strength=negative_strength)
+    before = len(comfy.log())
+    entry = comfy.run(_outputs(g, ["sample", 0], prefix))
+    _assert_success(entry)
+    fired = [(b, int(n), int(t)) for b, n, t in SUN_PATCH.findall(comfy.log()[before:])]
+    return entry, fired
+
+
+def test_sun_adapter_reads_the_negative_prompt_in_one_pass(comfy):
+    entry, fired = _sun_run(comfy, "sun_ksampler")
+    assert set(fired) == TINY_ATTN2 and len(fired) == 4 * len(TINY_ATTN2)   # every patch, once per step, one pass each
+    shown = entry["outputs"]["sample"]["text"][0]
+    assert "sun_adapter for sd15" in shown and "no CFG (one model pass per step)" in shown
+    assert "SUN adapter on 4 cross-attention layers" in shown
+    blurry, cat = _latent(comfy, entry), _latent(comfy, _sun_run(comfy, "sun_negative_cat", negative="a silhouette of a cat")[0])
+    assert torch.isfinite(blurry).all() and (blurry - cat).abs().max() > 1e-4   # the negative prompt reaches the model
+    # At negative strength 0 the negative branch is off: the negative prompt no longer matters.
+    off_a = _latent(comfy, _sun_run(comfy, "sun_off_a", negative_strength=0.0)[0])
+    off_b = _latent(comfy, _sun_run(comfy, "sun_off_b", negative="a silhouette of a cat", negative_strength=0.0)[0])
+    assert torch.allclose(off_a, off_b) and (off_a - blurry).abs().max() > 1e-4
+
+
+def test_sun_guider_in_sampler_custom_advanced_and_the_released_layout(comfy):
+    guided, fired = _sun_run(comfy, "sun_guider", through_guider=True)
+    assert set(fired) == TINY_ATTN2
+    one_node, _ = _sun_run(comfy, "sun_ksampler_same")
+    assert torch.allclose(_latent(comfy, guided), _latent(comfy, one_node), atol=1e-5)   # the same sampling, two graphs
+    released, fired = _sun_run(comfy, "sun_released", adapter=SUN_RELEASED)
+    assert set(fired) == TINY_ATTN2
+    assert "inferred from its keys" in released["outputs"]["sample"]["text"][0]
+    # Same weights, other key layout; the inferred sampler (DPM-Solver++) is also what our file names.
+    assert torch.allclose(_latent(comfy, released), _latent(comfy, one_node), atol=1e-3)
 
 
 def test_wrong_base_adapter_is_a_node_error(comfy):

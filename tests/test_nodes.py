@@ -11,7 +11,6 @@ from types import ModuleType, SimpleNamespace
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, LCMScheduler
-from safetensors.torch import save_file
 
 from fewstep.core import samplers as K
 from fewstep.core.adapter_file import AdapterFileError, AdapterMetadata, write_adapter
@@ -27,7 +26,7 @@ class _Port:
 
 def _io_module() -> ModuleType:
     io = ModuleType("comfy_api.latest.io")
-    for name in ("Model", "Clip", "Sampler", "Sigmas", "Conditioning", "Latent", "Int", "Float", "String", "Combo"):
+    for name in ("Model", "Clip", "Sampler", "Sigmas", "Conditioning", "Latent", "Int", "Float", "String", "Combo", "Guider"):
         setattr(io, name, type(name, (), {"Input": _Port, "Output": _Port}))
     io.Schema = lambda **fields: SimpleNamespace(**fields)
     io.ComfyNode = type("ComfyNode", (), {})
@@ -196,10 +195,10 @@ def test_load_adapter_checks_base_and_kind(host):
     assert host.adapters.load_adapter(path, "sd15") is host.adapters.load_adapter(path, "sd15")   # read once
     with pytest.raises(AdapterFileError, match="adapter is for sd15 .*but the model is sdxl"):
         host.adapters.load_adapter(path, "sdxl")
-    sun = host.folders["fewstep"] / "sun.safetensors"
-    save_file({"1.to_k_neg.weight": torch.zeros(320, 768)}, str(sun))
-    with pytest.raises(AdapterFileError, match="is a sun_adapter; these nodes load flash_lora"):
-        host.adapters.load_adapter(str(sun), "sd15")
+    gdd = host.folders["fewstep"] / "gdd.safetensors"
+    write_adapter(gdd, {"conv_in.weight": torch.zeros(320, 4, 3, 3)}, AdapterMetadata(kind="gdd_student", base="sd15"))
+    with pytest.raises(AdapterFileError, match="is a gdd_student; these nodes load flash_lora, guided_student and sun_adapter"):
+        host.adapters.load_adapter(str(gdd), "sd15")
 
 
 def test_time_embed_offset_reproduces_diffusers_cond_proj(host):
@@ -220,3 +219,13 @@ def test_time_embed_offset_reproduces_diffusers_cond_proj(host):
             patched = host.adapters.TimeEmbedWithW(ldm_style, w_conditioning_offset(embedding.cond_proj.weight, w))(t_emb)
         torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-6)
     assert list(dict(host.adapters.TimeEmbedWithW(ldm_style, torch.zeros(1)).named_children())) == ["0", "1", "2"]
+
+
+def test_sun_patch_keys_follow_comfyui_block_addresses(host):
+    from fewstep.nodes.sun import patch_key
+
+    assert patch_key("input_blocks.1.1.transformer_blocks.0.attn2") == ("input", 1, 0)
+    assert patch_key("middle_block.1.transformer_blocks.3.attn2") == ("middle", 0, 3)   # never ("middle", 1)
+    assert patch_key("output_blocks.11.1.transformer_blocks.0.attn2") == ("output", 11, 0)
+    with pytest.raises(ValueError, match="not a UNet cross-attention layer"):
+        patch_key("input_blocks.1.1.transformer_blocks.0.attn1")

@@ -47,12 +47,12 @@ class TeacherEntry:
     def nfe(self) -> int:
         return self.steps * (2 if self.cfg_scale != 1.0 else 1)
 
-    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int) -> np.ndarray:
+    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str = "") -> np.ndarray:
         chunks = []
         for start in range(0, len(captions), batch_size):
             chunks.append(sample_images(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, captions[start:start + batch_size],
                                         seeds[start:start + batch_size], steps=self.steps, cfg_scale=self.cfg_scale,
-                                        spacing="trailing"))
+                                        spacing="trailing", negative=negative))
         return np.concatenate(chunks)
 
 
@@ -76,7 +76,7 @@ class StudentEntry:
     def nfe(self) -> int:
         return self.steps
 
-    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int) -> np.ndarray:
+    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str | None = None) -> np.ndarray:
         from .students import load_student
 
         if self.adapter is None:
@@ -86,8 +86,8 @@ class StudentEntry:
             _LOADED.clear()
             _LOADED[key] = load_student(pipe, self.adapter)
         student = _LOADED[key]
-        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.w, self.sampler)
-                               for i in range(0, len(captions), batch_size)])
+        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.w, self.sampler,
+                                              negative) for i in range(0, len(captions), batch_size)])
 
 
 _LOADED: dict = {}
@@ -98,6 +98,10 @@ def _guided(steps: int, w: float = GUIDED_W, sampler: str | None = None) -> Stud
     return StudentEntry(steps, adapter=None, label="guided", w=w, sampler=sampler)
 
 
+def _sun(steps: int, sampler: str | None = None) -> StudentEntry:
+    return StudentEntry(steps, adapter=None, label="sun", sampler=sampler)
+
+
 BENCH_SETS = {
     "teacher": [TeacherEntry(s) for s in (50, 25, 8, 4, 2)],
     "flash": [TeacherEntry(50), TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1)],
@@ -105,7 +109,14 @@ BENCH_SETS = {
     "guided": [TeacherEntry(50), _guided(50), TeacherEntry(8), TeacherEntry(4),
                *[_guided(n, sampler=s) for n in (8, 4, 2, 1) for s in ("ddim", "stochastic")],
                *[e for w in (0.0, 1.0, 6.0) for e in (TeacherEntry(50, w + 1.0), _guided(50, w))]],
+    # The adapter's own sampler (DPM-Solver++) and DDIM at 4 steps, then 8 and 2; plus the negative-prompt study.
+    "sun": [TeacherEntry(50), TeacherEntry(8), TeacherEntry(4), _sun(4), _sun(4, "ddim"), _sun(8), _sun(2)],
 }
+
+# The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.
+NEUTRAL_PROMPT = "a handwritten digit"
+NEGATIVE_CLASS = PROXY_CLASSES.index("a handwritten digit seven")
+NEGATIVE_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 def prompt_set(per_class: int) -> tuple[list[str], np.ndarray, list[int]]:
@@ -150,6 +161,9 @@ def run_bench(
                    f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
         "results": rows,
     }
+    if set_name == "sun":
+        document["negative_prompt"] = negative_prompt_study(pipe, next(e.adapter for e in entries if isinstance(e, StudentEntry)),
+                                                          per_class * 10, batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{set_name}.json").write_text(json.dumps(document, indent=2) + "\n")
     (out_dir / f"{set_name}.md").write_text(markdown_table(document))
@@ -198,6 +212,34 @@ def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, bat
     return row
 
 
+def negative_prompt_study(pipe, adapter: str, samples: int, batch_size: int, steps: int = 4) -> dict:
+    """How often the neutral prompt gives the negative class, with an empty negative prompt and with that class as the
+    negative: for the teacher with CFG (its 50 steps) and the SUN adapter at ``steps``, over negative strengths."""
+    from .metrics import classify_proxy_images
+    from .students import SunStudent
+
+    captions, seeds = [NEUTRAL_PROMPT] * samples, list(range(samples))
+    negative_class = PROXY_CLASSES[NEGATIVE_CLASS]
+
+    def rate(images: np.ndarray) -> float:
+        return float((classify_proxy_images(images) == NEGATIVE_CLASS).double().mean())
+
+    def row(name: str, generate, **fields) -> dict:
+        empty, negative = rate(generate("")), rate(generate(negative_class))
+        return {"name": name, **fields, "rate_empty_negative": empty, "rate_class_negative": negative,
+                "ratio": negative / empty if empty else None}
+
+    teacher = TeacherEntry(50)
+    rows = [row(teacher.name, lambda neg: teacher.generate(pipe, captions, seeds, batch_size, neg), negative_strength=None)]
+    for strength in NEGATIVE_STRENGTHS:
+        student = SunStudent(pipe, adapter, negative_strength=strength)
+        rows.append(row(f"sun-{steps}steps", lambda neg: np.concatenate([
+            student.images(captions[i:i + batch_size], seeds[i:i + batch_size], steps, negative=neg)
+            for i in range(0, samples, batch_size)]), negative_strength=strength))
+    return {"prompt": NEUTRAL_PROMPT, "negative": negative_class, "samples": samples,
+            "measure": f"share of samples the proxy classifier assigns to {negative_class!r}", "rows": rows}
+
+
 def markdown_table(document: dict) -> str:
     lines = ["| configuration | NFE | FID ↓ | prompt accuracy ↑ | s / image |", "|---|---|---|---|---|"]
     for r in document["results"]:
@@ -209,4 +251,12 @@ def markdown_table(document: dict) -> str:
     lines.append("")
     lines.append(f"{document['samples_per_configuration']} samples per configuration; {document['reference']}; "
                  f"classifier accuracy on real held-out images {document['classifier_heldout_accuracy']}; {document['machine']}.")
+    if "negative_prompt" in document:
+        study = document["negative_prompt"]
+        lines += ["", f"Prompt {study['prompt']!r}, {study['samples']} samples: {study['measure']}.", "",
+                  "| configuration | negative strength | empty negative | negative = the class | ratio |", "|---|---|---|---|---|"]
+        for r in study["rows"]:
+            strength = "–" if r["negative_strength"] is None else f"{r['negative_strength']:g}"
+            ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
+            lines.append(f"| {r['name']} | {strength} | {r['rate_empty_negative']:.3f} | {r['rate_class_negative']:.3f} | {ratio} |")
     return "\n".join(lines) + "\n"

@@ -116,6 +116,7 @@ def add_train(subparsers) -> None:
     p.set_defaults(run=run_train_teacher)
     add_train_flash(methods)
     add_train_guided(methods)
+    add_train_sun(methods)
 
 
 def add_train_flash(methods) -> None:
@@ -225,6 +226,43 @@ def add_train_guided(methods) -> None:
     p.set_defaults(run=run_train_guided)
 
 
+def add_train_sun(methods) -> None:
+    p = methods.add_parser(
+        "sun",
+        help="train a SUN adapter: one pass per step with the negative prompt still working (4 steps, no CFG)",
+        description="SUN / SpeedUpNet (Chai et al. 2023): train a cross-attention adapter fed by the negative prompt so "
+        "that one UNet pass gives the teacher's CFG result with that negative prompt; the base UNet stays frozen, so the "
+        "adapter plugs into fine-tuned models of the same base. Losses: offset learning against the teacher's CFG "
+        "prediction with random negative prompts, and multi-step consistency with the teacher's multistep CFG trajectory. "
+        "Writes one adapter file (kind sun_adapter) that the ComfyUI nodes and `fewstep bench --adapter` load. "
+        "Precedence: preset < --config FILE < flags. Rerun the same command to resume.",
+    )
+    _add_teacher_args(p, "sun", "sun_adapter.safetensors", "SUN")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--variant", default=None, choices=["add_pos", "plain"],
+                       help="add_pos: also an extra positive branch, as the released adapter (default); plain: negative branch only")
+    group.add_argument("--cfg-scale", type=float, default=None, help="the teacher CFG scale the adapter reproduces (paper preset: 7.5)")
+    group.add_argument("--negative-prompts", default=None,
+                       help="text file with one negative prompt per line to train with (default: the training captions)")
+    group.add_argument("--empty-negative-prob", type=float, default=None, help="share of samples with an empty negative prompt")
+    group.add_argument("--loss-space", default=None, choices=["x", "eps"], help="x: x0 error weighted by max(SNR, 1); eps: noise MSE")
+    group.add_argument("--msc-weight", type=float, default=None, help="weight of the multi-step consistency loss (0: off)")
+    group.add_argument("--msc-teacher-steps", type=int, default=None,
+                       help="steps of the teacher's DPM-Solver++ CFG trajectory (a multiple of the student's steps)")
+    group.add_argument("--msc-batch-size", type=int, default=None, help="samples per step with a teacher trajectory")
+    group.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    group.add_argument("--lr", type=float, default=None, help="learning rate of the adapter's key/value projections")
+    group.add_argument("--gain-lr-scale", type=float, default=None, help="the per-channel gains (alpha, beta) learn at lr times this")
+    group.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up")
+    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
+    group.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
+    group.add_argument("--sampler", default=None, choices=["dpmpp_2m", "ddim"], help="the sampler the file names")
+    group.add_argument("--sample-steps", type=int, default=None, help="the step count the file names (default 4)")
+    group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
+    _add_run_args(p, sample_help="steps between sample grids with an empty and a class negative prompt (RUN_DIR/samples)")
+    p.set_defaults(run=run_train_sun)
+
+
 def _str_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
@@ -244,6 +282,11 @@ FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phas
 
 GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "steps", "lr", "warmup_steps", "batch_size", "ema_decay", "start_steps",
                 "target_steps", "round_steps", "sampler", "sample_steps", "gradient_checkpointing")
+
+
+SUN_FLAGS = ("variant", "cfg_scale", "negative_prompts", "empty_negative_prob", "loss_space", "msc_weight", "msc_teacher_steps",
+             "msc_batch_size", "steps", "lr", "gain_lr_scale", "warmup_steps", "batch_size", "ema_decay", "sampler", "sample_steps",
+             "gradient_checkpointing")
 
 
 def run_train_flash(args: argparse.Namespace) -> int:
@@ -266,6 +309,13 @@ def run_train_guided(args: argparse.Namespace) -> int:
     return _run_distillation(args, "guided", guided.load_config, GUIDED_FLAGS, "guided_student.safetensors",
                              lambda **kw: guided.train_progressive(student=args.student, **kw),
                              "few-step guided student written to {out}; every round's is in RUN_DIR/round-*steps/")
+
+
+def run_train_sun(args: argparse.Namespace) -> int:
+    from .methods import sun
+
+    return _run_distillation(args, "sun", sun.load_config, SUN_FLAGS, "sun_adapter.safetensors", sun.train_sun,
+                             "SUN adapter written to {out}; try: fewstep bench --set sun --adapter {out}")
 
 
 def _run_distillation(args: argparse.Namespace, method: str, load_config, flags, out_name: str, train, done: str) -> int:
@@ -349,10 +399,11 @@ def add_bench(subparsers) -> None:
         "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
         "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
     )
-    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided"],
+    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun"],
                    help="'teacher' (50/25/8/4/2 steps with CFG), 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 "
-                   "steps) or 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, 8/4/2/1 steps with DDIM and "
-                   "stochastic sampling, and a sweep over w; needs --adapter)")
+                   "steps), 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, 8/4/2/1 steps with DDIM and "
+                   "stochastic sampling, and a sweep over w; needs --adapter) or 'sun' (teacher 50/8/4 steps with CFG vs a SUN "
+                   "adapter at 4/8/2 steps, and how a class named as negative prompt disappears; needs --adapter)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
@@ -366,8 +417,9 @@ def add_bench(subparsers) -> None:
 def run_bench_command(args: argparse.Namespace) -> int:
     from .bench import BUNDLED_TEACHER, markdown_table, run_bench
 
-    if args.set == "guided" and not args.adapter:
-        print("error: --set guided needs --adapter: a guided_student file from `fewstep train guided`", file=sys.stderr)
+    needs = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`"}
+    if args.set in needs and not args.adapter:
+        print(f"error: --set {args.set} needs --adapter: {needs[args.set]}", file=sys.stderr)
         return 2
     document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter)
     print(markdown_table(document), end="")

@@ -98,7 +98,7 @@ def training_loop(
     batch_fn: BatchFn,                        # (generator) -> batch dict of tensors on the CPU
     total_steps: int,                         # optimiser steps in the whole run, counting resumed ones
     lr: float = 1e-4,                         # AdamW learning rate
-    lr_scales: Optional[dict[str, float]] = None,  # parameter-name prefix -> factor on lr (e.g. a discriminator's own rate)
+    lr_scales: Optional[dict[str, float]] = None,  # parameter-name prefix or pattern -> factor on lr (a discriminator's own rate)
     weight_decay: float = 0.0,                # AdamW weight decay
     warmup_steps: int = 0,                    # linear learning-rate warm-up
     grad_clip: float = 1.0,                   # max gradient norm; 0 disables
@@ -218,11 +218,14 @@ def _release_accelerator_state(mixed_precision: str) -> None:
 
 
 def _param_groups(model: torch.nn.Module, lr: float, lr_scales: dict[str, float]) -> list[dict]:
-    """AdamW groups: trainable parameters by the first matching name prefix in lr_scales, the rest at lr."""
+    """AdamW groups: trainable parameters by the first key of lr_scales that is a prefix of their name or an fnmatch
+    pattern matching it ("adapter.*_alpha"), the rest at lr."""
+    from fnmatch import fnmatchcase
+
     groups: dict[str, list] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            prefix = next((k for k in lr_scales if name.startswith(k)), "")
+            prefix = next((k for k in lr_scales if name.startswith(k) or fnmatchcase(name, k)), "")
             groups.setdefault(prefix, []).append(p)
     return [{"params": ps, "lr": lr * lr_scales.get(k, 1.0), "base_lr": lr * lr_scales.get(k, 1.0)} for k, ps in groups.items()]
 

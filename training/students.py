@@ -38,12 +38,15 @@ def sample_student(unet, schedule: DiscreteSchedule, cond: dict, seeds: Sequence
 
 
 class _Student:
-    """What the student kinds share: ``images`` decodes the subclass's ``latents(captions, seeds, steps, w, sampler)``;
-    None means the file's own setting."""
+    """What the student kinds share: ``images`` decodes the subclass's ``latents(captions, seeds, steps, w, sampler,
+    negative)``; None means the file's own setting. ``negative`` (one prompt for all) reaches the kinds that read a
+    negative prompt without CFG (SUN); the others take no negative prompt and refuse one."""
 
     def images(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
-               w: Optional[float] = None, sampler: Optional[str] = None) -> np.ndarray:
-        latents = self.latents(captions, seeds, steps, w, sampler)
+               w: Optional[float] = None, sampler: Optional[str] = None, negative: Optional[str] = None) -> np.ndarray:
+        if negative and not isinstance(self, SunStudent):
+            raise ValueError(f"{type(self).__name__} samples without CFG and has no negative-prompt input")
+        latents = self.latents(captions, seeds, steps, w, sampler, **({"negative": negative} if negative is not None else {}))
         vae = self.pipe.vae
         with torch.no_grad():
             return to_uint8(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
@@ -98,6 +101,35 @@ class GuidedStudent(_Student):
                               sampler or meta.sampler, consistency_boundary=False)
 
 
+class SunStudent(_Student):
+    """A ``sun_adapter`` file (ours or the released layout) on a copy of the teacher's UNet, one pass per step with the
+    negative prompt in the adapter; ``negative_strength`` scales the negative branch (1: as trained)."""
+
+    def __init__(self, pipe, adapter_path: str | Path, negative_strength: float = 1.0):
+        from .sun_attention import attach_sun, sun_adapter_from_tensors
+
+        self.pipe = pipe
+        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["sun_adapter"])
+        self.unet = copy.deepcopy(pipe.unet)
+        try:
+            self.sun = sun_adapter_from_tensors(self.unet, self.adapter.tensors)
+        except ValueError as exc:
+            raise AdapterFileError(f"{Path(adapter_path).name}: {exc}") from None
+        self.inputs = attach_sun(self.unet, self.sun)
+        self.negative_strength = negative_strength
+        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
+        self.prompts = PromptEncoder(pipe)
+
+    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
+                w: Optional[float] = None, sampler: Optional[str] = None, negative: str = "") -> torch.Tensor:
+        """``w`` is accepted for a uniform interface; a SUN adapter bakes in its CFG scale."""
+        meta = self.adapter.metadata
+        features = self.prompts([negative])["encoder_hidden_states"]
+        with self.inputs.negative_prompt(features, self.negative_strength):
+            return sample_student(self.unet, self.schedule, self.prompts(captions), seeds, meta.timesteps_for(steps or meta.steps),
+                                  sampler or meta.sampler, consistency_boundary=False)
+
+
 def load_student(pipe, adapter_path: str | Path) -> _Student:
     """The sampler for an adapter file of any kind fewstep can sample on a diffusers pipeline."""
     name = Path(adapter_path).name
@@ -106,5 +138,7 @@ def load_student(pipe, adapter_path: str | Path) -> _Student:
         return AdaptedTeacher(pipe, adapter_path)
     elif meta.kind == "guided_student":
         return GuidedStudent(pipe, adapter_path)
+    elif meta.kind == "sun_adapter":
+        return SunStudent(pipe, adapter_path)
     else:
         raise AdapterFileError(f"{name}: fewstep cannot sample {meta.kind} files on a diffusers pipeline yet")

@@ -142,12 +142,12 @@ def encode_dataset(vae, pixels: torch.Tensor, batch_size: int = 256) -> tuple[to
 
 @torch.no_grad()
 def sample_images(unet, vae, text_encoder, tokenizer, captions: Sequence[str], seeds: Sequence[int], steps: int = 25,
-                  cfg_scale: float = 5.0, spacing: str = "leading") -> np.ndarray:
-    """Teacher samples with DDIM and CFG through core's sampler; uint8 (N, 32, 32, 3)."""
+                  cfg_scale: float = 5.0, spacing: str = "leading", negative: str = "") -> np.ndarray:
+    """Teacher samples with DDIM and CFG (``negative`` as the unconditional prompt) through core's sampler; uint8 (N, 32, 32, 3)."""
     schedule = DiscreteSchedule.stable_diffusion()
     device = unet.device
     cond = text_encoder.to(device)(tokenize(tokenizer, captions).to(device))[0]
-    uncond = text_encoder(tokenize(tokenizer, [""] * len(captions)).to(device))[0]
+    uncond = text_encoder(tokenize(tokenizer, [negative] * len(captions)).to(device))[0]
     noise = torch.stack([torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(device)
     model = CFGDenoiser(UNetDenoiser(unet, schedule), cond, uncond, cfg_scale)
     sigmas = schedule.sigmas_for_timesteps(select_timesteps(spacing, steps))

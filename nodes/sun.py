@@ -1,0 +1,149 @@
+"""ComfyUI glue for SUN adapters: attn2 replace patches that run ``core.sun`` and a guider that feeds them the negative.
+
+The loader puts one replace patch on every cross-attention layer the adapter covers (keyed as ComfyUI's transformer
+blocks address them: ("input", 1, 0), ("middle", 0, 0), ("output", 3, 0), …) plus, for the add_pos variant, one
+attn2 patch that hands the raw positive text features on to the replace patch (which only sees projected keys).
+``SunGuider`` runs one model pass per step with the positive prompt and puts the negative prompt's text features
+into ``transformer_options`` under ``SUN_OPTIONS_KEY``, where the patches read them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Optional
+
+import torch
+
+from ..core.adapter_file import Adapter, AdapterFileError
+from ..core.sun import SunAdapter, SunFileError, SunLayer, from_released_layout, is_released_layout
+
+logger = logging.getLogger("fewstep")
+
+SUN_OPTIONS_KEY = "fewstep_sun"              # transformer_options entry the guider sets: negative features, strength
+POSITIVE_CONTEXT_KEY = "fewstep_sun_context"  # extra_options entry the context tap sets for the replace patches
+_LDM_ATTN2 = re.compile(r"^(input_blocks\.(\d+)|middle_block|output_blocks\.(\d+))\.1\.transformer_blocks\.(\d+)\.attn2$")
+
+
+def diffusers_to_ldm_attention(model) -> dict[str, str]:
+    """{diffusers attention module name: LDM name} for the MODEL's UNet (attn1 and attn2)."""
+    import comfy.utils
+
+    names = {}
+    for key, ldm in comfy.utils.unet_to_diffusers(model.model.model_config.unet_config).items():
+        if key.endswith((".attn1.to_q.weight", ".attn2.to_q.weight")):
+            names[key[: -len(".to_q.weight")]] = ldm[: -len(".to_q.weight")]
+    return names
+
+
+def patch_key(ldm_name: str) -> tuple[str, int, int]:
+    """The (block, number, transformer index) under which ComfyUI looks up an attn2 replace patch."""
+    m = _LDM_ATTN2.match(ldm_name)
+    if m is None:
+        raise ValueError(f"{ldm_name} is not a UNet cross-attention layer")
+    if m.group(2) is not None:
+        return "input", int(m.group(2)), int(m.group(4))
+    if m.group(3) is not None:
+        return "output", int(m.group(3)), int(m.group(4))
+    return "middle", 0, int(m.group(4))
+
+
+class SunAttn2Patch:
+    """An attn2 replace patch: the layer's attention plus its SUN branches (``core.sun.SunLayer``)."""
+
+    def __init__(self, layer: SunLayer, strength: float, key: tuple[str, int, int]):
+        self.layer, self.strength, self.key = layer, strength, key
+
+    def to(self, device) -> "SunAttn2Patch":
+        self.layer.to(device)
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        heads, precision = extra_options["n_heads"], extra_options.get("attn_precision")
+
+        def attend(q_, k_, v_):
+            return optimized_attention(q_, k_, v_, heads, attn_precision=precision)
+
+        h_pos = attend(q, k, v)
+        sun = extra_options.get(SUN_OPTIONS_KEY)
+        if sun is None:
+            _warn_once("a SUN adapter ran without a negative prompt: sample with FewStep SUN Guider or FewStep KSampler")
+            return h_pos
+        if logger.isEnabledFor(logging.DEBUG):   # host tests check from the log that every patch fires
+            logger.debug("fewstep: SUN layer %s ran with a negative prompt", self.key)
+        if self.layer.to_k_neg.weight.dtype != q.dtype or self.layer.to_k_neg.weight.device != q.device:
+            self.layer.to(q.device, q.dtype)
+        positive = extra_options.get(POSITIVE_CONTEXT_KEY)
+        with torch.no_grad():
+            return self.layer(attend, q, h_pos, sun["negative"].to(q.device), positive, sun["negative_strength"], self.strength)
+
+
+def positive_context_tap(n, context, value, extra_options):
+    """attn2 patch: keep the raw positive text features for the add_pos branch of the replace patch."""
+    extra_options[POSITIVE_CONTEXT_KEY] = context
+    return n, context, value
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("fewstep: %s", message)
+
+
+def sun_adapter_for(model, adapter: Adapter) -> tuple[SunAdapter, dict[str, str]]:
+    """The adapter's layers (released or our layout) and the LDM names of their attention modules in this MODEL."""
+    name = os.path.basename(adapter.path)
+    ldm = diffusers_to_ldm_attention(model)
+    try:
+        tensors = from_released_layout(adapter.tensors, ldm) if is_released_layout(adapter.tensors) else adapter.tensors
+        sun = SunAdapter.from_tensors(tensors)
+    except (SunFileError, ValueError) as exc:
+        raise AdapterFileError(f"{name}: {exc}") from None
+    state = model.model.state_dict()
+    for layer_name in sun.names:
+        weight = state.get(f"diffusion_model.{ldm.get(layer_name, '?')}.to_k.weight")
+        if weight is None or weight.shape != sun.layer(layer_name).to_k_neg.weight.shape:
+            raise AdapterFileError(f"{name}: SUN layer {layer_name} does not fit this model: the adapter was made for a different model")
+    return sun, ldm
+
+
+def add_sun(model, adapter: Adapter, strength: float) -> tuple[object, list[SunAttn2Patch]]:
+    """A clone with the adapter's attn2 replace patches at ``strength`` (and the context tap for add_pos); the patches
+    are returned so that callers can check they fire."""
+    sun, ldm = sun_adapter_for(model, adapter)
+    model = model.clone()
+    patches = []
+    for layer_name in sun.names:
+        patch = SunAttn2Patch(sun.layer(layer_name).requires_grad_(False), strength, patch_key(ldm[layer_name]))
+        model.set_model_attn2_replace(patch, *patch.key)
+        patches.append(patch)
+    if sun.variant == "add_pos":
+        model.set_model_attn2_patch(positive_context_tap)
+    return model, patches
+
+
+def cross_attention_features(conds: Optional[list]) -> torch.Tensor:
+    """The text features of the first processed conditioning entry (what a CLIP Text Encode produced)."""
+    if not conds:
+        raise ValueError("FewStep SUN Guider needs a negative conditioning (an empty prompt is fine)")
+    return conds[0]["model_conds"]["c_crossattn"].cond
+
+
+def make_sun_guider(model, negative_strength: float):
+    """A CFGGuider subclass instance: one pass per step on the positive prompt, the negative in the SUN patches."""
+    import comfy.samplers
+
+    class SunGuider(comfy.samplers.CFGGuider):
+        def predict_noise(self, x, timestep, model_options={}, seed=None):
+            options = dict(model_options)
+            options["transformer_options"] = {**model_options.get("transformer_options", {}), SUN_OPTIONS_KEY: {
+                "negative": cross_attention_features(self.conds.get("negative")), "negative_strength": negative_strength}}
+            return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds.get("positive")], x, timestep, options)[0]
+
+    return SunGuider(model)
