@@ -281,3 +281,29 @@ def test_config_and_cli_errors(tiny_teacher, tmp_path, capsys):
     assert json.loads((tmp_path / "run" / "training_options.json").read_text())["sun"]["cfg_scale"] == 4.0
     assert main(["bench", "--set", "sun"]) == 2
     assert "needs --adapter" in capsys.readouterr().err
+
+
+def test_an_adapter_of_the_base_plugs_into_a_finetune_of_it(tiny_teacher, proxy_data, tmp_path):
+    """`fewstep train finetune` makes a fine-tuned pipeline; the base's SUN adapter attaches to it untrained."""
+    from fewstep.training.teacher import finetune_teacher
+
+    adapter = S.train_sun(tiny_teacher, proxy_data, tmp_path / "sun", tmp_path / "sun.safetensors", S.load_config("proxy", **TINY),
+                          sample_every=0, progress=False)
+    out = finetune_teacher(tiny_teacher, proxy_data, tmp_path / "ft", tmp_path / "finetuned", steps=3, batch_size=4, lr=1e-2,
+                           ema_decay=None, sample_every=3, progress=False)
+    assert (tmp_path / "ft" / "samples" / "step-00000003.png").is_file()
+    base, finetuned = load_teacher(tiny_teacher), load_teacher(out)
+    assert any((a - b).abs().max() > 0 for a, b in zip(base.unet.parameters(), finetuned.unet.parameters()))
+    # The VAE is kept (up to the fp16 the pipeline is saved in).
+    assert all(torch.allclose(a.half().float(), b.float()) for a, b in zip(base.vae.parameters(), finetuned.vae.parameters()))
+    captions, seeds = ["a handwritten digit three"], [0]
+    on_base = SunStudent(base, adapter).latents(captions, seeds)
+    on_finetune = SunStudent(finetuned, adapter).latents(captions, seeds)
+    assert torch.isfinite(on_finetune).all() and (on_base - on_finetune).abs().max() > 1e-4
+
+
+def test_inverted_proxy_is_the_proxy_in_inverted_colours():
+    from fewstep.training.data import load_dataset
+
+    plain, inverted = load_dataset("proxy"), load_dataset("proxy-inverted")
+    assert plain.captions == inverted.captions and (inverted.images == 255 - plain.images).all()

@@ -114,9 +114,61 @@ def add_train(subparsers) -> None:
     p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this many steps (resume later)")
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
     p.set_defaults(run=run_train_teacher)
+    add_train_finetune(methods)
     add_train_flash(methods)
     add_train_guided(methods)
     add_train_sun(methods)
+
+
+def add_train_finetune(methods) -> None:
+    p = methods.add_parser(
+        "finetune",
+        help="fine-tune a teacher's UNet on a dataset (a style or subject), as users fine-tune SD1.5 models",
+        description="Fine-tune the UNet of an SD1.5-architecture pipeline on captioned images (VAE and text encoder frozen, "
+        "captions dropped 10%% of the time so CFG keeps working) and save the result as a pipeline folder. It makes the "
+        "fine-tuned models that plug-in adapters (SUN) must carry over to, and the teachers of data-free distillation.",
+    )
+    p.add_argument("--teacher", default=None, help="pipeline folder or single-file checkpoint (default: the bundled proxy teacher)")
+    p.add_argument("--teacher-config", default=None, help="for a single-file teacher: a diffusers folder with its configs")
+    p.add_argument("--data", default="proxy-inverted",
+                   help="'proxy', 'proxy-inverted' (the bundled set in inverted colours: a style), a folder of images with "
+                   ".txt captions / metadata.jsonl, or webdataset shards")
+    p.add_argument("--run-dir", default="runs/finetune", help="checkpoints, logs and sample grids")
+    p.add_argument("--out", default=None, help="the fine-tuned pipeline folder (default: RUN_DIR/pipeline)")
+    p.add_argument("--steps", type=int, default=1000, help="UNet training steps")
+    p.add_argument("--batch-size", type=int, default=64, help="images per step")
+    p.add_argument("--lr", type=float, default=1e-4, help="UNet learning rate")
+    p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by the empty prompt")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported UNet weights")
+    _add_run_args(p, sample_help="steps between sample grids (RUN_DIR/samples)")
+    p.set_defaults(run=run_train_finetune)
+
+
+def run_train_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BUNDLED_TEACHER
+    from .pipelines import TeacherError
+
+    options = {"teacher": args.teacher or str(BUNDLED_TEACHER), "data": args.data, "run_dir": args.run_dir,
+               "out": args.out or str(Path(args.run_dir) / "pipeline"), "steps": args.steps, "batch_size": args.batch_size,
+               "lr": args.lr, "caption_dropout": args.caption_dropout, "ema_decay": args.ema_decay,
+               "mixed_precision": _mixed_precision(args.mixed_precision), "seed": args.seed}
+    if not 0 <= args.caption_dropout < 1:
+        print("error: --caption-dropout must be in [0, 1)", file=sys.stderr)
+        return 2
+    if _announce(args.run_dir, options, args.dry_run):
+        return 0
+    from .teacher import finetune_teacher
+
+    try:
+        out = finetune_teacher(teacher_config=args.teacher_config, checkpoint_every=args.checkpoint_every,
+                               sample_every=args.sample_every, resume=not args.no_resume, stop_after=args.stop_after, **options)
+    except (TeacherError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"fine-tuned pipeline written to {out}" if out else f"stopped after step {args.stop_after}; rerun to continue")
+    return 0
 
 
 def add_train_flash(methods) -> None:
@@ -211,17 +263,12 @@ def add_train_guided(methods) -> None:
     group.add_argument("--default-w", type=float, default=None, help="the w the exported file proposes (paper preset: 6.5)")
     group.add_argument("--loss-space", default=None, choices=["x", "eps"],
                        help="x: x0 error weighted by max(SNR, 1), the paper's; eps: the implied noise's MSE")
-    group.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    group.add_argument("--lr", type=float, default=None, help="learning rate (whole UNet)")
-    group.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up (per stage-2 round)")
-    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
-    group.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
+    _add_optimiser_args(group, lr_help="learning rate (whole UNet)", warmup_help="linear learning-rate warm-up (per stage-2 round)")
     group.add_argument("--start-steps", type=int, default=None, help="stage 2: the step count the first round halves (default 16)")
     group.add_argument("--target-steps", type=int, default=None, help="stage 2: the last round's step count (default 1)")
     group.add_argument("--round-steps", type=int, default=None, help="stage 2: optimiser steps per round")
     group.add_argument("--sampler", default=None, choices=["ddim", "stochastic"], help="the sampler the file names")
     group.add_argument("--sample-steps", type=int, default=None, help="the step count the file names (stage 1: the teacher's)")
-    group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
     _add_run_args(p, sample_help="steps between sample grids at w = 0 and the default w (RUN_DIR/samples)")
     p.set_defaults(run=run_train_guided)
 
@@ -250,17 +297,22 @@ def add_train_sun(methods) -> None:
     group.add_argument("--msc-teacher-steps", type=int, default=None,
                        help="steps of the teacher's DPM-Solver++ CFG trajectory (a multiple of the student's steps)")
     group.add_argument("--msc-batch-size", type=int, default=None, help="samples per step with a teacher trajectory")
-    group.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    group.add_argument("--lr", type=float, default=None, help="learning rate of the adapter's key/value projections")
+    _add_optimiser_args(group, lr_help="learning rate of the adapter's key/value projections")
     group.add_argument("--gain-lr-scale", type=float, default=None, help="the per-channel gains (alpha, beta) learn at lr times this")
-    group.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up")
-    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
-    group.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
     group.add_argument("--sampler", default=None, choices=["dpmpp_2m", "ddim"], help="the sampler the file names")
     group.add_argument("--sample-steps", type=int, default=None, help="the step count the file names (default 4)")
-    group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
     _add_run_args(p, sample_help="steps between sample grids with an empty and a class negative prompt (RUN_DIR/samples)")
     p.set_defaults(run=run_train_sun)
+
+
+def _add_optimiser_args(group, lr_help: str, warmup_help: str = "linear learning-rate warm-up") -> None:
+    """The optimiser options of the methods trained on one loss for a number of steps."""
+    group.add_argument("--steps", type=int, default=None, help="optimiser steps")
+    group.add_argument("--lr", type=float, default=None, help=lr_help)
+    group.add_argument("--warmup-steps", type=int, default=None, help=warmup_help)
+    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
+    group.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
+    group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
 
 
 def _str_list(text: str) -> list[str]:
@@ -318,6 +370,16 @@ def run_train_sun(args: argparse.Namespace) -> int:
                              "SUN adapter written to {out}; try: fewstep bench --set sun --adapter {out}")
 
 
+def _announce(run_dir: str, options: dict, dry_run: bool) -> bool:
+    """Print a run's resolved options and save them as RUN_DIR/training_options.json; True for a dry run."""
+    from pathlib import Path
+
+    print(json.dumps(options, indent=2))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "training_options.json").write_text(json.dumps(options, indent=2) + "\n")
+    return dry_run
+
+
 def _run_distillation(args: argparse.Namespace, method: str, load_config, flags, out_name: str, train, done: str) -> int:
     """Resolve options (preset < --config < flags), print and save them, train, report; errors exit with 2."""
     import dataclasses
@@ -340,10 +402,7 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
     out = args.out or str(Path(args.run_dir) / out_name)
     options = {"teacher": str(teacher), "data": args.data, "preset": preset, "run_dir": args.run_dir, "out": out,
                "mixed_precision": _mixed_precision(args.mixed_precision), method: dataclasses.asdict(config)}
-    print(json.dumps(options, indent=2))
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.run_dir) / "training_options.json").write_text(json.dumps(options, indent=2) + "\n")
-    if args.dry_run:
+    if _announce(args.run_dir, options, args.dry_run):
         return 0
     try:
         result = train(teacher=teacher, data=args.data, run_dir=args.run_dir, out=out, config=config, resolution=args.resolution,
@@ -370,10 +429,7 @@ def run_train_teacher(args: argparse.Namespace) -> int:
     if not 0 <= args.caption_dropout < 1:
         print("error: --caption-dropout must be in [0, 1)", file=sys.stderr)
         return 2
-    print(json.dumps({"data": args.data, **config}, indent=2))
-    Path(args.run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.run_dir) / "training_options.json").write_text(json.dumps({"data": args.data, **config}, indent=2) + "\n")
-    if args.dry_run:
+    if _announce(args.run_dir, {"data": args.data, **config}, args.dry_run):
         return 0
     from .data import load_dataset
     from .teacher import train_teacher

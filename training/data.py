@@ -6,6 +6,8 @@ always holds a few. Images come out as uint8 RGB arrays; resizing and normalisat
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import io
 import importlib.util
@@ -224,9 +226,11 @@ def load_proxy_dataset(split: str = "train") -> CaptionedImages:
 
 
 def load_dataset(spec: str, size: int | None = PROXY_SIZE) -> CaptionedImages:
-    """``proxy`` (the bundled set), a folder of captioned images, or webdataset shards (``a.tar``, ``shards/*.tar``)."""
-    if spec == "proxy":
-        return load_proxy_dataset("train")
+    """``proxy`` (the bundled set), ``proxy-inverted`` (the same in inverted colours: a "style" to fine-tune on), a folder
+    of captioned images, or webdataset shards (``a.tar``, ``shards/*.tar``)."""
+    if spec in ("proxy", "proxy-inverted"):
+        data = load_proxy_dataset("train")
+        return dataclasses.replace(data, images=255 - data.images) if spec == "proxy-inverted" else data
     if spec.endswith(".tar") or any(ch in spec for ch in "*?["):
         import glob
 

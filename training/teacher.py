@@ -256,3 +256,59 @@ def train_teacher(
                   "scaling_factor": scaling_factor, "seed": seed, "captions": len(captions), "images": len(data)}
     save_pipeline(out, vae, text_encoder, tokenizer, unet, provenance)
     return out
+
+
+def finetune_teacher(
+    teacher: str | Path,                     # an SD1.5-architecture pipeline folder or single file
+    data: CaptionedImages | str,             # the fine-tuning images, or a dataset spec for load_dataset
+    run_dir: str | Path,                     # checkpoints, logs and sample grids
+    out: str | Path,                         # the fine-tuned pipeline folder
+    steps: int = 1000,                       # UNet training steps
+    batch_size: int = 64,                    # images per step
+    lr: float = 1e-4,                        # UNet learning rate
+    caption_dropout: float = 0.1,            # keeps the unconditional model (CFG) in step with the fine-tune
+    ema_decay: Optional[float] = 0.999,      # EMA of the UNet weights (the exported ones)
+    teacher_config: Optional[str | Path] = None,  # for single files: a diffusers folder with configs
+    mixed_precision: str = "no",
+    checkpoint_every: int = 500,
+    sample_every: int = 500,
+    seed: int = 0,
+    resume: bool = True,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+) -> Optional[Path]:
+    """Fine-tune a teacher's UNet on a dataset (a style, a subject), as users fine-tune SD1.5 models; VAE and text
+    encoder stay as they are. Returns ``out``, or None when stopped early by ``stop_after``."""
+    from .methods.common import load_teacher_data
+    from .pipelines import base_of
+
+    setup = load_teacher_data(teacher, data, teacher_config=teacher_config)
+    pipe = setup.pipe
+    if base_of(pipe) != "sd15":
+        raise ValueError(f"fewstep finetune handles SD1.5-architecture teachers; {teacher} is {base_of(pipe)}")
+    captions = sorted(set(setup.captions))
+    caption_ids = tokenize(pipe.tokenizer, captions)
+    loss = EpsilonLoss(DiscreteSchedule.stable_diffusion(), pipe.text_encoder.requires_grad_(False),
+                       tokenize(pipe.tokenizer, [""])[0], caption_dropout)
+    to_latents = setup.batch_fn(batch_size)
+
+    def latent_batch(gen):
+        batch = to_latents(gen)
+        return {"latents": batch["latents"], "input_ids": caption_ids[[captions.index(c) for c in batch["captions"]]]}
+
+    preview = captions[:20]
+
+    def sample_fn(model, step):
+        images = sample_images(model, pipe.vae, pipe.text_encoder, pipe.tokenizer, preview, list(range(len(preview))))
+        save_grid(images, Path(run_dir) / "samples" / f"step-{step:08d}.png", columns=len(preview))
+
+    unet = training_loop(run_dir, pipe.unet.requires_grad_(True).train(), loss, latent_batch, steps, lr=lr, warmup_steps=50,
+                         ema_decay=ema_decay, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
+                         sample_every=sample_every, sample_fn=sample_fn, seed=seed, resume=resume, stop_after=stop_after,
+                         progress=progress, desc="fine-tune")
+    if stop_after is not None and stop_after < steps:
+        return None
+    provenance = {"finetuned_from": str(teacher), "steps": steps, "batch_size": batch_size, "lr": lr,
+                  "caption_dropout": caption_dropout, "ema_decay": ema_decay, "seed": seed, "images": len(setup.captions)}
+    save_pipeline(Path(out), pipe.vae, pipe.text_encoder, pipe.tokenizer, unet.requires_grad_(False).eval(), provenance)
+    return Path(out)

@@ -111,3 +111,24 @@ def provenance(method: str, teacher: str | Path, train_steps: int, images: int, 
     options = dataclasses.asdict(config)
     return {"method": method, "teacher": str(teacher), "train_steps": train_steps, "images": images,
             "fewstep_version": __version__, "config": {k: options[k] for k in fields}}
+
+
+def fit(model: torch.nn.Module, run_dir: Path, batch_fn, config, desc: str, run: dict, total_steps: Optional[int] = None,
+        stop_after: Optional[int] = None, sample_fn=None, lr_scales: Optional[dict[str, float]] = None) -> torch.nn.Module:
+    """The shared loop on ``model(batch, gen)`` with a method config's optimiser options (steps, lr, warmup_steps,
+    grad_clip, ema_decay) and the run mechanics in ``run`` (mixed_precision, checkpoint_every, sample_every,
+    log_every, seed, resume, progress)."""
+    from ..loop import training_loop
+
+    return training_loop(run_dir, model, lambda m, b, g: m(b, g), batch_fn, total_steps or config.steps, lr=config.lr,
+                         lr_scales=lr_scales, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
+                         ema_decay=config.ema_decay, sample_fn=sample_fn, stop_after=stop_after, desc=desc, **run)
+
+
+def on_main_process(export: Callable[[], object]) -> None:
+    """Run ``export`` on the main process only, and let every process wait for it (``accelerate launch``)."""
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        export()
+    PartialState().wait_for_everyone()

@@ -39,7 +39,7 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder, base_of, cat_cond
 from ..students import sample_student
-from .common import load_options, load_teacher_data, provenance, replace_options
+from .common import load_options, load_teacher_data, on_main_process, provenance, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -442,8 +442,6 @@ def train_flash(
     progress: bool = True,
 ) -> Optional[Path]:
     """Distil ``teacher`` into a Flash LoRA and export it; returns ``out``, or None if stopped by ``stop_after``."""
-    from accelerate import PartialState
-
     from ..loop import training_loop
 
     config.validate()
@@ -470,10 +468,9 @@ def train_flash(
         seed=seed, resume=resume, stop_after=stop_after, progress=progress, desc="flash")
     if stop_after is not None and stop_after < config.total_steps:
         return None
-    if PartialState().is_main_process:
-        export_flash_lora(model, out, setup.base, provenance("flash", teacher, config.total_steps, len(setup.captions), config,
-                                                             ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss")))
-    PartialState().wait_for_everyone()
+    on_main_process(lambda: export_flash_lora(model, out, setup.base, provenance(
+        "flash", teacher, config.total_steps, len(setup.captions), config,
+        ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss"))))
     return out
 
 

@@ -40,7 +40,7 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from ..pipelines import PromptEncoder
 from ..students import sample_student
-from .common import load_options, load_teacher_data, provenance, replace_options
+from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -259,10 +259,6 @@ def train_guided(
     progress: bool = True,
 ) -> Optional[Path]:
     """Stage 1: distil ``teacher`` into a w-conditioned student and export it; None if stopped by ``stop_after``."""
-    from accelerate import PartialState
-
-    from ..loop import training_loop
-
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
@@ -277,17 +273,15 @@ def train_guided(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "guided_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = training_loop(
-        run_dir, model, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.steps, lr=config.lr,
-        warmup_steps=config.warmup_steps, grad_clip=config.grad_clip, ema_decay=config.ema_decay, mixed_precision=mixed_precision,
-        checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
-        seed=seed, resume=resume, stop_after=stop_after, progress=progress, desc="guided stage 1")
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
+    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "guided stage 1", run, stop_after=stop_after,
+                sample_fn=sample_fn)
     if stop_after is not None and stop_after < config.steps:
         return None
-    if PartialState().is_main_process:
-        export_guided_student(model.student, model.schedule, config, out, setup.base, config.sample_steps, 1,
-                              provenance("guided", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS))
-    PartialState().wait_for_everyone()
+    on_main_process(lambda: export_guided_student(model.student, model.schedule, config, out, setup.base, config.sample_steps, 1,
+                                                  provenance("guided", teacher, config.steps, len(setup.captions), config,
+                                                             PROVENANCE_FIELDS)))
     return out
 
 
@@ -314,9 +308,6 @@ def train_progressive(
     A round whose student file exists is done; a resumed run continues the unfinished round from its checkpoint."""
     import shutil
 
-    from accelerate import PartialState
-
-    from ..loop import training_loop
     from ..students import GuidedStudent
 
     config.validate()
@@ -327,6 +318,8 @@ def train_progressive(
             shutil.rmtree(finished)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
     schedule = _schedule_of(setup.pipe)
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
     current = GuidedStudent(setup.pipe, student).unet
     preview = setup.preview_captions()
     for index, steps in enumerate(config.rounds):
@@ -347,19 +340,14 @@ def train_progressive(
             setup.save_grid(m.sample(preview, list(range(len(preview))), steps, config.default_w),
                             round_dir / "samples" / f"step-{step:08d}-w{config.default_w:g}.png")
 
-        model = training_loop(
-            round_dir, model, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.round_steps, lr=config.lr,
-            warmup_steps=config.warmup_steps, grad_clip=config.grad_clip, ema_decay=config.ema_decay, mixed_precision=mixed_precision,
-            checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
-            seed=seed, resume=resume, stop_after=round_stop, progress=progress, desc=f"guided stage 2: {2 * steps} -> {steps} steps")
+        model = fit(model, round_dir, setup.batch_fn(config.batch_size), config, f"guided stage 2: {2 * steps} -> {steps} steps",
+                    run, total_steps=config.round_steps, stop_after=round_stop, sample_fn=sample_fn)
         if round_stop is not None and round_stop < config.round_steps:
             return None
-        if PartialState().is_main_process:
-            export_guided_student(model.student, schedule, config, round_file, setup.base, steps, 2,
-                                  {**provenance("guided", teacher, config.round_steps, len(setup.captions), config, PROVENANCE_FIELDS),
-                                   "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"})
-        PartialState().wait_for_everyone()
+        on_main_process(lambda: export_guided_student(
+            model.student, schedule, config, round_file, setup.base, steps, 2,
+            {**provenance("guided", teacher, config.round_steps, len(setup.captions), config, PROVENANCE_FIELDS),
+             "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"}))
         current = GuidedStudent(setup.pipe, round_file).unet
-    if PartialState().is_main_process:
-        shutil.copyfile(run_dir / f"round-{config.target_steps:02d}steps" / "guided_student.safetensors", out)
+    on_main_process(lambda: shutil.copyfile(run_dir / f"round-{config.target_steps:02d}steps" / "guided_student.safetensors", out))
     return out

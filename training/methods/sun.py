@@ -38,7 +38,7 @@ from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder
 from ..students import sample_student
 from ..sun_attention import attach_sun, new_sun_adapter
-from .common import load_options, load_teacher_data, provenance, replace_options
+from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -262,10 +262,6 @@ def train_sun(
     progress: bool = True,
 ) -> Optional[Path]:
     """Train a SUN adapter for ``teacher`` and export it; None if stopped by ``stop_after``."""
-    from accelerate import PartialState
-
-    from ..loop import training_loop
-
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
@@ -286,15 +282,12 @@ def train_sun(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "sun_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = training_loop(
-        run_dir, model, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.steps, lr=config.lr,
-        lr_scales=model.lr_scales(), warmup_steps=config.warmup_steps, grad_clip=config.grad_clip, ema_decay=config.ema_decay, mixed_precision=mixed_precision,
-        checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
-        seed=seed, resume=resume, stop_after=stop_after, progress=progress, desc="SUN")
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
+    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "SUN", run, stop_after=stop_after,
+                sample_fn=sample_fn, lr_scales=model.lr_scales())
     if stop_after is not None and stop_after < config.steps:
         return None
-    if PartialState().is_main_process:
-        export_sun_adapter(model.adapter, model.schedule, config, out, setup.base,
-                           provenance("sun", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS))
-    PartialState().wait_for_everyone()
+    on_main_process(lambda: export_sun_adapter(model.adapter, model.schedule, config, out, setup.base, provenance(
+        "sun", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS)))
     return out

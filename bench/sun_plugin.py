@@ -1,0 +1,96 @@
+"""SUN as a plug-in: an adapter trained on the base teacher, attached without training to a fine-tune of it.
+
+The fine-tune is a style: the proxy teacher fine-tuned on the proxy images in inverted colours (dark on light),
+made by ``fewstep train finetune`` unless --finetuned names one. Every configuration samples the bench's prompt
+set; the style is measured as the share of samples with a light border (inverted), quality as FID against the
+held-out images in the style of the model (normal or inverted), content as the prompt accuracy of the classifier
+on samples brought back to the normal polarity.
+Usage: python bench/sun_plugin.py --adapter runs/sun/sun_adapter.safetensors [--finetuned runs/finetune/pipeline]
+       [--finetune-steps 1000] [--per-class 50] [--out bench/results/sun_plugin.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fewstep.training.bench import BUNDLED_TEACHER, StudentEntry, TeacherEntry, prompt_set
+from fewstep.training.data import load_proxy_dataset
+from fewstep.training.metrics import (FeatureStatistics, classify_proxy_images, frechet_distance,
+                                      get_feature_extractor)
+from fewstep.training.pipelines import load_teacher
+from fewstep.training.teacher import save_grid
+
+BORDER = 3   # pixels of the 32x32 image's edge that make up its background
+
+
+def light_background(images: np.ndarray) -> np.ndarray:
+    """Per image: is the border (the background of digits and silhouettes) light, i.e. the inverted style?"""
+    border = np.concatenate([images[:, :BORDER].reshape(len(images), -1), images[:, -BORDER:].reshape(len(images), -1),
+                             images[:, :, :BORDER].reshape(len(images), -1), images[:, :, -BORDER:].reshape(len(images), -1)], 1)
+    return border.mean(1) > 127
+
+
+def evaluate(images: np.ndarray, labels: np.ndarray, references: dict[str, FeatureStatistics], extractor) -> dict:
+    inverted = light_background(images)
+    normalised = np.where(inverted[:, None, None, None], 255 - images, images)
+    features = FeatureStatistics.from_features(extractor(images))
+    return {"inverted_fraction": float(inverted.mean()),
+            **{f"fid_vs_{name}": frechet_distance(features, ref) for name, ref in references.items()},
+            "prompt_accuracy": float((classify_proxy_images(normalised) == torch.as_tensor(labels)).double().mean())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", required=True, help="a sun_adapter file trained on the bundled teacher")
+    parser.add_argument("--finetuned", type=Path, default=None, help="the fine-tuned pipeline (default: make one in --run-dir)")
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/finetune-inverted"), help="where the fine-tune is made")
+    parser.add_argument("--finetune-steps", type=int, default=1000, help="fine-tuning steps when it is made here")
+    parser.add_argument("--per-class", type=int, default=50, help="samples per class (20 classes)")
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/sun_plugin.json"))
+    args = parser.parse_args()
+
+    finetuned = args.finetuned
+    if finetuned is None:
+        from fewstep.training.teacher import finetune_teacher
+
+        finetuned = finetune_teacher(BUNDLED_TEACHER, "proxy-inverted", args.run_dir, args.run_dir / "pipeline",
+                                     steps=args.finetune_steps)
+    heldout = load_proxy_dataset("heldout").images
+    extractor = get_feature_extractor()
+    references = {"heldout": FeatureStatistics.from_features(extractor(heldout)),
+                  "heldout_inverted": FeatureStatistics.from_features(extractor(255 - heldout))}
+    captions, labels, seeds = prompt_set(args.per_class)
+    pipes = {"base": load_teacher(BUNDLED_TEACHER), "finetuned": load_teacher(finetuned)}
+    sun = StudentEntry(4, adapter=str(args.adapter), label="sun")
+    rows = []
+    for model, entry in [("base", TeacherEntry(50)), ("finetuned", TeacherEntry(50)), ("finetuned", TeacherEntry(4)),
+                         ("base", sun), ("finetuned", sun)]:
+        start = time.perf_counter()
+        with torch.no_grad():
+            images = entry.generate(pipes[model], captions, seeds, args.batch_size)
+        seconds = time.perf_counter() - start
+        name = f"{model}/{entry.name}"
+        rows.append({"name": name, "model": model, "nfe": entry.nfe, "seconds_per_image": seconds / len(images),
+                     **evaluate(images, labels, references, extractor)})
+        grid = np.concatenate([images[labels == c][:2] for c in range(20)])
+        save_grid(grid.reshape(20, 2, 32, 32, 3).transpose(1, 0, 2, 3, 4).reshape(-1, 32, 32, 3),
+                  args.out.parent / "sun_plugin-grids" / f"{name.replace('/', '_')}.png", columns=20)
+        print(json.dumps(rows[-1]), flush=True)
+    document = {"adapter": str(args.adapter), "finetuned": str(finetuned), "fine-tune": "proxy teacher on proxy-inverted",
+                "samples_per_configuration": len(captions),
+                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
