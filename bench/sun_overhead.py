@@ -56,12 +56,12 @@ def measure(unet, batch: int, size: int, repeats: int, device: str, dtype: torch
     times = {"stock": [], "cfg": [], "sun": []}
     with torch.no_grad():
         for _ in range(repeats + 1):   # the first round warms up
-            unet.set_attn_processor(stock_processors)
+            unet.set_attn_processor(dict(stock_processors))   # it empties the dict it is given
             times["stock"].append(_timed(stock, device))
             times["cfg"].append(_timed(cfg, device))
             inputs = attach_sun(unet, adapter)
             times["sun"].append(_timed(sun, device))
-    unet.set_attn_processor(stock_processors)
+    unet.set_attn_processor(dict(stock_processors))
     best = {k: min(v[1:]) for k, v in times.items()}
     return {"batch": batch, "latent_size": size, "unet_parameters": sum(p.numel() for p in unet.parameters()),
             "adapter_parameters": sum(p.numel() for p in adapter.parameters()), "cross_attention_layers": len(adapter.names),

@@ -180,7 +180,7 @@ def test_offset_objective_is_the_gap_to_the_teachers_negative_cfg(proxy_data):
     batch = setup.batch_fn(6)(torch.Generator().manual_seed(0))
     loss = model(batch, torch.Generator().manual_seed(1))["loss"]
     gen = torch.Generator().manual_seed(1)
-    negatives = model.draw_negatives(6, gen)
+    positives, negatives = model.draw_positives(batch["captions"], gen), model.draw_negatives(6, gen)
     assert "" in negatives and any(negatives)      # both empty and class negatives drawn
     t = torch.randint(0, 1000, (6,), generator=gen)
     sigma = model.schedule.sigmas[t].float()
@@ -192,7 +192,7 @@ def test_offset_objective_is_the_gap_to_the_teachers_negative_cfg(proxy_data):
         return x - sigma.view(-1, 1, 1, 1) * eps
 
     with torch.no_grad():
-        cond = x0(batch["captions"])
+        cond = x0(positives)
         gap = (cond - cfg(cond, x0(negatives), 4.0)).pow(2).flatten(1).mean(1)
     torch.testing.assert_close(loss, (1 / sigma**2).clamp(min=1) * gap, rtol=1e-4, atol=1e-6)
 
@@ -307,3 +307,20 @@ def test_inverted_proxy_is_the_proxy_in_inverted_colours():
 
     plain, inverted = load_dataset("proxy"), load_dataset("proxy-inverted")
     assert plain.captions == inverted.captions and (inverted.images == 255 - plain.images).all()
+
+
+def test_bundled_adapter_beats_the_teacher_at_equal_cost_and_the_negative_prompt_works():
+    """The proxy adapter (`fewstep train sun`, proxy preset): at 4 passes it beats the teacher's 4-step CFG (8 passes),
+    and naming the class a neutral prompt gives most as the negative prompt makes it rarer, more so at higher strength."""
+    from fewstep.training.bench import BUNDLED_SUN, StudentEntry, TeacherEntry, evaluate_entry, negative_prompt_study
+
+    pipe = load_teacher(BUNDLED_TEACHER)
+    sun = evaluate_entry(pipe, StudentEntry(4, str(BUNDLED_SUN), label="sun"), per_class=10, batch_size=200)
+    teacher = evaluate_entry(pipe, TeacherEntry(4), per_class=10, batch_size=200)
+    assert sun["fid"] < teacher["fid"] and sun["nfe"] * 2 == teacher["nfe"], (sun["fid"], teacher["fid"])
+    study = negative_prompt_study(pipe, str(BUNDLED_SUN), samples=100, batch_size=100, strengths=(0.0, 1.0, 2.0),
+                                  teacher_steps=8, classes=["a handwritten digit two"])
+    teacher_row, off, on, strong = study["rows"]
+    assert teacher_row["rate_empty_negative"] > 0.5 and teacher_row["ratio"] < 0.1, teacher_row
+    assert off["ratio"] == 1.0 and on["rate_empty_negative"] > 0.5, (off, on)   # strength 0: the negative is ignored
+    assert on["ratio"] < 0.65 and strong["ratio"] < 0.3, (on, strong)

@@ -292,6 +292,8 @@ def add_train_sun(methods) -> None:
     group.add_argument("--negative-prompts", default=None,
                        help="text file with one negative prompt per line to train with (default: the training captions)")
     group.add_argument("--empty-negative-prob", type=float, default=None, help="share of samples with an empty negative prompt")
+    group.add_argument("--truncate-prompt-prob", type=float, default=None,
+                       help="share of captions cut to their first words (vague prompts, where a negative prompt shows)")
     group.add_argument("--loss-space", default=None, choices=["x", "eps"], help="x: x0 error weighted by max(SNR, 1); eps: noise MSE")
     group.add_argument("--msc-weight", type=float, default=None, help="weight of the multi-step consistency loss (0: off)")
     group.add_argument("--msc-teacher-steps", type=int, default=None,
@@ -336,7 +338,7 @@ GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "steps", "lr", "war
                 "target_steps", "round_steps", "sampler", "sample_steps", "gradient_checkpointing")
 
 
-SUN_FLAGS = ("variant", "cfg_scale", "negative_prompts", "empty_negative_prob", "loss_space", "msc_weight", "msc_teacher_steps",
+SUN_FLAGS = ("variant", "cfg_scale", "negative_prompts", "empty_negative_prob", "truncate_prompt_prob", "loss_space", "msc_weight", "msc_teacher_steps",
              "msc_batch_size", "steps", "lr", "gain_lr_scale", "warmup_steps", "batch_size", "ema_decay", "sampler", "sample_steps",
              "gradient_checkpointing")
 

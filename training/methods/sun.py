@@ -7,6 +7,8 @@ guidance with a *negative* prompt (diffusers' convention, uncond replaced by the
    the UNet, negative prompt in the adapter) matches the teacher's CFG prediction. Negative prompts are drawn per
    sample: the empty prompt (plain CFG) with probability ``empty_negative_prob``, else a random prompt from the pool
    (a file, or the training captions), so that the adapter learns what a negative prompt does, not one prompt.
+   With probability ``truncate_prompt_prob`` the positive caption is cut to its first words: a vague prompt has
+   several kinds of sample, which is where a negative prompt shows (a few-caption dataset has no such prompts).
 2. Multi-Step Consistency (MSC): from shared noise, the teacher samples with CFG in ``msc_teacher_steps`` DPM-Solver++
    steps; at each of the student's ``sample_steps`` trailing timesteps the adapted model, started on the teacher's
    trajectory, must land where the teacher lands at the next one in one step. The target is the x0 whose DDIM step
@@ -43,7 +45,8 @@ from .common import fit, load_options, load_teacher_data, on_main_process, prove
 log = logging.getLogger("fewstep")
 
 LOSS_SPACES = ("x", "eps")
-PROVENANCE_FIELDS = ("variant", "cfg_scale", "empty_negative_prob", "loss_space", "msc_weight", "msc_teacher_steps")
+PROVENANCE_FIELDS = ("variant", "cfg_scale", "empty_negative_prob", "truncate_prompt_prob", "loss_space", "msc_weight",
+                     "msc_teacher_steps")
 
 
 @dataclass
@@ -54,6 +57,8 @@ class SunConfig:
     cfg_scale: float = 7.5                  # the teacher's CFG scale the adapter reproduces (diffusers convention)
     empty_negative_prob: float = 0.5        # share of samples whose negative prompt is empty (plain CFG)
     negative_prompts: Optional[str] = None  # text file, one negative prompt per line (default: the training captions)
+    truncate_prompt_prob: float = 0.0       # share of positive captions cut to their first words: vaguer prompts, whose
+                                            # samples a negative prompt can steer (few-caption datasets need them)
     loss_space: str = "x"                   # x: x0 error weighted by max(SNR, 1) (keeps the first, noisiest step's weight) | eps: noise MSE
     # Multi-step consistency against the teacher's CFG trajectory.
     msc_weight: float = 1.0
@@ -81,8 +86,9 @@ class SunConfig:
             problems.append(f"loss_space {self.loss_space!r} is not one of {', '.join(LOSS_SPACES)}")
         if self.cfg_scale < 1.0:
             problems.append(f"cfg_scale must be at least 1; got {self.cfg_scale}")
-        if not 0.0 <= self.empty_negative_prob <= 1.0:
-            problems.append(f"empty_negative_prob must lie in [0, 1]; got {self.empty_negative_prob}")
+        for name in ("empty_negative_prob", "truncate_prompt_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must lie in [0, 1]; got {getattr(self, name)}")
         if self.msc_weight < 0 or self.gain_lr_scale <= 0:
             problems.append("msc_weight must not be negative and gain_lr_scale must be positive")
         if min(self.steps, self.batch_size, self.sample_steps, self.msc_teacher_steps) < 1 or self.msc_batch_size < 0:
@@ -109,7 +115,7 @@ PRESETS = {
     "paper": SunConfig(),
     # The bundled proxy teacher samples at CFG 4; sized for a 2-core CPU.
     "proxy": SunConfig(cfg_scale=4.0, msc_teacher_steps=8, msc_batch_size=8, steps=1500, lr=1e-3, batch_size=32,
-                       ema_decay=0.999, warmup_steps=50),
+                       ema_decay=0.999, warmup_steps=50, truncate_prompt_prob=0.3),
 }
 
 
@@ -147,6 +153,15 @@ class SunTraining(torch.nn.Module):
         """The learning-rate factors of the per-channel gains (for ``training_loop``)."""
         return {f"adapter.*_{gain}": self.config.gain_lr_scale for gain in ("alpha", "beta")}
 
+    def draw_positives(self, captions: Sequence[str], gen: torch.Generator) -> list[str]:
+        cut = torch.rand(len(captions), generator=gen) < self.config.truncate_prompt_prob
+        keep = torch.rand(len(captions), generator=gen)
+        out = []
+        for caption, c, k in zip(captions, cut.tolist(), keep.tolist()):
+            words = caption.split()
+            out.append(" ".join(words[: 1 + int(k * (len(words) - 1))]) if c and len(words) > 1 else caption)
+        return out
+
     def draw_negatives(self, n: int, gen: torch.Generator) -> list[str]:
         empty = torch.rand(n, generator=gen) < self.config.empty_negative_prob
         picks = torch.randint(len(self.negative_pool), (n,), generator=gen)
@@ -166,7 +181,8 @@ class SunTraining(torch.nn.Module):
     def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg_, z = self.config, batch["latents"]
         n = z.shape[0]
-        cond, negative = self.prompts(batch["captions"]), self.prompts(self.draw_negatives(n, gen))
+        cond = self.prompts(self.draw_positives(batch["captions"], gen))
+        negative = self.prompts(self.draw_negatives(n, gen))
         # 1. Offset learning at a uniformly drawn timestep.
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=gen)
         sigma = self.schedule.sigmas[t].to(z)
