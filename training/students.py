@@ -42,9 +42,11 @@ class _Student:
     negative)``; None means the file's own setting. ``negative`` (one prompt for all) reaches the kinds that read a
     negative prompt without CFG (SUN); the others take no negative prompt and refuse one."""
 
+    takes_negative = False   # whether ``latents`` reads a negative prompt
+
     def images(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
                w: Optional[float] = None, sampler: Optional[str] = None, negative: Optional[str] = None) -> np.ndarray:
-        if negative and not isinstance(self, SunStudent):
+        if negative and not self.takes_negative:
             raise ValueError(f"{type(self).__name__} samples without CFG and has no negative-prompt input")
         latents = self.latents(captions, seeds, steps, w, sampler, **({"negative": negative} if negative is not None else {}))
         vae = self.pipe.vae
@@ -104,6 +106,8 @@ class GuidedStudent(_Student):
 class SunStudent(_Student):
     """A ``sun_adapter`` file (ours or the released layout) on a copy of the teacher's UNet, one pass per step with the
     negative prompt in the adapter; ``negative_strength`` scales the negative branch (1: as trained)."""
+
+    takes_negative = True
 
     def __init__(self, pipe, adapter_path: str | Path, negative_strength: float = 1.0):
         from .sun_attention import attach_sun, sun_adapter_from_tensors

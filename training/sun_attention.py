@@ -40,7 +40,8 @@ def _multihead(attn, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 class SunAttnProcessor:
-    """A diffusers attention processor for one cross-attention layer with its SUN layer."""
+    """A diffusers attention processor for one cross-attention layer with its SUN layer. SD-family attn2 layers have no
+    spatial/group norm, cross norm or attention mask, so only what they use is kept (as the official processor does)."""
 
     def __init__(self, layer: SunLayer, inputs: SunInputs):
         self.layer, self.inputs = layer, inputs
