@@ -73,6 +73,13 @@ def apply_consistency_boundary(
     return c_out * denoised + c_skip * scaled_input
 
 
+def consistency_boundary_denoised(denoised: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """The boundary condition on a k-diffusion-style denoiser's x0, whose input ``x`` is in sigma space (hosts that wrap
+    the denoiser rather than the network: ComfyUI's APPLY_MODEL wrapper, A1111's sampler)."""
+    scaled_input = x * append_dims(input_scaling(sigma), x.ndim)
+    return apply_consistency_boundary(denoised, scaled_input.to(denoised.dtype), timestep)
+
+
 def distillation_weight(sigma: torch.Tensor, space: str = "x") -> torch.Tensor:
     """Per-sample weight on the x0 squared error of a distillation loss.
 

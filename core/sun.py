@@ -56,6 +56,18 @@ def attention_normalise(h: torch.Tensor, reference: torch.Tensor, alpha: torch.T
     return alpha * (h * append_dims(ratio.to(h.dtype), h.ndim)) + beta
 
 
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V per head, on (batch, tokens, heads * head_dim) tensors: what an SD attention layer
+    computes, for hosts whose own attention function cannot be called with other keys (A1111)."""
+    batch, tokens, inner = q.shape
+
+    def split(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(batch, t.shape[1], heads, inner // heads).transpose(1, 2)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v))
+    return out.transpose(1, 2).reshape(batch, tokens, inner)
+
+
 def match_batch(context: torch.Tensor, batch: int) -> torch.Tensor:
     """Text features for a batch of ``batch``: as they are, or one prompt (or a block of prompts) repeated."""
     if context.shape[0] == batch:
@@ -208,3 +220,19 @@ def from_released_layout(tensors: Mapping[str, torch.Tensor], attention_names: I
                                "layers): the adapter was made for a different model")
         out[f"{order[index]}.{m.group(2)}"] = value
     return out
+
+
+def sun_adapter_for_model(tensors: Mapping[str, torch.Tensor], attention_names: Mapping[str, str],
+                          key_shapes: Mapping[str, Iterable[int]]) -> SunAdapter:
+    """A SUN file's layers (released or our layout) checked against a host's model.
+
+    ``attention_names``: {diffusers name of every attention module (attn1 and attn2): the host's name for it};
+    ``key_shapes``: {the host's name of a cross-attention module: the shape of its key projection}."""
+    tensors = from_released_layout(tensors, attention_names) if is_released_layout(tensors) else tensors
+    sun = SunAdapter.from_tensors(tensors)
+    for name in sun.names:
+        shape = key_shapes.get(attention_names.get(name, ""))
+        if shape is None or tuple(shape) != tuple(sun.layer(name).to_k_neg.weight.shape):
+            raise SunFileError(f"SUN layer {name} does not fit this model: the adapter was made for a different model")
+    return sun
+

@@ -18,7 +18,8 @@ import torch
 from ..core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, read_adapter
 from ..core.guidance import cfg_scale_from_imagen_w, w_conditioning_offset
 from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, convert_lora, detect_layout
-from ..core.parameterization import append_dims, apply_consistency_boundary, input_scaling
+from ..core.parameterization import consistency_boundary_denoised
+from ..core.run_plan import plan_run
 from ..core.samplers import get_sampler
 from ..core.schedule import DiscreteSchedule, timesteps_for_denoise
 
@@ -175,8 +176,7 @@ def consistency_boundary_wrapper(executor, x, sigma, *args, **kwargs):
     timestep = executor.class_obj.model_sampling.timestep(sigma)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug("fewstep: denoising at timestep %s", [int(t) for t in timestep.reshape(-1).unique().tolist()])
-    scaled_input = x * append_dims(input_scaling(sigma), x.ndim)
-    return apply_consistency_boundary(denoised, scaled_input.to(denoised.dtype), timestep)
+    return consistency_boundary_denoised(denoised, x, sigma, timestep)
 
 
 def add_consistency_boundary(model):
@@ -246,22 +246,16 @@ def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: fl
     from .sun import add_sun
 
     adapter = load_adapter(adapter_path(name), model_base(model))
-    meta, notes, sun_patches = adapter.metadata, [], []
-    if meta.kind == "sun_adapter":
-        w = None
+    plan = plan_run(adapter.metadata, strength, steps, w=w)
+    notes, sun_patches = list(plan.notes), []
+    if plan.kind == "sun_adapter":
         model, sun_patches = add_sun(model, adapter, strength)
-    elif meta.kind == "guided_student":
-        w = float(meta.guidance["default_w"]) if w is None else w
-        lo, hi = meta.guidance["w_min"], meta.guidance["w_max"]
-        if not lo <= w <= hi:
-            notes.append(f"w = {w:g} lies outside the trained range [{lo:g}, {hi:g}]: expect weaker control")
-        model = add_guided_student(model, adapter, strength, w)
+    elif plan.kind == "guided_student":
+        model = add_guided_student(model, adapter, strength, plan.w)
     else:
-        w = None
         model, clip = add_lora(model, clip, adapter, strength, notes)
-        if meta.consistency_boundary:
+        if plan.consistency_boundary:
             model = add_consistency_boundary(model)
-    timesteps = timesteps_for_denoise(meta.timesteps_for(steps or meta.steps), denoise)
+    timesteps = timesteps_for_denoise(list(plan.timesteps), denoise)
     sigmas = model_schedule(model).sigmas_for_timesteps(timesteps)
-    cfg = float(meta.extra.get("cfg_scale", 1.0))
-    return Prepared(model, clip, meta.sampler, timesteps, sigmas, cfg, w, notes, sun_patches), adapter
+    return Prepared(model, clip, plan.sampler, timesteps, sigmas, plan.cfg_scale, plan.w, notes, sun_patches), adapter

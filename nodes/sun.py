@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..core.adapter_file import Adapter, AdapterFileError
-from ..core.sun import SunAdapter, SunFileError, SunLayer, from_released_layout, is_released_layout
+from ..core.sun import SunAdapter, SunFileError, SunLayer, sun_adapter_for_model
 
 logger = logging.getLogger("fewstep")
 
@@ -98,19 +98,13 @@ def _warn_once(message: str) -> None:
 
 def sun_adapter_for(model, adapter: Adapter) -> tuple[SunAdapter, dict[str, str]]:
     """The adapter's layers (released or our layout) and the LDM names of their attention modules in this MODEL."""
-    name = os.path.basename(adapter.path)
     ldm = diffusers_to_ldm_attention(model)
-    try:
-        tensors = from_released_layout(adapter.tensors, ldm) if is_released_layout(adapter.tensors) else adapter.tensors
-        sun = SunAdapter.from_tensors(tensors)
-    except (SunFileError, ValueError) as exc:
-        raise AdapterFileError(f"{name}: {exc}") from None
     state = model.model.state_dict()
-    for layer_name in sun.names:
-        weight = state.get(f"diffusion_model.{ldm.get(layer_name, '?')}.to_k.weight")
-        if weight is None or weight.shape != sun.layer(layer_name).to_k_neg.weight.shape:
-            raise AdapterFileError(f"{name}: SUN layer {layer_name} does not fit this model: the adapter was made for a different model")
-    return sun, ldm
+    key_shapes = {name: state[f"diffusion_model.{name}.to_k.weight"].shape for name in ldm.values() if name.endswith("attn2")}
+    try:
+        return sun_adapter_for_model(adapter.tensors, ldm, key_shapes), ldm
+    except (SunFileError, ValueError) as exc:
+        raise AdapterFileError(f"{os.path.basename(adapter.path)}: {exc}") from None
 
 
 def add_sun(model, adapter: Adapter, strength: float) -> tuple[object, list[SunAttn2Patch]]:

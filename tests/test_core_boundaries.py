@@ -15,7 +15,8 @@ def _loaded_after(code: str) -> set[str]:
 def test_core_imports_no_host_or_training_library():
     loaded = _loaded_after(
         "import fewstep.core.schedule, fewstep.core.samplers, fewstep.core.guidance, fewstep.core.lora, "
-        "fewstep.core.adapter_file, fewstep.core.parameterization, fewstep.core.base_models"
+        "fewstep.core.adapter_file, fewstep.core.parameterization, fewstep.core.base_models, fewstep.core.sun, "
+        "fewstep.core.run_plan, fewstep.core.unet_names"
     )
     assert loaded.isdisjoint(HOST_OR_HEAVY), sorted(loaded & set(HOST_OR_HEAVY))
 
@@ -23,3 +24,10 @@ def test_core_imports_no_host_or_training_library():
 def test_package_root_imports_nothing_heavy():
     loaded = _loaded_after("import fewstep")
     assert "torch" not in loaded and loaded.isdisjoint(HOST_OR_HEAVY)
+
+
+def test_a1111_extension_imports_no_host_at_import_time():
+    """The extension's modules import the WebUI inside functions, so their logic is tested without it."""
+    loaded = _loaded_after("import fewstep.extension_a1111.host, fewstep.extension_a1111.run_config")
+    assert loaded.isdisjoint(HOST_OR_HEAVY), sorted(loaded & set(HOST_OR_HEAVY))
+

@@ -82,5 +82,24 @@ def test_ema_follows_the_model_to_its_device():
     model = torch.nn.Linear(3, 2)
     ema = EMA(model, decay=0.5)
     model.to("meta")
-    ema.update(model)
+    ema.update(model, 1)
     assert all(t.device.type == "meta" for t in ema.shadow.values())
+
+
+def test_ema_warms_up_like_diffusers_ema_model():
+    """A short run's EMA must be its recent weights, not the initial ones; diffusers' EMAModel is the reference."""
+    from diffusers.training_utils import EMAModel
+
+    from fewstep.training.loop import EMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ours, reference = EMA(model, decay=0.999), EMAModel(model.parameters(), decay=0.999)
+    for step in range(40):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(model, step)
+        reference.step(model.parameters())
+    for value, expected in zip(ours.shadow.values(), reference.shadow_params):
+        torch.testing.assert_close(value, expected)

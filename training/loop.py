@@ -38,19 +38,23 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (EDM-style, fixed decay)."""
+    """Exponential moving average of the trainable parameters. The decay warms up as in diffusers' EMAModel,
+    min(decay, (1 + step) / (10 + step)): with a fixed 0.999 a 1,000-step fine-tune would still be a third the
+    initial weights (a style fine-tune came out without its style)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
         self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """``step``: optimiser steps taken before this one (0 for the first)."""
+        weight = 1.0 - min(self.decay, (1 + step) / (10 + step)) if step else 1.0
         for n, p in model.named_parameters():
             if n in self.shadow:
                 if self.shadow[n].device != p.device:   # created (or resumed) before accelerate moved the model
                     self.shadow[n] = self.shadow[n].to(p.device)
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+                self.shadow[n].lerp_(p.detach().float(), weight)
 
     @torch.no_grad()
     def copy_to(self, model: torch.nn.Module) -> None:
@@ -179,7 +183,7 @@ def training_loop(
             accelerator.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         if ema is not None:
-            ema.update(accelerator.unwrap_model(model))
+            ema.update(accelerator.unwrap_model(model), step)
         for name, value in terms.items():
             running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
         done = step + 1

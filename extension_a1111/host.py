@@ -1,0 +1,417 @@
+"""A1111 glue: apply an ``A1111Run`` to a processing object and undo every change when the run ends.
+
+What a run changes, and how each change is undone:
+- the sampler, steps, CFG scale and sigma schedule of ``p`` (the request's own object: nothing to undo);
+- the option ``skip_early_cond``, overridden so that A1111 skips the negative pass (it has no CFG = 1 shortcut);
+  restored to the user's value, or removed if the user never saved one;
+- for a SUN adapter, the forward of every cross-attention module it covers (our attention plus the adapter, fed the
+  negative prompt's features that ``on_cfg_denoiser`` delivers); the modules get their own forward back;
+- for a LoRA outside ``models/Lora``, an entry in the Lora extension's list of networks; removed again.
+A1111 calls no script hook when a run fails, so the undo list is also run at the start of the next request (every
+request passes through this always-on script). Host modules are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..core.adapter_file import Adapter, AdapterFileError, read_adapter
+from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, detect_layout
+from ..core.parameterization import consistency_boundary_denoised
+from ..core.samplers import SAMPLERS, get_sampler
+from ..core.schedule import DiscreteSchedule
+from ..core.sun import SunAdapter, SunFileError, multi_head_attention, sun_adapter_for_model
+from ..core.unet_names import diffusers_attention_name
+from .run_config import A1111Run, Settings, configure, model_base, sampler_label
+
+logger = logging.getLogger("fewstep")
+
+RUN_ATTR = "fewstep_run"   # on the processing object: the ActiveRun, or the RunError that stops the run
+FEWSTEP_FOLDER = "fewstep"  # models/fewstep, next to models/Lora
+
+
+class RunError(RuntimeError):
+    """A fewstep setting that cannot be run; raised when sampling starts, so that the UI shows it (A1111 only logs
+    errors raised in script hooks and would go on without fewstep)."""
+
+
+@dataclass
+class ActiveRun:
+    run: A1111Run
+    adapter: Adapter
+    negative: Optional[torch.Tensor] = None   # the negative prompt's text features, for SUN
+    sun_layers_fired: set = field(default_factory=set)
+
+
+class Undo:
+    """Changes to shared state, undone in reverse order."""
+
+    def __init__(self):
+        self._steps: list[tuple[str, Callable[[], None]]] = []
+
+    def push(self, what: str, undo: Callable[[], None]) -> None:
+        self._steps.append((what, undo))
+
+    def run(self) -> None:
+        while self._steps:
+            what, undo = self._steps.pop()
+            try:
+                undo()
+            except Exception:  # one failed undo must not keep the others from running
+                logger.exception("fewstep: could not undo %s", what)
+
+
+_undo = Undo()
+
+
+# ---------------------------------------------------------------------------------------------- adapter files
+
+
+def adapter_folders() -> list[str]:
+    """models/fewstep first, then the Lora extension's folder."""
+    from modules import paths_internal, shared
+
+    folders = [os.path.join(paths_internal.models_path, FEWSTEP_FOLDER)]
+    lora_dir = getattr(shared.cmd_opts, "lora_dir", None)
+    return folders + ([lora_dir] if lora_dir else [])
+
+
+def list_adapters() -> list[str]:
+    """Every .safetensors under the adapter folders, as paths relative to its folder (only safetensors: loading never
+    unpickles)."""
+    names: list[str] = []
+    for folder in adapter_folders():
+        for root, _, files in os.walk(folder, followlinks=True):
+            for file in sorted(files):
+                if file.lower().endswith(".safetensors"):
+                    name = os.path.relpath(os.path.join(root, file), folder).replace(os.sep, "/")
+                    if name not in names:
+                        names.append(name)
+    return sorted(names, key=str.lower)
+
+
+def adapter_path(name: str) -> str:
+    for folder in adapter_folders():
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    raise AdapterFileError(f"{name}: not found in {' or '.join(adapter_folders())}; press the refresh button")
+
+
+_last_read: dict[str, Any] = {}
+
+
+def load_adapter(path: str, base: str) -> Adapter:
+    """read_adapter checked against the model's base; the last file stays in memory while it is unchanged."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size, base)
+    if _last_read.get("key") != key:
+        _last_read.clear()
+        _last_read.update(key=key, adapter=read_adapter(path, expected_base=base))
+    return _last_read["adapter"]
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+
+
+def a1111_sampler(name: str):
+    """core sampler ``name`` in A1111's k-diffusion calling convention: noise from the request's per-image RNG (so a
+    seed gives the same image alone or in a batch), LCM's boundary condition when the run's adapter needs it."""
+    sample_fn = get_sampler(name)
+
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        active = getattr(model.p, RUN_ATTR, None)
+        if isinstance(active, RunError):
+            raise active
+        from modules import sd_samplers_common
+
+        denoiser = model
+        if isinstance(active, ActiveRun) and active.run.plan.consistency_boundary:
+            schedule = DiscreteSchedule.from_sigmas(model.inner_model.sigmas)
+
+            def denoiser(x_, sigma, **kwargs):
+                return consistency_boundary_denoised(model(x_, sigma, **kwargs), x_, sigma, schedule.timestep(sigma))
+
+        rng = sd_samplers_common.TorchHijack(model.p)
+        return sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                         noise_sampler=lambda sigma, sigma_next: rng.randn_like(x))
+
+    sample.__name__ = f"sample_fewstep_{name}"
+    return sample
+
+
+def register_samplers() -> None:
+    """One A1111 sampler per core sampler ("FewStep consistency", ...); idempotent (scripts are reloaded)."""
+    from modules import sd_samplers, sd_samplers_common, sd_samplers_kdiffusion
+
+    for name in SAMPLERS:
+        label = sampler_label(name)
+        if label in sd_samplers.all_samplers_map:
+            continue
+        data = sd_samplers_common.SamplerData(
+            label, lambda model, name=name: sd_samplers_kdiffusion.KDiffusionSampler(a1111_sampler(name), model),
+            [f"fewstep_{name}"], {})
+        sd_samplers.all_samplers.append(data)
+        sd_samplers.all_samplers_map[label] = data
+    sd_samplers.set_samplers()
+
+
+def schedule_of(sd_model) -> DiscreteSchedule:
+    alphas_cumprod = sd_model.alphas_cumprod.detach().float().cpu()
+    return DiscreteSchedule.from_sigmas(((1 - alphas_cumprod) / alphas_cumprod).sqrt())
+
+
+# ---------------------------------------------------------------------------------------------- options
+
+
+def override_option(name: str, value) -> None:
+    """Set an A1111 option for this run; undone to the user's saved value, or to no entry if there was none (an
+    entry would otherwise outlive the run as if the user had saved it)."""
+    from modules import shared
+
+    data = shared.opts.data
+    had, old = name in data, data.get(name)
+    data[name] = value
+
+    def restore():
+        if had:
+            data[name] = old
+        else:
+            data.pop(name, None)
+
+    _undo.push(f"option {name}", restore)
+
+
+# ---------------------------------------------------------------------------------------------- SUN
+
+
+class SunAttention:
+    """Stands in for one cross-attention module's forward during a run: its attention plus the SUN layer."""
+
+    def __init__(self, module: torch.nn.Module, layer, name: str, active: ActiveRun):
+        self.module, self.layer, self.name, self.active = module, layer, name, active
+
+    def __call__(self, x, context=None, mask=None, **kwargs):
+        m = self.module
+        context = x if context is None else context
+        q, k, v = m.to_q(x), m.to_k(context), m.to_v(context)
+
+        def attend(q_, k_, v_):
+            return multi_head_attention(q_, k_, v_, m.heads)
+
+        h = attend(q, k, v)
+        negative = self.active.negative
+        if negative is not None:
+            if self.layer.to_k_neg.weight.dtype != q.dtype or self.layer.to_k_neg.weight.device != q.device:
+                self.layer.to(q.device, q.dtype)
+            plan = self.active.run.plan
+            with torch.no_grad():
+                h = self.layer(attend, q, h, negative.to(q.device), context, plan.negative_strength, plan.strength)
+            self.active.sun_layers_fired.add(self.name)
+        return m.to_out(h)
+
+
+def ldm_unet(sd_model) -> torch.nn.Module:
+    return sd_model.model.diffusion_model
+
+
+def sun_layers(unet: torch.nn.Module, adapter: Adapter) -> tuple[SunAdapter, dict[str, str]]:
+    """The adapter's layers checked against the LDM UNet, and {diffusers name: LDM name} of its attention modules."""
+    layers_per_block = unet.num_res_blocks[0] if isinstance(unet.num_res_blocks, (list, tuple)) else unet.num_res_blocks
+    names = {diffusers_attention_name(n, layers_per_block): n for n, _ in unet.named_modules()
+             if n.endswith((".attn1", ".attn2"))}
+    key_shapes = {n: unet.get_submodule(n).to_k.weight.shape for n in names.values() if n.endswith("attn2")}
+    try:
+        return sun_adapter_for_model(adapter.tensors, names, key_shapes), names
+    except (SunFileError, ValueError) as exc:
+        raise AdapterFileError(f"{os.path.basename(adapter.path)}: {exc}") from None
+
+
+def install_sun(sd_model, active: ActiveRun) -> int:
+    """Put the SUN layers on the model's cross-attention modules until the run ends; returns how many."""
+    unet = ldm_unet(sd_model)
+    sun, names = sun_layers(unet, active.adapter)
+    for name in sun.names:
+        module = unet.get_submodule(names[name])
+        own = module.__dict__.get("forward")   # another extension's instance-level forward, kept as it was
+        module.forward = SunAttention(module, sun.layer(name).requires_grad_(False), names[name], active)
+
+        def restore(module=module, own=own):
+            if own is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = own
+
+        _undo.push(f"SUN on {names[name]}", restore)
+    return len(sun.names)
+
+
+def on_cfg_denoiser(params) -> None:
+    """A1111 callback before every denoiser call: keep the negative prompt's text features for the SUN layers (A1111
+    hands them over even when the negative pass itself is skipped)."""
+    active = getattr(getattr(params.denoiser, "p", None), RUN_ATTR, None)
+    if isinstance(active, ActiveRun) and active.run.plan.negative_in_adapter:
+        uncond = params.text_uncond
+        active.negative = uncond["crossattn"] if isinstance(uncond, dict) else uncond
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+def lora_networks():
+    """The built-in Lora extension's ``networks`` module (it imports it under that name)."""
+    import sys
+
+    module = sys.modules.get("networks")
+    if module is None or not hasattr(module, "available_network_aliases"):
+        raise AdapterFileError("the built-in Lora extension is not loaded: enable it (Extensions tab) to use Flash LoRAs")
+    return module
+
+
+def register_lora(alias: str, path: str) -> None:
+    """Make a file outside models/Lora known to the Lora extension under ``alias`` for this run."""
+    networks = lora_networks()
+    known = networks.available_network_aliases.get(alias)
+    if known is not None and os.path.realpath(known.filename) == os.path.realpath(path):
+        return
+    import network
+
+    entry = network.NetworkOnDisk(alias, path)
+    saved = {table: getattr(networks, table).get(alias) for table in ("available_networks", "available_network_aliases")}
+    for table in saved:
+        getattr(networks, table)[alias] = entry
+
+    def restore():
+        for table, old in saved.items():
+            if old is None:
+                getattr(networks, table).pop(alias, None)
+            else:
+                getattr(networks, table)[alias] = old
+
+    _undo.push(f"Lora entry {alias}", restore)
+
+
+def lora_module_count(adapter: Adapter) -> int:
+    """How many layers the file's LoRA patches (kohya module names; other layouts are counted the same way)."""
+    prefixes = (KOHYA_UNET_PREFIX,) + tuple(KOHYA_TEXT_PREFIXES)
+    if detect_layout(adapter.tensors) == "kohya":
+        return len({k.split(".", 1)[0] for k in adapter.tensors if k.startswith(prefixes)})
+    return len({k.rsplit(".", 2)[0] for k in adapter.tensors if "lora" in k})
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def undo_leftovers() -> None:
+    """At the start of every request: undo what a run that failed half-way left (A1111 calls no hook on failure)."""
+    _undo.run()
+
+
+def begin(p, args) -> None:
+    """Before processing (the model for this request is loaded): configure the run from the accordion's ``args``."""
+    try:
+        settings = Settings.from_args(args)
+        if not settings.enabled:
+            return
+        active = _configure(p, settings)
+    except (AdapterFileError, ValueError, TypeError, OSError) as exc:
+        _undo.run()
+        error = RunError(f"fewstep: {exc}")
+        logger.error("%s", error)
+        setattr(p, RUN_ATTR, error)
+        p.sampler_name = sampler_label(next(iter(SAMPLERS)))   # its sampler raises the error when sampling starts
+        return
+    setattr(p, RUN_ATTR, active)
+    logger.info("%s", active.run.summary)
+
+
+def _configure(p, settings: Settings) -> ActiveRun:
+    sd_model = p.sd_model
+    if hasattr(sd_model, "forge_objects"):
+        raise AdapterFileError("this is Forge: the fewstep extension runs in AUTOMATIC1111's WebUI so far")
+    path = adapter_path(settings.adapter)
+    adapter = load_adapter(path, model_base(getattr(sd_model, "is_sdxl", False), getattr(sd_model, "is_sd1", False)))
+    run = configure(settings, adapter)
+    active = ActiveRun(run, adapter)
+    plan = run.plan
+    p.sampler_name, p.scheduler = run.sampler_name, "Automatic"
+    if getattr(p, "hr_sampler_name", None) is not None:
+        p.hr_sampler_name = None   # the hires pass samples with the same few-step sampler
+    p.steps = plan.steps
+    p.cfg_scale = plan.cfg_scale
+    schedule, meta = schedule_of(sd_model), adapter.metadata
+    p.sampler_noise_scheduler_override = lambda steps: schedule.sigmas_for_timesteps(
+        plan.timesteps if steps == plan.steps else meta.timesteps_for(steps))
+    p.extra_generation_params.update(run.infotext)
+    if run.skip_negative_pass:
+        override_option("skip_early_cond", 1.0)
+    if plan.negative_in_adapter:
+        install_sun(sd_model, active)
+    if run.lora_alias is not None:
+        lora_dir = os.path.realpath(adapter_folders()[-1])
+        if not os.path.realpath(path).startswith(lora_dir + os.sep):
+            register_lora(run.lora_alias, path)
+    return active
+
+
+def active_run(p) -> Optional[ActiveRun]:
+    active = getattr(p, RUN_ATTR, None)
+    return active if isinstance(active, ActiveRun) else None
+
+
+def add_lora_tag(p, prompts: list[str]) -> None:
+    """Before a batch's extra networks are parsed: the LoRA tag on every prompt of the batch."""
+    active = active_run(p)
+    if active is not None and active.run.lora_tag is not None:
+        for i, prompt in enumerate(prompts):
+            prompts[i] = f"{prompt} {active.run.lora_tag}"
+
+
+def add_lora_to_hires(p) -> None:
+    """The hires pass activates the networks of its own prompts, parsed before it: add ours there."""
+    from modules import extra_networks
+
+    active = active_run(p)
+    data = getattr(p, "hr_extra_network_data", None)
+    if active is None or active.run.lora_alias is None or data is None:
+        return
+    alias = active.run.lora_alias
+    entries = data.setdefault("lora", [])
+    if not any(e.items[:1] == [alias] for e in entries):
+        entries.append(extra_networks.ExtraNetworkParams(items=[alias, f"{active.run.plan.strength:g}"]))
+
+
+def check_lora_applied(p) -> None:
+    """After the extra networks are activated: every layer of the file found its module (A1111 only logs misses at
+    debug level)."""
+    active = active_run(p)
+    if active is None or active.run.lora_alias is None:
+        return
+    alias = active.run.lora_alias
+    net = next((n for n in lora_networks().loaded_networks if n.name == alias), None)
+    expected = lora_module_count(active.adapter)
+    applied = 0 if net is None else len(net.modules)
+    (logger.info if applied == expected else logger.warning)(
+        "fewstep: LoRA %s: %d of %d modules applied%s", alias, applied, expected,
+        "" if applied == expected else " (the rest match no layer of this model)")
+
+
+def end_batch(p) -> None:
+    """After a batch, before its infotext is written: A1111 notes the skipped negative pass as "Skip Early CFG",
+    which pasted back would set the option for runs without fewstep."""
+    if active_run(p) is not None and active_run(p).run.skip_negative_pass:
+        p.extra_generation_params.pop("Skip Early CFG", None)
+
+
+def end(p) -> None:
+    """After processing: report what ran, undo every change."""
+    active = active_run(p)
+    if active is not None and active.run.plan.negative_in_adapter:
+        logger.info("fewstep: SUN adapter ran on %d cross-attention layers with the negative prompt",
+                    len(active.sun_layers_fired))
+    _undo.run()

@@ -1,0 +1,304 @@
+"""The A1111 extension without a WebUI: settings and adapter metadata -> run settings, infotext round trip, the LDM
+names the SUN patches address, the attention they stand in for, and undoing every change. The WebUI's ``modules``
+are small recording stand-ins here; tests/test_a1111_host.py is the proof inside a real A1111."""
+
+from __future__ import annotations
+
+import math
+import sys
+from types import ModuleType, SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from fewstep.core.adapter_file import Adapter, AdapterFileError, AdapterMetadata, read_adapter, write_adapter
+from fewstep.core.run_plan import plan_run
+from fewstep.core.sun import SunAdapter, SunLayer, multi_head_attention
+from fewstep.core.unet_names import diffusers_attention_name, ldm_attention_name
+from fewstep.extension_a1111 import host
+from fewstep.extension_a1111.run_config import (FROM_FILE, INFOTEXT_ADAPTER, Settings, configure, lora_alias, model_base,
+                                                settings_from_infotext)
+
+from .test_adapter_file import _kohya_lora
+
+
+def _adapter(kind="flash_lora", **meta) -> Adapter:
+    base = dict(kind=kind, base="sd15", sampler="consistency", steps=4, timesteps=[999, 759, 499, 259])
+    if kind == "sun_adapter":
+        base.update(sampler="dpmpp_2m", timesteps=[999, 749, 499, 249])
+    if kind == "guided_student":
+        base.update(sampler="ddim", guidance={"convention": "imagen", "w_min": 2.0, "w_max": 12.0, "default_w": 6.0})
+    return Adapter("x.safetensors", {}, AdapterMetadata(**{**base, **meta}), inferred=False, notes=[])
+
+
+# --- settings -> run ------------------------------------------------------------------------------------------------
+
+def test_a_flash_lora_runs_as_its_file_says():
+    run = configure(Settings(enabled=True, adapter="sub/flash_sd15.safetensors"), _adapter())
+    assert run.sampler_name == "FewStep consistency"
+    assert run.plan.timesteps == (999, 759, 499, 259) and run.plan.cfg_scale == 1.0 and run.plan.consistency_boundary
+    assert run.skip_negative_pass and run.lora_tag == "<lora:flash_sd15:1>"
+    assert run.infotext == {INFOTEXT_ADAPTER: "sub/flash_sd15.safetensors", "fewstep strength": 1.0}
+
+
+def test_user_settings_win_over_the_file():
+    run = configure(Settings(enabled=True, adapter="flash.safetensors", strength=0.8, steps=2, sampler="ddim"), _adapter())
+    assert run.sampler_name == "FewStep ddim" and run.plan.sampler == "ddim"
+    assert run.plan.timesteps == tuple(_adapter().metadata.timesteps_for(2)) and len(run.plan.timesteps) == 2
+    assert run.lora_tag == "<lora:flash:0.8>"
+    assert run.infotext["fewstep steps"] == 2 and run.infotext["fewstep sampler"] == "ddim"
+
+
+def test_a_file_trained_for_cfg_keeps_the_negative_pass():
+    run = configure(Settings(enabled=True, adapter="lcm.safetensors"), _adapter(extra={"cfg_scale": 1.5}))
+    assert run.plan.cfg_scale == 1.5 and not run.skip_negative_pass and run.plan.model_passes_per_step == 2
+
+
+def test_a_sun_adapter_reads_the_negative_in_one_pass():
+    run = configure(Settings(enabled=True, adapter="sun.safetensors", negative_strength=1.5), _adapter("sun_adapter"))
+    assert run.lora_tag is None and run.skip_negative_pass and run.plan.negative_in_adapter
+    assert run.plan.negative_strength == 1.5 and run.infotext["fewstep negative strength"] == 1.5
+    assert run.sampler_name == "FewStep dpmpp_2m" and run.plan.timesteps == (999, 749, 499, 249)
+
+
+def test_guided_students_are_refused_by_name_until_supported():
+    with pytest.raises(AdapterFileError, match="is a guided_student; the A1111 extension runs flash_lora and sun_adapter"):
+        configure(Settings(enabled=True, adapter="g.safetensors"), _adapter("guided_student"))
+    # The plan itself (shared with ComfyUI) resolves w: the file's default, a note outside the trained range.
+    assert plan_run(_adapter("guided_student").metadata).w == 6.0
+    assert "outside the trained range" in plan_run(_adapter("guided_student").metadata, w=20.0).notes[0]
+
+
+def test_bad_settings_and_models_give_one_line_errors():
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        configure(Settings(enabled=True, adapter="a.safetensors", sampler="euler"), _adapter())
+    with pytest.raises(AdapterFileError, match="SD1.5 and SDXL checkpoints"):
+        model_base(is_sdxl=False, is_sd1=False)
+    assert model_base(True, False) == "sdxl" and model_base(False, True) == "sd15"
+    with pytest.raises(ValueError, match="at most 7 script args"):
+        Settings.from_args([True, "a", 1.0, 4, 1.0, -1.0, FROM_FILE, "extra"])
+    assert Settings.from_args([True, "a.safetensors"]) == Settings(enabled=True, adapter="a.safetensors")
+
+
+def test_wrong_base_model_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "flash_sdxl.safetensors"
+    write_adapter(path, _kohya_lora("sdxl"), _adapter(base="sdxl").metadata)
+    with pytest.raises(AdapterFileError, match="sdxl.*sd15|sd15.*sdxl"):
+        host.load_adapter(str(path), "sd15")
+    assert host.load_adapter(str(path), "sdxl").metadata.base == "sdxl"
+
+
+def test_infotext_round_trip_restores_the_settings():
+    """What the PNG records, as A1111 parses it back (all values strings), gives the same settings."""
+    for settings, adapter in [(Settings(True, "f.safetensors", 0.7, 2, 1.0, -1.0, "ddim"), _adapter()),
+                              (Settings(True, "s.safetensors", 1.0, 0, 1.6, -1.0, FROM_FILE), _adapter("sun_adapter"))]:
+        parsed = {k: str(v) for k, v in configure(settings, adapter).infotext.items()}
+        assert settings_from_infotext(parsed) == settings
+    assert settings_from_infotext({"Steps": "20"}) is None
+
+
+def test_lora_alias_is_the_file_name_the_lora_extension_lists():
+    assert lora_alias("sub/dir\\flash.v2.safetensors") == "flash.v2" and lora_alias("plain") == "plain"
+
+
+# --- LDM names --------------------------------------------------------------------------------------------------
+
+# SD1.5's (2 layers per block) and SDXL's attention blocks, as the LDM checkpoints name them (a transformer is
+# module 1 of its block; the middle block's too).
+SD15_PAIRS = [("down_blocks.0.attentions.0", "input_blocks.1.1"), ("down_blocks.0.attentions.1", "input_blocks.2.1"),
+              ("down_blocks.1.attentions.0", "input_blocks.4.1"), ("down_blocks.2.attentions.1", "input_blocks.8.1"),
+              ("mid_block.attentions.0", "middle_block.1"), ("up_blocks.1.attentions.0", "output_blocks.3.1"),
+              ("up_blocks.2.attentions.2", "output_blocks.8.1"), ("up_blocks.3.attentions.2", "output_blocks.11.1")]
+SDXL_PAIRS = [("down_blocks.1.attentions.0", "input_blocks.4.1"), ("down_blocks.2.attentions.1", "input_blocks.8.1"),
+              ("up_blocks.0.attentions.2", "output_blocks.2.1"), ("up_blocks.1.attentions.0", "output_blocks.3.1")]
+
+
+@pytest.mark.parametrize("diffusers, ldm", SD15_PAIRS + SDXL_PAIRS)
+def test_attention_names_match_the_ldm_layout(diffusers, ldm):
+    rest = ".transformer_blocks.0.attn2"
+    ldm_name = ldm + rest
+    assert ldm_attention_name(diffusers + rest, 2) == ldm_name
+    assert diffusers_attention_name(ldm_name, 2) == diffusers + rest
+
+
+def test_attention_names_refuse_what_holds_no_attention():
+    with pytest.raises(ValueError, match="downsampler"):
+        diffusers_attention_name("input_blocks.3.1.transformer_blocks.0.attn2", 2)
+    with pytest.raises(ValueError, match="not a module inside"):
+        ldm_attention_name("conv_in", 2)
+
+
+# --- SUN on an LDM UNet ---------------------------------------------------------------------------------------------
+
+def _reference_attention(q, k, v, heads):
+    """softmax(Q K^T / sqrt(d)) V written out per head."""
+    b, n, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(d)).softmax(-1)
+    return (weights @ v).transpose(1, 2).reshape(b, n, inner)
+
+
+class LdmCrossAttention(nn.Module):
+    """LDM's CrossAttention: what A1111 calls as attn1/attn2(x, context=...)."""
+
+    def __init__(self, dim, context_dim, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.to_q, self.to_k = nn.Linear(dim, dim, bias=False), nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(0.0))
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        return self.to_out(_reference_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+
+
+def _ldm_unet(dim=32, context_dim=16):
+    """The transformers of a one-level LDM UNet with one res block (the tiny A1111 checkpoint's layout)."""
+    unet = nn.Module()
+    unet.num_res_blocks = [1]
+    for section, indices in (("input_blocks", [1]), ("middle_block", [None]), ("output_blocks", [0, 1])):
+        container = nn.ModuleDict()
+        for index in indices:
+            block = nn.ModuleDict({"1": nn.ModuleDict({"transformer_blocks": nn.ModuleDict({"0": nn.ModuleDict({
+                "attn1": LdmCrossAttention(dim, dim), "attn2": LdmCrossAttention(dim, context_dim)})})})})
+            if index is None:
+                container = block
+            else:
+                container[str(index)] = block
+        setattr(unet, section, container)
+    return unet
+
+
+LDM_ATTN2 = ["input_blocks.1.1.transformer_blocks.0.attn2", "middle_block.1.transformer_blocks.0.attn2",
+             "output_blocks.0.1.transformer_blocks.0.attn2", "output_blocks.1.1.transformer_blocks.0.attn2"]
+
+
+def _sun_file(context_dim=16, dim=32, add_pos=True, seed=0) -> Adapter:
+    torch.manual_seed(seed)
+    names = [diffusers_attention_name(n, 1) for n in LDM_ATTN2]
+    layers = {n: SunLayer(context_dim, dim, add_pos=add_pos) for n in names}
+    for layer in layers.values():
+        for p in layer.parameters():
+            nn.init.normal_(p, std=0.3)
+    return Adapter("sun.safetensors", SunAdapter(layers).to_tensors(), _adapter("sun_adapter").metadata, inferred=False, notes=[])
+
+
+@pytest.fixture
+def undo_is_clean():
+    yield
+    host.undo_leftovers()
+
+
+def _run(adapter: Adapter, negative_strength=1.0) -> host.ActiveRun:
+    return host.ActiveRun(configure(Settings(True, "sun.safetensors", negative_strength=negative_strength), adapter), adapter)
+
+
+def test_sun_patches_compute_the_adapter_and_are_undone(undo_is_clean):
+    unet, adapter = _ldm_unet(), _sun_file()
+    model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
+    x, context, negative = torch.randn(2, 6, 32), torch.randn(2, 5, 16), torch.randn(1, 5, 16)
+    modules = [unet.get_submodule(n) for n in LDM_ATTN2]
+    with torch.no_grad():
+        stock = [m(x, context=context) for m in modules]
+        active = _run(adapter, negative_strength=1.5)
+        assert host.install_sun(model, active) == 4
+        # Without a negative yet: the plain attention.
+        for m, expected in zip(modules, stock):
+            torch.testing.assert_close(m(x, context=context), expected)
+        assert active.sun_layers_fired == set()
+        active.negative = negative
+        sun = SunAdapter.from_tensors(adapter.tensors)
+        for name, m in zip(LDM_ATTN2, modules):
+            layer = sun.layer(diffusers_attention_name(name, 1))
+            q = m.to_q(x)
+
+            def attend(q_, k_, v_):
+                return _reference_attention(q_, k_, v_, m.heads)
+
+            h = attend(q, m.to_k(context), m.to_v(context))
+            expected = m.to_out(layer(attend, q, h, negative, context, negative_strength=1.5))
+            torch.testing.assert_close(m(x, context=context), expected)
+        assert active.sun_layers_fired == set(LDM_ATTN2)
+        host.end(SimpleNamespace(fewstep_run=active))
+        assert all("forward" not in m.__dict__ for m in modules)
+        for m, expected in zip(modules, stock):
+            torch.testing.assert_close(m(x, context=context), expected)
+
+
+def test_sun_adapter_for_another_model_is_refused(undo_is_clean):
+    model = SimpleNamespace(model=SimpleNamespace(diffusion_model=_ldm_unet(dim=64)))
+    with pytest.raises(AdapterFileError, match="does not fit this model"):
+        host.install_sun(model, _run(_sun_file()))
+    assert all("forward" not in m.__dict__ for m in model.model.diffusion_model.modules())
+
+
+def test_multi_head_attention_is_the_written_out_formula():
+    q, k, v = torch.randn(2, 6, 32), torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    torch.testing.assert_close(multi_head_attention(q, k, v, 4), _reference_attention(q, k, v, 4))
+
+
+def test_negative_features_come_from_the_cfg_denoiser_callback():
+    active = _run(_sun_file())
+    negative = torch.randn(1, 5, 16)
+    params = SimpleNamespace(denoiser=SimpleNamespace(p=SimpleNamespace(fewstep_run=active)), text_uncond=negative)
+    host.on_cfg_denoiser(params)
+    assert active.negative is negative
+    params.text_uncond = {"crossattn": negative * 2, "vector": torch.zeros(1, 4)}    # SDXL's conditioning dict
+    host.on_cfg_denoiser(params)
+    torch.testing.assert_close(active.negative, negative * 2)
+
+
+# --- options and the undo list --------------------------------------------------------------------------------
+
+@pytest.fixture
+def webui_options(monkeypatch):
+    modules = ModuleType("modules")
+    modules.shared = SimpleNamespace(opts=SimpleNamespace(data={"sd_model_checkpoint": "tiny"}))
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    monkeypatch.setitem(sys.modules, "modules.shared", modules.shared)
+    return modules.shared.opts.data
+
+
+def test_an_option_the_user_never_saved_is_removed_again(webui_options, undo_is_clean):
+    host.override_option("skip_early_cond", 1.0)
+    assert webui_options["skip_early_cond"] == 1.0
+    host.undo_leftovers()
+    assert webui_options == {"sd_model_checkpoint": "tiny"}
+    webui_options["skip_early_cond"] = 0.2
+    host.override_option("skip_early_cond", 1.0)
+    host.undo_leftovers()    # as at the start of the request after a failed run
+    assert webui_options["skip_early_cond"] == 0.2
+
+
+def test_a_failed_undo_does_not_stop_the_others(undo_is_clean, caplog):
+    done = []
+    host._undo.push("first", lambda: done.append("first"))
+    host._undo.push("broken", lambda: 1 / 0)
+    host.undo_leftovers()
+    assert done == ["first"] and "could not undo broken" in caplog.text
+
+
+def test_a_configuration_error_stops_the_run_when_sampling_starts(monkeypatch, undo_is_clean):
+    def missing(name):
+        raise AdapterFileError(f"{name}: not found in models/fewstep or models/Lora; press the refresh button")
+
+    monkeypatch.setattr(host, "adapter_path", missing)
+    p = SimpleNamespace(sd_model=SimpleNamespace(is_sdxl=False, is_sd1=True), sampler_name="Euler")
+    host.begin(p, [True, "gone.safetensors"])
+    assert isinstance(p.fewstep_run, host.RunError) and p.sampler_name.startswith("FewStep ")
+    with pytest.raises(host.RunError, match="gone.safetensors: not found"):
+        host.a1111_sampler("consistency")(SimpleNamespace(p=p), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.0]))
+    untouched = SimpleNamespace(sampler_name="Euler")
+    host.begin(untouched, [False, "gone.safetensors"])
+    assert untouched.sampler_name == "Euler" and not hasattr(untouched, "fewstep_run")
+
+
+def test_lora_module_count_reads_kohya_names(tmp_path):
+    path = tmp_path / "flash.safetensors"
+    tensors = _kohya_lora("sd15")
+    write_adapter(path, tensors, _adapter().metadata)
+    modules = {k.split(".", 1)[0] for k in tensors}
+    assert host.lora_module_count(read_adapter(path)) == len(modules) > 0
