@@ -13,6 +13,7 @@ request passes through this always-on script). Host modules are imported inside 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from dataclasses import dataclass, field
@@ -123,6 +124,7 @@ def a1111_sampler(name: str):
     """core sampler ``name`` in A1111's k-diffusion calling convention: noise from the request's per-image RNG (so a
     seed gives the same image alone or in a batch), LCM's boundary condition when the run's adapter needs it."""
     sample_fn = get_sampler(name)
+    takes_noise = "noise_sampler" in inspect.signature(sample_fn).parameters
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None):
         active = getattr(model.p, RUN_ATTR, None)
@@ -137,9 +139,11 @@ def a1111_sampler(name: str):
             def denoiser(x_, sigma, **kwargs):
                 return consistency_boundary_denoised(model(x_, sigma, **kwargs), x_, sigma, schedule.timestep(sigma))
 
-        rng = sd_samplers_common.TorchHijack(model.p)
-        return sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                         noise_sampler=lambda sigma, sigma_next: rng.randn_like(x))
+        options = {}
+        if takes_noise:
+            rng = sd_samplers_common.TorchHijack(model.p)
+            options["noise_sampler"] = lambda sigma, sigma_next: rng.randn_like(x)
+        return sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 
     sample.__name__ = f"sample_fewstep_{name}"
     return sample

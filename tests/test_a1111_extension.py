@@ -302,3 +302,17 @@ def test_lora_module_count_reads_kohya_names(tmp_path):
     write_adapter(path, tensors, _adapter().metadata)
     modules = {k.split(".", 1)[0] for k in tensors}
     assert host.lora_module_count(read_adapter(path)) == len(modules) > 0
+
+
+def test_the_released_layout_finds_the_same_ldm_modules():
+    """Released files key a layer by its index among diffusers' attention processors (attn1 included)."""
+    from fewstep.core.sun import attention_processor_order
+
+    unet, ours = _ldm_unet(), _sun_file()
+    names = [diffusers_attention_name(n, 1) for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2"))]
+    index = {name: i for i, name in enumerate(attention_processor_order(names))}
+    released = {f"{index[k.split('.to_')[0]]}.to_{k.split('.to_', 1)[1]}": v for k, v in ours.tensors.items()}
+    loaded, ldm = host.sun_layers(unet, Adapter("released.safetensors", released, ours.metadata, inferred=True, notes=[]))
+    assert sorted(ldm[n] for n in loaded.names) == sorted(LDM_ATTN2)
+    assert loaded.to_tensors().keys() == ours.tensors.keys()
+    assert all(torch.equal(loaded.to_tensors()[k], v) for k, v in ours.tensors.items())

@@ -5,6 +5,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fewstep.training import data as D
@@ -110,3 +111,14 @@ def test_load_dataset_dispatches_on_the_spec(tmp_path):
     assert D.load_dataset(str(tmp_path)).images.shape == (1, 32, 32, 3)
     with pytest.raises(FileNotFoundError, match="no webdataset shards"):
         D.load_dataset(str(tmp_path / "*.tar"))
+
+
+def test_proxy_spec_is_resized_to_a_teachers_native_size():
+    """A teacher whose VAE downsamples by 8 needs 64-pixel images for the 8x8 latents its UNet was sized for."""
+    from fewstep.training.data import load_dataset
+
+    small, large = load_dataset("proxy"), load_dataset("proxy", size=64)
+    assert small.images.shape[1:] == (32, 32, 3) and large.images.shape[1:] == (64, 64, 3)
+    assert large.captions == small.captions
+    back = torch.nn.functional.avg_pool2d(torch.as_tensor(large.images[:50]).permute(0, 3, 1, 2).float(), 2)
+    assert (back - torch.as_tensor(small.images[:50]).permute(0, 3, 1, 2).float()).abs().mean() < 12

@@ -103,6 +103,12 @@ def _load_rgb(path: Path | io.BytesIO, size: int | None) -> np.ndarray:
         return np.asarray(im, dtype=np.uint8).copy()
 
 
+def _resized(image: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
 # --- webdataset tar shards ------------------------------------------------------------------------------------
 
 def iter_webdataset(shards: Sequence[str | Path], size: int | None = None, skipped: list[str] | None = None) -> Iterator[tuple[np.ndarray, str]]:
@@ -230,7 +236,10 @@ def load_dataset(spec: str, size: int | None = PROXY_SIZE) -> CaptionedImages:
     of captioned images, or webdataset shards (``a.tar``, ``shards/*.tar``)."""
     if spec in ("proxy", "proxy-inverted"):
         data = load_proxy_dataset("train")
-        return dataclasses.replace(data, images=255 - data.images) if spec == "proxy-inverted" else data
+        images = 255 - data.images if spec == "proxy-inverted" else data.images
+        if size is not None and size != images.shape[1]:   # a teacher of another native size (its latents must match)
+            images = np.stack([_resized(im, size) for im in images])
+        return dataclasses.replace(data, images=images)
     if spec.endswith(".tar") or any(ch in spec for ch in "*?["):
         import glob
 

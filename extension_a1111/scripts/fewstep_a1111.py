@@ -33,7 +33,7 @@ def _import_fewstep():
 host, run_config = _import_fewstep()
 
 _log = logging.getLogger("fewstep")
-if not _log.handlers:   # the WebUI configures no logging by default: fewstep's lines go to its console
+if not _log.handlers and not logging.getLogger().handlers:   # unless the WebUI logs, fewstep's lines go to its console
     _handler = logging.StreamHandler()
     _handler.setFormatter(logging.Formatter("%(message)s"))
     _log.addHandler(_handler)

@@ -1,0 +1,139 @@
+"""fewstep's A1111 extension inside a real AUTOMATIC1111 WebUI: headless API server on loopback, requests through
+/sdapi/v1/txt2img and /img2img with ``alwayson_scripts``.
+
+Runs only when A1111_PATH (and the other variables tests/a1111_host.py names) point at a WebUI; skips with the reason
+otherwise. The checkpoint is a tiny SD1.5 written by the WebUI's own LDM code; the Flash LoRA and the SUN adapter come
+from `fewstep train` on that very single-file checkpoint. A probe extension records every UNet pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fewstep.core.adapter_file import AdapterMetadata, read_adapter, write_adapter
+from fewstep.core.lora import LoraModule, write_lora
+from fewstep.extension_a1111.host import lora_module_count
+from fewstep.training.cli import main
+
+from .a1111_host import A1111Server, a1111, build_checkpoint, decode_image, diffusers_config_for
+
+pytestmark = [pytest.mark.host, pytest.mark.slow]
+
+FLASH, SUN, WRONG_BASE = "tiny_flash.safetensors", "tiny_sun.safetensors", "sdxl_flash.safetensors"
+SUN_LAYERS = 4   # the tiny UNet's cross-attention layers: input block 1, the middle block, output blocks 0 and 1
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory):
+    host = a1111()
+    if isinstance(host, str):
+        pytest.skip(host)
+    root = tmp_path_factory.mktemp("a1111")
+    work = root / "work"
+    checkpoint = build_checkpoint(host, work / "models")
+    config = diffusers_config_for(checkpoint, root / "teacher-config")
+    teacher = ["--teacher", str(checkpoint), "--teacher-config", str(config), "--resolution", "64"]
+    # Short runs at a high learning rate, so that the adapters visibly change the model.
+    assert main(["train", "flash", *teacher, "--run-dir", str(root / "flash"), "--phase-steps", "1,1,1,1", "--batch-size", "2",
+                 "--lora-rank", "4", "--teacher-steps", "4", "--sample-every", "0", "--lr", "1e-2",
+                 "--out", str(work / "models" / "Lora" / FLASH)]) == 0
+    assert main(["train", "sun", *teacher, "--run-dir", str(root / "sun"), "--steps", "3", "--batch-size", "2",
+                 "--msc-batch-size", "1", "--msc-teacher-steps", "4", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0",
+                 "--out", str(work / "models" / "fewstep" / SUN)]) == 0
+    sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
+    write_adapter(work / "models" / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
+    server = A1111Server(host, work, checkpoint)
+    yield server
+    server.close()
+    shutil.rmtree(root / "flash", ignore_errors=True)
+
+
+def _payload(seed=1, fewstep=None, **overrides) -> dict:
+    payload = {"prompt": "a silhouette of a cat", "negative_prompt": "blurry", "steps": 4, "width": 64, "height": 64,
+               "cfg_scale": 7, "sampler_name": "Euler", "seed": seed, "send_images": True, "save_images": False}
+    if fewstep is not None:
+        payload["alwayson_scripts"] = {"fewstep": {"args": fewstep}}
+    return {**payload, **overrides}
+
+
+def _run(webui: A1111Server, payload: dict, route: str = "txt2img") -> tuple[np.ndarray, str, list[dict], str]:
+    """(image, infotext, the UNet passes of this request, its log lines)."""
+    passes, log = len(webui.unet_passes()), len(webui.log())
+    status, answer = webui.post(f"/sdapi/v1/{route}", payload)
+    assert status == 200, (answer, webui.log()[-3000:])
+    return (decode_image(answer["images"][0]), json.loads(answer["info"])["infotexts"][0], webui.unet_passes()[passes:],
+            webui.log()[log:])
+
+
+def _options(webui: A1111Server) -> dict:
+    """The WebUI's settings, less the checkpoint hash it fills in once the first image is made."""
+    return {k: v for k, v in webui.get("/sdapi/v1/options").items() if k != "sd_checkpoint_hash"}
+
+
+def test_the_accordion_script_and_the_samplers_are_registered(webui):
+    scripts = webui.get("/sdapi/v1/scripts")
+    assert "fewstep" in scripts["txt2img"] and "fewstep" in scripts["img2img"]
+    samplers = {s["name"] for s in webui.get("/sdapi/v1/samplers")}
+    assert {"FewStep consistency", "FewStep ddim", "FewStep dpmpp_2m"} <= samplers
+
+
+def test_flash_lora_run_uses_the_files_steps_one_pass_each_and_leaks_nothing(webui):
+    options = _options(webui)
+    before, before_info, before_passes, _ = _run(webui, _payload())      # before fewstep was ever used
+    assert [p["batch"] for p in before_passes] == [2] * 4                 # A1111's CFG: positive and negative together
+    image, info, passes, log = _run(webui, _payload(fewstep=[True, FLASH]))
+    meta = read_adapter(webui.workdir / "models" / "Lora" / FLASH).metadata
+    assert [p["timesteps"] for p in passes] == [[t] for t in meta.timesteps]   # one pass per step, at the file's timesteps
+    assert all(p["batch"] == 1 for p in passes)                               # no negative pass
+    expected = lora_module_count(read_adapter(webui.workdir / "models" / "Lora" / FLASH))
+    assert f"fewstep: LoRA tiny_flash: {expected} of {expected} modules applied" in log
+    assert "fewstep: tiny_flash.safetensors" in info and "Sampler: FewStep consistency" in info
+    assert "Skip Early CFG" not in info and "CFG scale: 1.0" in info
+    assert (image.astype(int) - before.astype(int)).any()
+    after, after_info, after_passes, _ = _run(webui, _payload())
+    assert np.array_equal(after, before) and after_info == before_info and len(after_passes) == 4
+    assert _options(webui) == options
+
+
+def test_sun_adapter_reads_the_negative_prompt_in_one_pass(webui):
+    weak, _, _, _ = _run(webui, _payload(fewstep=[True, SUN, 1.0, 0, 0.0]))
+    image, info, passes, log = _run(webui, _payload(fewstep=[True, SUN, 1.0, 0, 1.5]))
+    assert [p["timesteps"] for p in passes] == [[999], [749], [499], [249]] and all(p["batch"] == 1 for p in passes)
+    assert f"fewstep: SUN adapter ran on {SUN_LAYERS} cross-attention layers with the negative prompt" in log
+    assert "fewstep negative strength: 1.5" in info and "Sampler: FewStep dpmpp_2m" in info
+    assert (image.astype(int) - weak.astype(int)).any()     # the negative prompt, through the adapter, changes the image
+
+
+def test_hires_fix_and_img2img_keep_few_steps(webui):
+    hires, info, passes, log = _run(webui, _payload(fewstep=[True, FLASH], enable_hr=True, hr_scale=2,
+                                                    hr_upscaler="Latent", denoising_strength=0.5))
+    assert hires.shape == (128, 128, 3)
+    first, second = [p for p in passes if p["size"] == [8, 8]], [p for p in passes if p["size"] == [16, 16]]
+    assert len(first) == 4 and 1 <= len(second) <= 4 and all(p["batch"] == 1 for p in passes)
+    assert log.count("fewstep: LoRA tiny_flash:") == 2 and "applied (the rest" not in log   # both passes carry the LoRA
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(hires[:64, :64]).save(buffer, format="PNG")
+    init = base64.b64encode(buffer.getvalue()).decode()
+    _, info, passes, _ = _run(webui, _payload(fewstep=[True, FLASH], init_images=[init], denoising_strength=0.5), "img2img")
+    assert 1 <= len(passes) < 4 and all(p["batch"] == 1 for p in passes)
+    assert passes[0]["timesteps"][0] < 999
+
+
+def test_an_adapter_for_another_base_stops_the_run_with_the_reason(webui):
+    status, answer = webui.post("/sdapi/v1/txt2img", _payload(fewstep=[True, WRONG_BASE]))
+    assert status != 200
+    assert re.search(r"sdxl", json.dumps(answer)), answer
+    # The next request without fewstep is unaffected.
+    _, _, passes, _ = _run(webui, _payload())
+    assert len(passes) == 4 and passes[0]["batch"] == 2
