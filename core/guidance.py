@@ -57,6 +57,19 @@ def w_conditioning_offset(projection: torch.Tensor, w: float | torch.Tensor) -> 
     return features.to(projection.device, projection.dtype) @ projection.T
 
 
+class TimeEmbedWithW(torch.nn.Sequential):
+    """An LDM UNet's time MLP (ComfyUI, A1111) with a fixed offset on its input: a guided student's w projection for one
+    w (diffusers adds ``cond_proj(features(w))`` to the timestep features there). The same child modules as the
+    original, so weight patches addressed to ``time_embed.0`` / ``time_embed.2`` still reach them."""
+
+    def __init__(self, time_embed: torch.nn.Sequential, offset: torch.Tensor):
+        super().__init__(*time_embed)
+        self.offset = offset
+
+    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
+        return super().forward(t_emb + self.offset.to(t_emb))
+
+
 def _bcast(value, like: torch.Tensor):
     if torch.is_tensor(value) and value.ndim == 1:
         return value.reshape(value.shape + (1,) * (like.ndim - 1))

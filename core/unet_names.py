@@ -9,7 +9,8 @@ last level), and each output level has ``layers_per_block + 1`` blocks. A transf
     mid_block.attentions.0.<rest>      <->  middle_block.1.<rest>
     up_blocks.i.attentions.j.<rest>    <->  output_blocks.(i (L + 1) + j).1.<rest>
 
-``<rest>`` (``transformer_blocks.0.attn2``, ``proj_in``, …) is the same on both sides.
+``<rest>`` (``transformer_blocks.0.attn2``, ``proj_in``, …) is the same on both sides. ``ldm_unet_keys`` maps every
+weight of a UNet (ResNets, samplers, embeddings too), for hosts that patch a whole UNet (a guided student).
 """
 
 from __future__ import annotations
@@ -50,3 +51,50 @@ def diffusers_attention_name(name: str, layers_per_block: int) -> str:
         level, index = divmod(int(output_block), layers_per_block + 1)
         return f"up_blocks.{level}.attentions.{index}.{rest}"
     return f"mid_block.attentions.0.{rest}"
+
+
+_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+                 "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_TOP_LEVEL = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+              "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+              "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_BLOCK_PART = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)\.(.+)$")
+_MID_PART = re.compile(r"^mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
+
+
+def _resnet(rest: str) -> str:
+    part, _, param = rest.rpartition(".")
+    return f"{_RESNET_PARTS.get(part, part)}.{param}"
+
+
+def ldm_unet_keys(keys, layers_per_block: int) -> dict[str, str]:
+    """{diffusers UNet2DConditionModel state-dict key: LDM key (without ``model.diffusion_model.``)} for SD1.5/SDXL-style
+    UNets. An up block's upsampler sits after its transformer when the block has one, which ``keys`` tells."""
+    keys = list(keys)
+    with_attention = {int(m.group(2)) for m in map(_BLOCK_PART.match, keys) if m and m.group(1) == "up_blocks" and m.group(3) == "attentions"}
+    out = {}
+    for key in keys:
+        module, _, param = key.rpartition(".")
+        if module in _TOP_LEVEL:
+            out[key] = f"{_TOP_LEVEL[module]}.{param}"
+            continue
+        m = _MID_PART.match(key)
+        if m:
+            kind, index, rest = m.group(1), int(m.group(2)), m.group(3)
+            out[key] = f"middle_block.1.{rest}" if kind == "attentions" else f"middle_block.{2 * index}.{_resnet(rest)}"
+            continue
+        m = _BLOCK_PART.match(key)
+        if m is None:
+            raise ValueError(f"{key!r} is not a key of an SD-style UNet2DConditionModel")
+        section, level, kind, index, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+        first = 1 + level * (layers_per_block + 1) if section == "down_blocks" else level * (layers_per_block + 1)
+        if kind == "resnets":
+            out[key] = f"{'input' if section == 'down_blocks' else 'output'}_blocks.{first + index}.0.{_resnet(rest)}"
+        elif kind == "attentions":
+            out[key] = ldm_attention_name(f"{section}.{level}.attentions.{index}.{rest}", layers_per_block)
+        elif kind == "downsamplers":
+            out[key] = f"input_blocks.{first + layers_per_block}.0.{rest.replace('conv.', 'op.', 1)}"
+        else:
+            out[key] = f"output_blocks.{first + layers_per_block}.{2 if level in with_attention else 1}.{rest}"
+    return out
+

@@ -6,7 +6,10 @@ What a run changes, and how each change is undone:
   restored to the user's value, or removed if the user never saved one;
 - for a SUN adapter, the forward of every cross-attention module it covers (our attention plus the adapter, fed the
   negative prompt's features that ``on_cfg_denoiser`` delivers); the modules get their own forward back;
-- for a LoRA outside ``models/Lora``, an entry in the Lora extension's list of networks; removed again.
+- for a LoRA outside ``models/Lora``, an entry in the Lora extension's list of networks; removed again;
+- for a guided student, the UNet's weights (moved towards the student's by the strength, after the Lora extension
+  has applied the prompt's networks, so that its own weight backups stay the base model's) and its time MLP (with
+  the w offset); the weights are copied back from a CPU copy and the time MLP put back.
 A1111 calls no script hook when a run fails, so the undo list is also run at the start of the next request (every
 request passes through this always-on script). Host modules are imported inside functions.
 """
@@ -21,13 +24,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..core.adapter_file import Adapter, AdapterFileError, read_adapter
+from ..core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, read_adapter
+from ..core.guidance import TimeEmbedWithW, w_conditioning_offset
 from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, detect_layout
 from ..core.parameterization import consistency_boundary_denoised
 from ..core.samplers import SAMPLERS, get_sampler
 from ..core.schedule import DiscreteSchedule
 from ..core.sun import SunAdapter, SunFileError, multi_head_attention, sun_adapter_for_model
-from ..core.unet_names import diffusers_attention_name
+from ..core.unet_names import diffusers_attention_name, ldm_unet_keys
 from .run_config import A1111Run, Settings, configure, model_base, sampler_label
 
 logger = logging.getLogger("fewstep")
@@ -47,6 +51,8 @@ class ActiveRun:
     adapter: Adapter
     negative: Optional[torch.Tensor] = None   # the negative prompt's text features, for SUN
     sun_layers_fired: set = field(default_factory=set)
+    student_keys: dict[str, str] = field(default_factory=dict)   # a guided student's {file key: LDM parameter}
+    student_applied: bool = False
 
 
 class Undo:
@@ -224,10 +230,14 @@ def ldm_unet(sd_model) -> torch.nn.Module:
     return sd_model.model.diffusion_model
 
 
+def layers_per_block(unet: torch.nn.Module) -> int:
+    blocks = unet.num_res_blocks
+    return blocks[0] if isinstance(blocks, (list, tuple)) else blocks
+
+
 def sun_layers(unet: torch.nn.Module, adapter: Adapter) -> tuple[SunAdapter, dict[str, str]]:
     """The adapter's layers checked against the LDM UNet, and {diffusers name: LDM name} of its attention modules."""
-    layers_per_block = unet.num_res_blocks[0] if isinstance(unet.num_res_blocks, (list, tuple)) else unet.num_res_blocks
-    names = {diffusers_attention_name(n, layers_per_block): n for n, _ in unet.named_modules()
+    names = {diffusers_attention_name(n, layers_per_block(unet)): n for n, _ in unet.named_modules()
              if n.endswith((".attn1", ".attn2"))}
     key_shapes = {n: unet.get_submodule(n).to_k.weight.shape for n in names.values() if n.endswith("attn2")}
     try:
@@ -262,6 +272,49 @@ def on_cfg_denoiser(params) -> None:
     if isinstance(active, ActiveRun) and active.run.plan.negative_in_adapter:
         uncond = params.text_uncond
         active.negative = uncond["crossattn"] if isinstance(uncond, dict) else uncond
+
+
+# ---------------------------------------------------------------------------------------------- guided students
+
+
+def student_keys(unet: torch.nn.Module, adapter: Adapter) -> dict[str, str]:
+    """{the student file's UNet key: the LDM UNet's parameter name}; every tensor must fit (checked before the run)."""
+    name = os.path.basename(adapter.path)
+    tensors = {k: v for k, v in adapter.tensors.items() if k != W_EMBEDDING_KEY}
+    try:
+        keys = ldm_unet_keys(tensors, layers_per_block(unet))
+    except ValueError as exc:
+        raise AdapterFileError(f"{name}: {exc}") from None
+    params = dict(unet.named_parameters())
+    unmatched = [k for k, n in keys.items() if n not in params or tuple(params[n].shape) != tuple(tensors[k].shape)]
+    if unmatched or W_EMBEDDING_KEY not in adapter.tensors:
+        example = unmatched[0] if unmatched else W_EMBEDDING_KEY
+        raise AdapterFileError(f"{name}: {len(unmatched) or 1} UNet tensors do not fit this model (e.g. {example}): the "
+                               "student was made for a different model")
+    return keys
+
+
+def apply_student(sd_model, active: ActiveRun) -> None:
+    """Once per run, after the prompt's LoRAs are applied: the UNet's weights moved to the student's by the strength,
+    the w offset on its time MLP."""
+    if active.student_applied:
+        return
+    active.student_applied = True
+    unet, plan = ldm_unet(sd_model), active.run.plan
+    params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for key, ldm in active.student_keys.items():
+            param, saved = params[ldm], params[ldm].detach().to("cpu", copy=True)
+            param.lerp_(active.adapter.tensors[key].to(param), plan.strength)
+            _undo.push(f"weight {ldm}", lambda param=param, saved=saved: param.data.copy_(saved.to(param)))
+    time_embed = unet.time_embed
+    offset = w_conditioning_offset(active.adapter.tensors[W_EMBEDDING_KEY].float(), plan.w)
+    unet.time_embed = TimeEmbedWithW(time_embed, offset.to(next(time_embed.parameters()).device))
+
+    def restore():
+        unet.time_embed = time_embed
+
+    _undo.push("time MLP", restore)
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -356,6 +409,8 @@ def _configure(p, settings: Settings) -> ActiveRun:
         override_option("skip_early_cond", 1.0)
     if plan.negative_in_adapter:
         install_sun(sd_model, active)
+    if plan.kind == "guided_student":
+        active.student_keys = student_keys(ldm_unet(sd_model), adapter)
     if run.lora_alias is not None:
         lora_dir = os.path.realpath(adapter_folders()[-1])
         if not os.path.realpath(path).startswith(lora_dir + os.sep):
@@ -390,10 +445,12 @@ def add_lora_to_hires(p) -> None:
         entries.append(extra_networks.ExtraNetworkParams(items=[alias, f"{active.run.plan.strength:g}"]))
 
 
-def check_lora_applied(p) -> None:
-    """After the extra networks are activated: every layer of the file found its module (A1111 only logs misses at
-    debug level)."""
+def after_networks(p) -> None:
+    """After a batch's extra networks are activated: a guided student goes onto the weights they left; a LoRA file
+    must have found a module for every layer (A1111 only logs misses, at debug level)."""
     active = active_run(p)
+    if active is not None and active.run.plan.kind == "guided_student":
+        apply_student(p.sd_model, active)
     if active is None or active.run.lora_alias is None:
         return
     alias = active.run.lora_alias

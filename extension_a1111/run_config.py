@@ -15,7 +15,7 @@ from ..core.adapter_file import Adapter, AdapterFileError
 from ..core.run_plan import RunPlan, plan_run
 from ..core.samplers import SAMPLERS
 
-SUPPORTED_KINDS = ("flash_lora", "sun_adapter")
+SUPPORTED_KINDS = ("flash_lora", "sun_adapter", "guided_student")
 SAMPLER_PREFIX = "FewStep "
 FROM_FILE = "From the file"
 # Infotext keys ("fewstep: name.safetensors, fewstep strength: 1, ..." in a PNG's parameters).
@@ -104,7 +104,7 @@ def configure(settings: Settings, adapter: Adapter) -> A1111Run:
     meta = adapter.metadata
     if meta.kind not in SUPPORTED_KINDS:
         raise AdapterFileError(f"{settings.adapter}: is a {meta.kind}; the A1111 extension runs "
-                               f"{' and '.join(SUPPORTED_KINDS)} files so far (ComfyUI's nodes run it)")
+                               f"{', '.join(SUPPORTED_KINDS)} files so far")
     plan = plan_run(meta, strength=settings.strength, steps=settings.steps,
                     sampler=None if settings.sampler == FROM_FILE else settings.sampler,
                     w=None if settings.w < 0 else settings.w, negative_strength=settings.negative_strength)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 
 from ..core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, read_adapter
-from ..core.guidance import cfg_scale_from_imagen_w, w_conditioning_offset
+from ..core.guidance import TimeEmbedWithW, cfg_scale_from_imagen_w, w_conditioning_offset
 from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, convert_lora, detect_layout
 from ..core.parameterization import consistency_boundary_denoised
 from ..core.run_plan import plan_run
@@ -128,19 +128,6 @@ def add_lora(model, clip, adapter: Adapter, strength: float, notes: list[str]):
         clip = clip.clone()
         clip.add_patches(patches, strength)
     return model, clip
-
-
-class TimeEmbedWithW(torch.nn.Sequential):
-    """The UNet's time MLP with a fixed offset on its input: a guided student's w projection for one w (diffusers adds
-    ``cond_proj(features(w))`` to the timestep features there). The same child modules as the original, so weight
-    patches addressed to ``time_embed.0`` / ``time_embed.2`` still reach them."""
-
-    def __init__(self, time_embed: torch.nn.Sequential, offset: torch.Tensor):
-        super().__init__(*time_embed)
-        self.offset = offset
-
-    def forward(self, t_emb: torch.Tensor) -> torch.Tensor:
-        return super().forward(t_emb + self.offset.to(t_emb))
 
 
 def add_guided_student(model, adapter: Adapter, strength: float, w: float):

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from fewstep.core.adapter_file import Adapter, AdapterFileError, AdapterMetadata, read_adapter, write_adapter
-from fewstep.core.run_plan import plan_run
 from fewstep.core.sun import SunAdapter, SunLayer, multi_head_attention
 from fewstep.core.unet_names import diffusers_attention_name, ldm_attention_name
 from fewstep.extension_a1111 import host
@@ -62,12 +61,14 @@ def test_a_sun_adapter_reads_the_negative_in_one_pass():
     assert run.sampler_name == "FewStep dpmpp_2m" and run.plan.timesteps == (999, 749, 499, 249)
 
 
-def test_guided_students_are_refused_by_name_until_supported():
-    with pytest.raises(AdapterFileError, match="is a guided_student; the A1111 extension runs flash_lora and sun_adapter"):
-        configure(Settings(enabled=True, adapter="g.safetensors"), _adapter("guided_student"))
-    # The plan itself (shared with ComfyUI) resolves w: the file's default, a note outside the trained range.
-    assert plan_run(_adapter("guided_student").metadata).w == 6.0
-    assert "outside the trained range" in plan_run(_adapter("guided_student").metadata, w=20.0).notes[0]
+def test_a_guided_student_takes_w_as_input_at_one_pass_per_step():
+    run = configure(Settings(enabled=True, adapter="g.safetensors"), _adapter("guided_student"))
+    assert run.plan.w == 6.0 and run.skip_negative_pass and run.lora_tag is None and run.sampler_name == "FewStep ddim"
+    assert run.infotext["fewstep w"] == 6.0
+    run = configure(Settings(enabled=True, adapter="g.safetensors", w=20.0), _adapter("guided_student"))
+    assert run.plan.w == 20.0 and "outside the trained range" in run.summary
+    with pytest.raises(AdapterFileError, match="is a gdd_student; the A1111 extension runs flash_lora, sun_adapter"):
+        configure(Settings(enabled=True, adapter="g.safetensors"), _adapter("gdd_student"))
 
 
 def test_bad_settings_and_models_give_one_line_errors():
@@ -316,3 +317,78 @@ def test_the_released_layout_finds_the_same_ldm_modules():
     assert sorted(ldm[n] for n in loaded.names) == sorted(LDM_ATTN2)
     assert loaded.to_tensors().keys() == ours.tensors.keys()
     assert all(torch.equal(loaded.to_tensors()[k], v) for k, v in ours.tensors.items())
+
+
+# --- guided students ------------------------------------------------------------------------------------------------
+
+def _module_with(parameters: dict[str, torch.Tensor]) -> nn.Module:
+    """A module tree whose parameters have exactly these dotted names."""
+    root = nn.Module()
+    for name, value in parameters.items():
+        *path, leaf = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, nn.Parameter(value.clone()))
+    return root
+
+
+def test_a_guided_student_goes_onto_the_ldm_weights_and_comes_off_again(undo_is_clean):
+    from fewstep.core.adapter_file import W_EMBEDDING_KEY
+    from fewstep.core.guidance import TimeEmbedWithW
+    from fewstep.core.unet_names import ldm_unet_keys
+    from fewstep.training.tiny_models import build_tiny_unet
+
+    base = build_tiny_unet("sd15").state_dict()
+    names = ldm_unet_keys(base, 1)
+    unet = _module_with({names[k]: v for k, v in base.items() if not names[k].startswith("time_embed.")})
+    unet.num_res_blocks = [1]
+    unet.time_embed = nn.Sequential(nn.Linear(*base["time_embedding.linear_1.weight"].shape[::-1]), nn.SiLU(),
+                                    nn.Linear(*base["time_embedding.linear_2.weight"].shape[::-1]))
+    unet.time_embed.load_state_dict({"0.weight": base["time_embedding.linear_1.weight"], "0.bias": base["time_embedding.linear_1.bias"],
+                                     "2.weight": base["time_embedding.linear_2.weight"], "2.bias": base["time_embedding.linear_2.bias"]})
+    student = {k: v + 1.0 for k, v in base.items()}
+    student[W_EMBEDDING_KEY] = torch.randn(base["time_embedding.linear_1.weight"].shape[1], 256)
+    adapter = Adapter("g.safetensors", student, _adapter("guided_student").metadata, inferred=False, notes=[])
+    model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
+    active = host.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.5, w=3.0), adapter), adapter)
+    active.student_keys = host.student_keys(unet, adapter)
+    time_embed = unet.time_embed
+    host.apply_student(model, active)
+    host.apply_student(model, active)   # once per run, whatever the number of batches
+    params = dict(unet.named_parameters())
+    for key, ldm in active.student_keys.items():
+        torch.testing.assert_close(params[ldm].data, base[key] + 0.5)
+    assert isinstance(unet.time_embed, TimeEmbedWithW)
+    t_emb = torch.randn(2, base["time_embedding.linear_1.weight"].shape[1])
+    from fewstep.core.guidance import w_conditioning_offset
+
+    torch.testing.assert_close(unet.time_embed(t_emb), time_embed(t_emb + w_conditioning_offset(student[W_EMBEDDING_KEY], 3.0)))
+    host.undo_leftovers()
+    assert unet.time_embed is time_embed
+    for key, ldm in active.student_keys.items():
+        torch.testing.assert_close(dict(unet.named_parameters())[ldm].data, base[key])
+    # A student of another UNet is refused before anything changes.
+    other = {**student, "conv_in.weight": torch.zeros(8, 4, 3, 3)}
+    with pytest.raises(AdapterFileError, match="do not fit this model .e.g. conv_in.weight."):
+        host.student_keys(unet, Adapter("g.safetensors", other, adapter.metadata, inferred=False, notes=[]))
+
+
+@pytest.mark.parametrize("base", ["sd15", "sdxl"])
+@pytest.mark.parametrize("layers_per_block", [1, 2])
+def test_unet_keys_go_through_diffusers_own_ldm_converter_and_back(base, layers_per_block):
+    """diffusers' single-file converter (LDM -> diffusers) is the reference for every key of the mapping."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    from fewstep.core.unet_names import ldm_unet_keys
+    from fewstep.training.tiny_models import build_tiny_unet
+
+    unet = build_tiny_unet(base, layers_per_block=layers_per_block)
+    state = unet.state_dict()
+    names = ldm_unet_keys(state, layers_per_block)
+    back = convert_ldm_unet_checkpoint({"model.diffusion_model." + names[k]: v for k, v in state.items()}, dict(unet.config))
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], v) for k, v in state.items())
+

@@ -25,7 +25,8 @@ from .a1111_host import A1111Server, a1111, build_checkpoint, decode_image, diff
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
-FLASH, SUN, WRONG_BASE = "tiny_flash.safetensors", "tiny_sun.safetensors", "sdxl_flash.safetensors"
+FLASH, SUN, GUIDED = "tiny_flash.safetensors", "tiny_sun.safetensors", "tiny_guided.safetensors"
+WRONG_BASE = "sdxl_flash.safetensors"
 SUN_LAYERS = 4   # the tiny UNet's cross-attention layers: input block 1, the middle block, output blocks 0 and 1
 
 
@@ -46,6 +47,9 @@ def webui(tmp_path_factory):
     assert main(["train", "sun", *teacher, "--run-dir", str(root / "sun"), "--steps", "3", "--batch-size", "2",
                  "--msc-batch-size", "1", "--msc-teacher-steps", "4", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0",
                  "--out", str(work / "models" / "fewstep" / SUN)]) == 0
+    assert main(["train", "guided", *teacher, "--run-dir", str(root / "guided"), "--steps", "4", "--batch-size", "2",
+                 "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4",
+                 "--out", str(work / "models" / "fewstep" / GUIDED)]) == 0
     sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
     write_adapter(work / "models" / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
     server = A1111Server(host, work, checkpoint)
@@ -108,6 +112,20 @@ def test_sun_adapter_reads_the_negative_prompt_in_one_pass(webui):
     assert f"fewstep: SUN adapter ran on {SUN_LAYERS} cross-attention layers with the negative prompt" in log
     assert "fewstep negative strength: 1.5" in info and "Sampler: FewStep dpmpp_2m" in info
     assert (image.astype(int) - weak.astype(int)).any()     # the negative prompt, through the adapter, changes the image
+
+
+def test_a_guided_student_takes_w_and_leaves_the_weights_as_they_were(webui):
+    before, before_info, _, _ = _run(webui, _payload(seed=5))
+    low, info, passes, _ = _run(webui, _payload(seed=5, fewstep=[True, GUIDED, 1.0, 0, 1.0, 2.0]))
+    high, _, _, _ = _run(webui, _payload(seed=5, fewstep=[True, GUIDED, 1.0, 0, 1.0, 8.0]))
+    meta = read_adapter(webui.workdir / "models" / "fewstep" / GUIDED).metadata
+    assert [p["timesteps"] for p in passes] == [[t] for t in meta.timesteps_for(meta.steps)]
+    assert all(p["batch"] == 1 for p in passes)
+    assert "fewstep w: 2.0" in info and f"Sampler: FewStep {meta.sampler}" in info
+    assert (low.astype(int) - high.astype(int)).any()       # w is an input of the student
+    assert (low.astype(int) - before.astype(int)).any()
+    after, after_info, _, _ = _run(webui, _payload(seed=5))
+    assert np.array_equal(after, before) and after_info == before_info   # the UNet's own weights are back
 
 
 def test_hires_fix_and_img2img_keep_few_steps(webui):

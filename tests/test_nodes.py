@@ -14,6 +14,7 @@ from diffusers import EulerDiscreteScheduler, LCMScheduler
 
 from fewstep.core import samplers as K
 from fewstep.core.adapter_file import AdapterFileError, AdapterMetadata, write_adapter
+from fewstep.core.guidance import TimeEmbedWithW
 from fewstep.core.lora import LoraModule, write_lora
 from fewstep.core.schedule import DiscreteSchedule
 from fewstep.training.tiny_models import sd_scheduler_config
@@ -216,9 +217,9 @@ def test_time_embed_offset_reproduces_diffusers_cond_proj(host):
     for w in (0.0, 2.5, 9.0):
         with torch.no_grad():
             expected = embedding(t_emb, w_condition(w, 256, t_emb, 3)["timestep_cond"])
-            patched = host.adapters.TimeEmbedWithW(ldm_style, w_conditioning_offset(embedding.cond_proj.weight, w))(t_emb)
+            patched = TimeEmbedWithW(ldm_style, w_conditioning_offset(embedding.cond_proj.weight, w))(t_emb)
         torch.testing.assert_close(patched, expected, rtol=1e-5, atol=1e-6)
-    assert list(dict(host.adapters.TimeEmbedWithW(ldm_style, torch.zeros(1)).named_children())) == ["0", "1", "2"]
+    assert list(dict(TimeEmbedWithW(ldm_style, torch.zeros(1)).named_children())) == ["0", "1", "2"]
 
 
 def test_sun_patch_keys_follow_comfyui_block_addresses(host):

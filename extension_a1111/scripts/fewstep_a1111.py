@@ -95,7 +95,7 @@ class FewStepScript(scripts.Script):
         host.add_lora_tag(p, prompts)
 
     def process_batch(self, p, *args, **kwargs):
-        host.check_lora_applied(p)
+        host.after_networks(p)
 
     def before_hr(self, p, *args):
         host.add_lora_to_hires(p)
