@@ -13,15 +13,13 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import yaml
+
+from .host_server import HostServer, free_port
 
 SHARED_HOSTS = Path(__file__).resolve().parents[2] / "shared" / "hosts"
 REPO = Path(__file__).resolve().parents[1]
@@ -120,74 +118,29 @@ def diffusers_config_for(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class A1111Server:
+class A1111Server(HostServer):
     """``launch.py --api --nowebui`` on 127.0.0.1 with WORKDIR as its data dir; fewstep's extension linked in."""
 
+    name, ready_route = "A1111", "/sdapi/v1/sd-models"
+
     def __init__(self, host: dict, workdir: Path, checkpoint: Path):
-        self.workdir, self.port = workdir, _free_port()
+        self.workdir = workdir
         extensions = workdir / "extensions"
         (extensions / "unet_probe" / "scripts").mkdir(parents=True, exist_ok=True)
         (extensions / "unet_probe" / "scripts" / "unet_probe.py").write_text(PROBE)
         (extensions / "fewstep").symlink_to(REPO / "extension_a1111", target_is_directory=True)
         self.probe_log = workdir / "unet_passes.jsonl"
-        self.log_path = workdir / "a1111.log"
-        self._log = open(self.log_path, "w")
         env = {**os.environ, "HF_HOME": host["A1111_HF_HOME"], "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": host["A1111_STUBS"], "UNET_PROBE_LOG": str(self.probe_log)}
-        self.process = subprocess.Popen(
-            [host["A1111_PYTHON"], "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
-             "--skip-python-version-check", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half",
-             "--no-download-sd-model", "--api", "--nowebui", "--server-name", "127.0.0.1", "--port", str(self.port),
-             "--data-dir", str(workdir), "--ckpt", str(checkpoint)],
-            cwd=host["A1111_PATH"], env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"A1111 exited during start-up:\n{self.log()[-3000:]}")
-            try:
-                self.get("/sdapi/v1/sd-models")
-                return
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(1.0)
-        raise RuntimeError(f"A1111 did not answer within {timeout:.0f} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
+        port = free_port()
+        self.start([host["A1111_PYTHON"], "launch.py", "--skip-prepare-environment", "--skip-install", "--skip-version-check",
+                    "--skip-python-version-check", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half",
+                    "--no-download-sd-model", "--api", "--nowebui", "--server-name", "127.0.0.1", "--port", str(port),
+                    "--data-dir", str(workdir), "--ckpt", str(checkpoint)],
+                   host["A1111_PATH"], env, workdir / "a1111.log", port)
 
     def unet_passes(self) -> list[dict]:
         return [json.loads(line) for line in self.probe_log.read_text().splitlines()] if self.probe_log.exists() else []
-
-    def get(self, route: str):
-        with urllib.request.urlopen(self.url + route, timeout=30) as response:
-            return json.loads(response.read())
-
-    def post(self, route: str, body: dict, timeout: float = 600.0) -> tuple[int, dict]:
-        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
 
 
 def decode_image(b64: str) -> np.ndarray:

@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
+
+from .host_server import HostServer, free_port
 
 STUBS_DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "hosts" / "stubs"
 
@@ -101,57 +100,21 @@ def write_checkpoint(teacher: Path, out: Path, path: str, python: str, stubs: Pa
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ComfyServer:
+class ComfyServer(HostServer):
     """ComfyUI headless on CPU on 127.0.0.1, with this repository linked as custom_nodes/fewstep."""
 
+    name, ready_route = "ComfyUI", "/system_stats"
+
     def __init__(self, workdir: Path, path: str, python: str, stubs: Path):
-        self.workdir, self.log_path = workdir, workdir / "comfyui.log"
+        self.workdir = workdir
         (workdir / "custom_nodes").mkdir(parents=True, exist_ok=True)
         link = workdir / "custom_nodes" / "fewstep"
         if not link.exists():
             link.symlink_to(Path(__file__).resolve().parents[1], target_is_directory=True)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--disable-auto-launch",
-             "--base-directory", str(workdir), "--database-url", "sqlite:///:memory:", "--verbose", "DEBUG"],
-            cwd=path, env=comfy_env(path, stubs), stdout=self._log, stderr=subprocess.STDOUT)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 240.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited during start-up:\n{self.log()[-3000:]}")
-            try:
-                self.get("/system_stats")
-                return
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(1.0)
-        raise RuntimeError(f"ComfyUI did not answer within {timeout:.0f} s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def get(self, route: str):
-        with urllib.request.urlopen(self.url + route, timeout=30) as response:
-            return json.loads(response.read())
-
-    def post(self, route: str, body: dict):
-        request = urllib.request.Request(self.url + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            return err.code, json.loads(err.read() or b"{}")
+        port = free_port()
+        self.start([python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+                    "--base-directory", str(workdir), "--database-url", "sqlite:///:memory:", "--verbose", "DEBUG"],
+                   path, comfy_env(path, stubs), workdir / "comfyui.log", port, timeout=240.0)
 
     def run(self, graph: dict, timeout: float = 300.0) -> dict:
         """Queue an API-format graph and wait for its history entry."""
@@ -167,14 +130,6 @@ class ComfyServer:
                 raise RuntimeError(f"ComfyUI died while running the graph:\n{self.log()[-3000:]}")
             time.sleep(0.5)
         raise TimeoutError(f"graph did not finish in {timeout:.0f} s:\n{self.log()[-3000:]}")
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log.close()
 
 
 def copy_into(src: Path, folder: Path) -> Path:
