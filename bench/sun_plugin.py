@@ -1,12 +1,12 @@
 """SUN as a plug-in: an adapter trained on the base teacher, attached without training to a fine-tune of it.
 
-The fine-tune is a style: the proxy teacher fine-tuned on the proxy images in inverted colours (dark on light),
-made by ``fewstep train finetune`` unless --finetuned names one. Every configuration samples the bench's prompt
-set; the style is measured as the share of samples with a light background (inverted), quality as FID against the
-held-out images in the style of the model (normal or inverted), content as the prompt accuracy of the classifier
-on samples brought back to the normal polarity.
-Usage: python bench/sun_plugin.py --adapter runs/sun/sun_adapter.safetensors [--finetuned runs/finetune/pipeline]
-       [--finetune-steps 1000] [--per-class 50] [--out bench/results/sun_plugin.json]
+The fine-tune is a style: the proxy teacher fine-tuned on the proxy images mirrored (or in inverted colours, which
+the proxy VAE reconstructs badly), made by ``fewstep train finetune`` unless --finetuned names one. Every
+configuration samples the bench's prompt set; the style is measured as the share of samples in it (mirrored: digits
+the classifier reads only once flipped back; inverted: a light background), quality as FID against the held-out
+images in each style, content as the prompt accuracy of the classifier on samples brought back to the normal style.
+Usage: python bench/sun_plugin.py --adapter runs/sun/sun_adapter.safetensors [--style mirrored]
+       [--finetuned runs/finetune/pipeline] [--finetune-steps 1000] [--per-class 50] [--out bench/results/sun_plugin.json]
 """
 
 from __future__ import annotations
@@ -21,23 +21,29 @@ import numpy as np
 import torch
 
 from fewstep.training.bench import BUNDLED_TEACHER, StudentEntry, TeacherEntry, prompt_set
-from fewstep.training.data import load_proxy_dataset
+from fewstep.training.data import PROXY_STYLES, load_proxy_dataset
 from fewstep.training.metrics import (FeatureStatistics, classify_proxy_images, frechet_distance,
                                       get_feature_extractor)
 from fewstep.training.pipelines import load_teacher
 from fewstep.training.teacher import save_grid
 
-def light_background(images: np.ndarray) -> np.ndarray:
-    """Per image: is the background light, i.e. the inverted style? The background covers most of a digit or silhouette
-    image, so the median pixel tells; the edge alone does not (the proxy VAE draws a dark frame on light images)."""
-    return np.median(images.reshape(len(images), -1), axis=1) > 127
+def in_style(style: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per image: is it in the fine-tune's style?"""
+    if style == "inverted":   # the background covers most of the image; its edge alone would not do (the proxy VAE
+        return np.median(images.reshape(len(images), -1), axis=1) > 127   # draws a dark frame on light images)
+    # Mirrored: a digit the classifier reads only once flipped back (0, 1, 8 read either way and never count;
+    # silhouettes are mirror images of real animals anyway).
+    labels = torch.as_tensor(labels)
+    as_is = classify_proxy_images(images) == labels
+    flipped = classify_proxy_images(PROXY_STYLES["mirrored"](images)) == labels
+    return ((flipped & ~as_is) & (labels < 10)).numpy()
 
 
-def evaluate(images: np.ndarray, labels: np.ndarray, references: dict[str, FeatureStatistics], extractor) -> dict:
-    inverted = light_background(images)
-    normalised = np.where(inverted[:, None, None, None], 255 - images, images)
+def evaluate(style: str, images: np.ndarray, labels: np.ndarray, references: dict[str, FeatureStatistics], extractor) -> dict:
+    styled = in_style(style, images, labels)
+    normalised = np.where(styled[:, None, None, None], PROXY_STYLES[style](images), images)   # both styles are involutions
     features = FeatureStatistics.from_features(extractor(images))
-    return {"inverted_fraction": float(inverted.mean()),
+    return {f"{style}_fraction": float(styled.mean()),
             **{f"fid_vs_{name}": frechet_distance(features, ref) for name, ref in references.items()},
             "prompt_accuracy": float((classify_proxy_images(normalised) == torch.as_tensor(labels)).double().mean())}
 
@@ -45,24 +51,25 @@ def evaluate(images: np.ndarray, labels: np.ndarray, references: dict[str, Featu
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", required=True, help="a sun_adapter file trained on the bundled teacher")
+    parser.add_argument("--style", choices=sorted(PROXY_STYLES), default="mirrored", help="the fine-tune's style")
     parser.add_argument("--finetuned", type=Path, default=None, help="the fine-tuned pipeline (default: make one in --run-dir)")
-    parser.add_argument("--run-dir", type=Path, default=Path("runs/finetune-inverted"), help="where the fine-tune is made")
+    parser.add_argument("--run-dir", type=Path, default=None, help="where the fine-tune is made (default: runs/finetune-STYLE)")
     parser.add_argument("--finetune-steps", type=int, default=1000, help="fine-tuning steps when it is made here")
     parser.add_argument("--per-class", type=int, default=50, help="samples per class (20 classes)")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", type=Path, default=Path("bench/results/sun_plugin.json"))
     args = parser.parse_args()
 
-    finetuned = args.finetuned
+    finetuned, run_dir = args.finetuned, args.run_dir or Path(f"runs/finetune-{args.style}")
     if finetuned is None:
         from fewstep.training.teacher import finetune_teacher
 
-        finetuned = finetune_teacher(BUNDLED_TEACHER, "proxy-inverted", args.run_dir, args.run_dir / "pipeline",
+        finetuned = finetune_teacher(BUNDLED_TEACHER, f"proxy-{args.style}", run_dir, run_dir / "pipeline",
                                      steps=args.finetune_steps)
     heldout = load_proxy_dataset("heldout").images
     extractor = get_feature_extractor()
     references = {"heldout": FeatureStatistics.from_features(extractor(heldout)),
-                  "heldout_inverted": FeatureStatistics.from_features(extractor(255 - heldout))}
+                  f"heldout_{args.style}": FeatureStatistics.from_features(extractor(PROXY_STYLES[args.style](heldout)))}
     captions, labels, seeds = prompt_set(args.per_class)
     pipes = {"base": load_teacher(BUNDLED_TEACHER), "finetuned": load_teacher(finetuned)}
     sun = StudentEntry(4, adapter=str(args.adapter), label="sun")
@@ -75,12 +82,12 @@ def main() -> None:
         seconds = time.perf_counter() - start
         name = f"{model}/{entry.name}"
         rows.append({"name": name, "model": model, "nfe": entry.nfe, "seconds_per_image": seconds / len(images),
-                     **evaluate(images, labels, references, extractor)})
+                     **evaluate(args.style, images, labels, references, extractor)})
         grid = np.concatenate([images[labels == c][:2] for c in range(20)])
         save_grid(grid.reshape(20, 2, 32, 32, 3).transpose(1, 0, 2, 3, 4).reshape(-1, 32, 32, 3),
                   args.out.parent / "sun_plugin-grids" / f"{name.replace('/', '_')}.png", columns=20)
         print(json.dumps(rows[-1]), flush=True)
-    document = {"adapter": str(args.adapter), "finetuned": str(finetuned), "fine-tune": "proxy teacher on proxy-inverted",
+    document = {"adapter": str(args.adapter), "finetuned": str(finetuned), "fine-tune": f"proxy teacher on proxy-{args.style}",
                 "samples_per_configuration": len(captions),
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

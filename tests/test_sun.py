@@ -302,11 +302,12 @@ def test_an_adapter_of_the_base_plugs_into_a_finetune_of_it(tiny_teacher, proxy_
     assert torch.isfinite(on_finetune).all() and (on_base - on_finetune).abs().max() > 1e-4
 
 
-def test_inverted_proxy_is_the_proxy_in_inverted_colours():
+def test_proxy_styles_are_the_proxy_inverted_or_mirrored():
     from fewstep.training.data import load_dataset
 
-    plain, inverted = load_dataset("proxy"), load_dataset("proxy-inverted")
-    assert plain.captions == inverted.captions and (inverted.images == 255 - plain.images).all()
+    plain, inverted, mirrored = load_dataset("proxy"), load_dataset("proxy-inverted"), load_dataset("proxy-mirrored")
+    assert plain.captions == inverted.captions == mirrored.captions and (inverted.images == 255 - plain.images).all()
+    assert (mirrored.images[:, :, ::-1] == plain.images).all() and not (mirrored.images == plain.images).all()
 
 
 def test_bundled_adapter_beats_the_teacher_at_equal_cost_and_the_negative_prompt_works():

@@ -130,9 +130,9 @@ def add_train_finetune(methods) -> None:
     )
     p.add_argument("--teacher", default=None, help="pipeline folder or single-file checkpoint (default: the bundled proxy teacher)")
     p.add_argument("--teacher-config", default=None, help="for a single-file teacher: a diffusers folder with its configs")
-    p.add_argument("--data", default="proxy-inverted",
-                   help="'proxy', 'proxy-inverted' (the bundled set in inverted colours: a style), a folder of images with "
-                   ".txt captions / metadata.jsonl, or webdataset shards")
+    p.add_argument("--data", default="proxy-mirrored",
+                   help="'proxy', 'proxy-mirrored' / 'proxy-inverted' (the bundled set mirrored or in inverted colours: a "
+                   "style), a folder of images with .txt captions / metadata.jsonl, or webdataset shards")
     p.add_argument("--run-dir", default="runs/finetune", help="checkpoints, logs and sample grids")
     p.add_argument("--out", default=None, help="the fine-tuned pipeline folder (default: RUN_DIR/pipeline)")
     p.add_argument("--steps", type=int, default=1000, help="UNet training steps")

@@ -231,12 +231,17 @@ def load_proxy_dataset(split: str = "train") -> CaptionedImages:
     return CaptionedImages(images[keep], [PROXY_CLASSES[i] for i in labels[keep]], labels[keep], PROXY_CLASSES)
 
 
+# "Styles" of the proxy set to fine-tune a teacher on (uint8 NHWC in and out). Inverted colours are the visible one,
+# but the proxy VAE never saw light backgrounds and reconstructs them badly; mirrored images keep its statistics.
+PROXY_STYLES = {"inverted": lambda images: 255 - images, "mirrored": lambda images: images[:, :, ::-1].copy()}
+
+
 def load_dataset(spec: str, size: int | None = PROXY_SIZE) -> CaptionedImages:
-    """``proxy`` (the bundled set), ``proxy-inverted`` (the same in inverted colours: a "style" to fine-tune on), a folder
-    of captioned images, or webdataset shards (``a.tar``, ``shards/*.tar``)."""
-    if spec in ("proxy", "proxy-inverted"):
+    """``proxy`` (the bundled set), ``proxy-inverted`` / ``proxy-mirrored`` (the same in a style, see PROXY_STYLES), a
+    folder of captioned images, or webdataset shards (``a.tar``, ``shards/*.tar``)."""
+    if spec == "proxy" or spec.startswith("proxy-") and spec[len("proxy-"):] in PROXY_STYLES:
         data = load_proxy_dataset("train")
-        images = 255 - data.images if spec == "proxy-inverted" else data.images
+        images = data.images if spec == "proxy" else PROXY_STYLES[spec[len("proxy-"):]](data.images)
         if size is not None and size != images.shape[1]:   # a teacher of another native size (its latents must match)
             images = np.stack([_resized(im, size) for im in images])
         return dataclasses.replace(data, images=images)
