@@ -104,6 +104,11 @@ class SunLayer(nn.Module):
             getattr(self, f"to_k_{name}_alpha").zero_()
         return self
 
+    def follow(self, x: torch.Tensor) -> "SunLayer":
+        """On ``x``'s device and dtype (hosts move and cast the UNet after the adapter was loaded)."""
+        weight = self.to_k_neg.weight
+        return self if (weight.device, weight.dtype) == (x.device, x.dtype) else self.to(x.device, x.dtype)
+
     def forward(self, attend: Attend, query: torch.Tensor, h_pos: torch.Tensor, negative: torch.Tensor,
                 positive: Optional[torch.Tensor] = None, negative_strength: float = 1.0, strength: float = 1.0) -> torch.Tensor:
         """The layer's attention output with the adapter (before its output projection).

@@ -79,13 +79,18 @@ _undo = Undo()
 # ---------------------------------------------------------------------------------------------- adapter files
 
 
+def lora_folder() -> Optional[str]:
+    """The Lora extension's folder (models/Lora unless --lora-dir says otherwise); None without the extension."""
+    from modules import shared
+
+    return getattr(shared.cmd_opts, "lora_dir", None)
+
+
 def adapter_folders() -> list[str]:
     """models/fewstep first, then the Lora extension's folder."""
-    from modules import paths_internal, shared
+    from modules import paths_internal
 
-    folders = [os.path.join(paths_internal.models_path, FEWSTEP_FOLDER)]
-    lora_dir = getattr(shared.cmd_opts, "lora_dir", None)
-    return folders + ([lora_dir] if lora_dir else [])
+    return [os.path.join(paths_internal.models_path, FEWSTEP_FOLDER)] + [f for f in [lora_folder()] if f]
 
 
 def list_adapters() -> list[str]:
@@ -217,11 +222,9 @@ class SunAttention:
         h = attend(q, k, v)
         negative = self.active.negative
         if negative is not None:
-            if self.layer.to_k_neg.weight.dtype != q.dtype or self.layer.to_k_neg.weight.device != q.device:
-                self.layer.to(q.device, q.dtype)
             plan = self.active.run.plan
             with torch.no_grad():
-                h = self.layer(attend, q, h, negative.to(q.device), context, plan.negative_strength, plan.strength)
+                h = self.layer.follow(q)(attend, q, h, negative.to(q.device), context, plan.negative_strength, plan.strength)
             self.active.sun_layers_fired.add(self.name)
         return m.to_out(h)
 
@@ -401,9 +404,8 @@ def _configure(p, settings: Settings) -> ActiveRun:
         p.hr_sampler_name = None   # the hires pass samples with the same few-step sampler
     p.steps = plan.steps
     p.cfg_scale = plan.cfg_scale
-    schedule, meta = schedule_of(sd_model), adapter.metadata
-    p.sampler_noise_scheduler_override = lambda steps: schedule.sigmas_for_timesteps(
-        plan.timesteps if steps == plan.steps else meta.timesteps_for(steps))
+    schedule = schedule_of(sd_model)   # the hires pass and img2img ask for other step counts: the file's spacing
+    p.sampler_noise_scheduler_override = lambda steps: schedule.sigmas_for_timesteps(adapter.metadata.timesteps_for(steps))
     p.extra_generation_params.update(run.infotext)
     if run.skip_negative_pass:
         override_option("skip_early_cond", 1.0)
@@ -412,8 +414,8 @@ def _configure(p, settings: Settings) -> ActiveRun:
     if plan.kind == "guided_student":
         active.student_keys = student_keys(ldm_unet(sd_model), adapter)
     if run.lora_alias is not None:
-        lora_dir = os.path.realpath(adapter_folders()[-1])
-        if not os.path.realpath(path).startswith(lora_dir + os.sep):
+        lora_dir = lora_folder()
+        if lora_dir is None or not os.path.realpath(path).startswith(os.path.realpath(lora_dir) + os.sep):
             register_lora(run.lora_alias, path)
     return active
 
@@ -465,7 +467,8 @@ def after_networks(p) -> None:
 def end_batch(p) -> None:
     """After a batch, before its infotext is written: A1111 notes the skipped negative pass as "Skip Early CFG",
     which pasted back would set the option for runs without fewstep."""
-    if active_run(p) is not None and active_run(p).run.skip_negative_pass:
+    active = active_run(p)
+    if active is not None and active.run.skip_negative_pass:
         p.extra_generation_params.pop("Skip Early CFG", None)
 
 

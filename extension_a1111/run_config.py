@@ -53,10 +53,8 @@ class Settings:
         names = [f for f in cls.__dataclass_fields__]
         if len(args) > len(names):
             raise ValueError(f"fewstep takes at most {len(names)} script args ({', '.join(names)}); got {len(args)}")
-        values = dict(zip(names, args))
-        kinds = {"enabled": bool, "adapter": str, "strength": float, "steps": int, "negative_strength": float, "w": float,
-                 "sampler": str}
-        return cls(**{k: kinds[k](v) for k, v in values.items()})
+        defaults = cls()   # each value converted to its default's type (the API sends JSON numbers, Gradio floats)
+        return cls(**{name: type(getattr(defaults, name))(value) for name, value in zip(names, args)})
 
 
 @dataclass(frozen=True)

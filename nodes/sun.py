@@ -74,11 +74,9 @@ class SunAttn2Patch:
             return h_pos
         if logger.isEnabledFor(logging.DEBUG):   # host tests check from the log that every patch fires
             logger.debug("fewstep: SUN layer %s ran with a negative prompt", self.key)
-        if self.layer.to_k_neg.weight.dtype != q.dtype or self.layer.to_k_neg.weight.device != q.device:
-            self.layer.to(q.device, q.dtype)
         positive = extra_options.get(POSITIVE_CONTEXT_KEY)
         with torch.no_grad():
-            return self.layer(attend, q, h_pos, sun["negative"].to(q.device), positive, sun["negative_strength"], self.strength)
+            return self.layer.follow(q)(attend, q, h_pos, sun["negative"].to(q.device), positive, sun["negative_strength"], self.strength)
 
 
 def positive_context_tap(n, context, value, extra_options):

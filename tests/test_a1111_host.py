@@ -76,8 +76,9 @@ def _run(webui: A1111Server, payload: dict, route: str = "txt2img") -> tuple[np.
 
 
 def _options(webui: A1111Server) -> dict:
-    """The WebUI's settings, less the checkpoint hash it fills in once the first image is made."""
-    return {k: v for k, v in webui.get("/sdapi/v1/options").items() if k != "sd_checkpoint_hash"}
+    """The WebUI's settings, less the checkpoint's hash and hash-suffixed title, which it fills in on its own once the
+    checkpoint's hash is computed."""
+    return {k: v for k, v in webui.get("/sdapi/v1/options").items() if k not in ("sd_checkpoint_hash", "sd_model_checkpoint")}
 
 
 def test_the_accordion_script_and_the_samplers_are_registered(webui):
