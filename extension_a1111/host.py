@@ -1,6 +1,7 @@
-"""A1111 glue: apply an ``A1111Run`` to a processing object and undo every change when the run ends.
+"""A1111 glue: apply an ``A1111Run`` to a processing object and undo every change when the run ends. Forge shares
+the sampler settings and LoRA handling here and applies the rest through its model patcher (``forge.py``).
 
-What a run changes, and how each change is undone:
+What a run changes in A1111, and how each change is undone:
 - the sampler, steps, CFG scale and sigma schedule of ``p`` (the request's own object: nothing to undo);
 - the option ``skip_early_cond``, overridden so that A1111 skips the negative pass (it has no CFG = 1 shortcut);
   restored to the user's value, or removed if the user never saved one;
@@ -51,6 +52,8 @@ class ActiveRun:
     adapter: Adapter
     negative: Optional[torch.Tensor] = None   # the negative prompt's text features, for SUN
     sun_layers_fired: set = field(default_factory=set)
+    sun: Optional[tuple[SunAdapter, dict[str, str]]] = None   # Forge: the adapter's layers, their LDM names
+    sun_patches: list = field(default_factory=list)           # Forge: the attn2 patches put on the UNet
     student_keys: dict[str, str] = field(default_factory=dict)   # a guided student's {file key: LDM parameter}
     student_applied: bool = False
 
@@ -177,6 +180,10 @@ def register_samplers() -> None:
 
 
 def schedule_of(sd_model) -> DiscreteSchedule:
+    from . import forge
+
+    if forge.is_forge(sd_model):
+        return forge.schedule_of(sd_model)
     alphas_cumprod = sd_model.alphas_cumprod.detach().float().cpu()
     return DiscreteSchedule.from_sigmas(((1 - alphas_cumprod) / alphas_cumprod).sqrt())
 
@@ -391,9 +398,9 @@ def begin(p, args) -> None:
 
 
 def _configure(p, settings: Settings) -> ActiveRun:
+    from . import forge
+
     sd_model = p.sd_model
-    if hasattr(sd_model, "forge_objects"):
-        raise AdapterFileError("this is Forge: the fewstep extension runs in AUTOMATIC1111's WebUI so far")
     path = adapter_path(settings.adapter)
     adapter = load_adapter(path, model_base(getattr(sd_model, "is_sdxl", False), getattr(sd_model, "is_sd1", False)))
     run = configure(settings, adapter)
@@ -403,16 +410,19 @@ def _configure(p, settings: Settings) -> ActiveRun:
     if getattr(p, "hr_sampler_name", None) is not None:
         p.hr_sampler_name = None   # the hires pass samples with the same few-step sampler
     p.steps = plan.steps
-    p.cfg_scale = plan.cfg_scale
     schedule = schedule_of(sd_model)   # the hires pass and img2img ask for other step counts: the file's spacing
     p.sampler_noise_scheduler_override = lambda steps: schedule.sigmas_for_timesteps(adapter.metadata.timesteps_for(steps))
     p.extra_generation_params.update(run.infotext)
-    if run.skip_negative_pass:
-        override_option("skip_early_cond", 1.0)
-    if plan.negative_in_adapter:
-        install_sun(sd_model, active)
-    if plan.kind == "guided_student":
-        active.student_keys = student_keys(ldm_unet(sd_model), adapter)
+    if forge.is_forge(sd_model):
+        forge.configure(p, active)
+    else:
+        p.cfg_scale = plan.cfg_scale
+        if run.skip_negative_pass:
+            override_option("skip_early_cond", 1.0)
+        if plan.negative_in_adapter:
+            install_sun(sd_model, active)
+        if plan.kind == "guided_student":
+            active.student_keys = student_keys(ldm_unet(sd_model), adapter)
     if run.lora_alias is not None:
         lora_dir = lora_folder()
         if lora_dir is None or not os.path.realpath(path).startswith(os.path.realpath(lora_dir) + os.sep):
@@ -434,7 +444,7 @@ def add_lora_tag(p, prompts: list[str]) -> None:
 
 
 def add_lora_to_hires(p) -> None:
-    """The hires pass activates the networks of its own prompts, parsed before it: add ours there."""
+    """The hires pass activates the networks of its own prompts, parsed with the first pass's: add ours there."""
     from modules import extra_networks
 
     active = active_run(p)
@@ -448,20 +458,38 @@ def add_lora_to_hires(p) -> None:
 
 
 def after_networks(p) -> None:
-    """After a batch's extra networks are activated: a guided student goes onto the weights they left; a LoRA file
-    must have found a module for every layer (A1111 only logs misses, at debug level)."""
+    """After a batch's extra networks are activated: our LoRA joins the hires pass's networks; in A1111 a guided
+    student goes onto the weights the networks left; a LoRA file must have found a module for every layer (the
+    hosts only log misses)."""
+    from . import forge
+
     active = active_run(p)
-    if active is not None and active.run.plan.kind == "guided_student":
+    if active is None:
+        return
+    add_lora_to_hires(p)
+    if active.run.plan.kind == "guided_student" and not forge.is_forge(p.sd_model):
         apply_student(p.sd_model, active)
-    if active is None or active.run.lora_alias is None:
+    if active.run.lora_alias is None:
         return
     alias = active.run.lora_alias
-    net = next((n for n in lora_networks().loaded_networks if n.name == alias), None)
     expected = lora_module_count(active.adapter)
-    applied = 0 if net is None else len(net.modules)
+    if forge.is_forge(p.sd_model):
+        applied = forge.lora_modules_applied(p.sd_model, active.adapter.path)
+    else:
+        net = next((n for n in lora_networks().loaded_networks if n.name == alias), None)
+        applied = 0 if net is None else len(net.modules)
     (logger.info if applied == expected else logger.warning)(
         "fewstep: LoRA %s: %d of %d modules applied%s", alias, applied, expected,
         "" if applied == expected else " (the rest match no layer of this model)")
+
+
+def before_every_sampling(p) -> None:
+    """Forge, before each sampling pass (first pass, hires pass): the run's patches on the UNet it samples with."""
+    from . import forge
+
+    active = active_run(p)
+    if active is not None and forge.is_forge(p.sd_model):
+        forge.patch_unet(p, active)
 
 
 def end_batch(p) -> None:
@@ -476,6 +504,6 @@ def end(p) -> None:
     """After processing: report what ran, undo every change."""
     active = active_run(p)
     if active is not None and active.run.plan.negative_in_adapter:
-        logger.info("fewstep: SUN adapter ran on %d cross-attention layers with the negative prompt",
-                    len(active.sun_layers_fired))
+        fired = active.sun_layers_fired | {patch.key for patch in active.sun_patches if patch.fired}
+        logger.info("fewstep: SUN adapter ran on %d cross-attention layers with the negative prompt", len(fired))
     _undo.run()

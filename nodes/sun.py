@@ -49,23 +49,28 @@ def patch_key(ldm_name: str) -> tuple[str, int, int]:
     return "middle", 0, int(m.group(4))
 
 
-class SunAttn2Patch:
-    """An attn2 replace patch: the layer's attention plus its SUN branches (``core.sun.SunLayer``)."""
+def comfy_attention(q, k, v, extra_options):
+    """ComfyUI's attention (the implementation its start-up flags chose) on projected q, k, v."""
+    from comfy.ldm.modules.attention import optimized_attention
 
-    def __init__(self, layer: SunLayer, strength: float, key: tuple[str, int, int]):
-        self.layer, self.strength, self.key = layer, strength, key
+    return optimized_attention(q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"))
+
+
+class SunAttn2Patch:
+    """An attn2 replace patch: the layer's attention plus its SUN branches (``core.sun.SunLayer``). ComfyUI and Forge
+    call replace patches the same way; ``attention(q, k, v, extra_options)`` is the host's attention function."""
+
+    def __init__(self, layer: SunLayer, strength: float, key: tuple[str, int, int], attention=comfy_attention):
+        self.layer, self.strength, self.key, self.attention = layer, strength, key, attention
+        self.fired = False   # ran with a negative prompt at least once
 
     def to(self, device) -> "SunAttn2Patch":
         self.layer.to(device)
         return self
 
     def __call__(self, q, k, v, extra_options):
-        from comfy.ldm.modules.attention import optimized_attention
-
-        heads, precision = extra_options["n_heads"], extra_options.get("attn_precision")
-
         def attend(q_, k_, v_):
-            return optimized_attention(q_, k_, v_, heads, attn_precision=precision)
+            return self.attention(q_, k_, v_, extra_options)
 
         h_pos = attend(q, k, v)
         sun = extra_options.get(SUN_OPTIONS_KEY)
@@ -74,6 +79,7 @@ class SunAttn2Patch:
             return h_pos
         if logger.isEnabledFor(logging.DEBUG):   # host tests check from the log that every patch fires
             logger.debug("fewstep: SUN layer %s ran with a negative prompt", self.key)
+        self.fired = True
         positive = extra_options.get(POSITIVE_CONTEXT_KEY)
         with torch.no_grad():
             return self.layer.follow(q)(attend, q, h_pos, sun["negative"].to(q.device), positive, sun["negative_strength"], self.strength)
@@ -105,19 +111,26 @@ def sun_adapter_for(model, adapter: Adapter) -> tuple[SunAdapter, dict[str, str]
         raise AdapterFileError(f"{os.path.basename(adapter.path)}: {exc}") from None
 
 
-def add_sun(model, adapter: Adapter, strength: float) -> tuple[object, list[SunAttn2Patch]]:
-    """A clone with the adapter's attn2 replace patches at ``strength`` (and the context tap for add_pos); the patches
-    are returned so that callers can check they fire."""
-    sun, ldm = sun_adapter_for(model, adapter)
-    model = model.clone()
+def put_sun_patches(model, sun: SunAdapter, ldm: dict[str, str], strength: float,
+                    attention=comfy_attention) -> list[SunAttn2Patch]:
+    """The adapter's attn2 replace patches at ``strength`` (and the context tap for add_pos) put on ``model``, a
+    ComfyUI or Forge model patcher; ``ldm`` maps the adapter's attention names to the model's."""
     patches = []
     for layer_name in sun.names:
-        patch = SunAttn2Patch(sun.layer(layer_name).requires_grad_(False), strength, patch_key(ldm[layer_name]))
+        patch = SunAttn2Patch(sun.layer(layer_name).requires_grad_(False), strength, patch_key(ldm[layer_name]), attention)
         model.set_model_attn2_replace(patch, *patch.key)
         patches.append(patch)
     if sun.variant == "add_pos":
         model.set_model_attn2_patch(positive_context_tap)
-    return model, patches
+    return patches
+
+
+def add_sun(model, adapter: Adapter, strength: float) -> tuple[object, list[SunAttn2Patch]]:
+    """A clone with the adapter's patches at ``strength``; the patches are returned so that callers can check they
+    fire."""
+    sun, ldm = sun_adapter_for(model, adapter)
+    model = model.clone()
+    return model, put_sun_patches(model, sun, ldm, strength)
 
 
 def cross_attention_features(conds: Optional[list]) -> torch.Tensor:
@@ -127,15 +140,20 @@ def cross_attention_features(conds: Optional[list]) -> torch.Tensor:
     return conds[0]["model_conds"]["c_crossattn"].cond
 
 
+def with_sun_negative(model_options: dict, negative: torch.Tensor, negative_strength: float) -> dict:
+    """A copy of ``model_options`` whose transformer_options hand the SUN patches the negative prompt's features."""
+    transformer_options = {**model_options.get("transformer_options", {}),
+                           SUN_OPTIONS_KEY: {"negative": negative, "negative_strength": negative_strength}}
+    return {**model_options, "transformer_options": transformer_options}
+
+
 def make_sun_guider(model, negative_strength: float):
     """A CFGGuider subclass instance: one pass per step on the positive prompt, the negative in the SUN patches."""
     import comfy.samplers
 
     class SunGuider(comfy.samplers.CFGGuider):
         def predict_noise(self, x, timestep, model_options={}, seed=None):
-            options = dict(model_options)
-            options["transformer_options"] = {**model_options.get("transformer_options", {}), SUN_OPTIONS_KEY: {
-                "negative": cross_attention_features(self.conds.get("negative")), "negative_strength": negative_strength}}
+            options = with_sun_negative(model_options, cross_attention_features(self.conds.get("negative")), negative_strength)
             return comfy.samplers.calc_cond_batch(self.inner_model, [self.conds.get("positive")], x, timestep, options)[0]
 
     return SunGuider(model)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewstep.core.adapter_file import Adapter, AdapterFileError, AdapterMetadata, read_adapter, write_adapter
+from fewstep.core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, AdapterMetadata, read_adapter, write_adapter
 from fewstep.core.sun import SunAdapter, SunLayer, multi_head_attention
 from fewstep.core.unet_names import diffusers_attention_name, ldm_attention_name
 from fewstep.extension_a1111 import host
@@ -335,9 +335,9 @@ def _module_with(parameters: dict[str, torch.Tensor]) -> nn.Module:
     return root
 
 
-def test_a_guided_student_goes_onto_the_ldm_weights_and_comes_off_again(undo_is_clean):
-    from fewstep.core.adapter_file import W_EMBEDDING_KEY
-    from fewstep.core.guidance import TimeEmbedWithW
+def _guided_model():
+    """An LDM-named tiny UNet (its time MLP as LDM's Sequential), its diffusers-named weights, and a guided student
+    file for it whose weights are the UNet's + 1."""
     from fewstep.core.unet_names import ldm_unet_keys
     from fewstep.training.tiny_models import build_tiny_unet
 
@@ -352,6 +352,13 @@ def test_a_guided_student_goes_onto_the_ldm_weights_and_comes_off_again(undo_is_
     student = {k: v + 1.0 for k, v in base.items()}
     student[W_EMBEDDING_KEY] = torch.randn(base["time_embedding.linear_1.weight"].shape[1], 256)
     adapter = Adapter("g.safetensors", student, _adapter("guided_student").metadata, inferred=False, notes=[])
+    return unet, base, student, adapter
+
+
+def test_a_guided_student_goes_onto_the_ldm_weights_and_comes_off_again(undo_is_clean):
+    from fewstep.core.guidance import TimeEmbedWithW
+
+    unet, base, student, adapter = _guided_model()
     model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
     active = host.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.5, w=3.0), adapter), adapter)
     active.student_keys = host.student_keys(unet, adapter)

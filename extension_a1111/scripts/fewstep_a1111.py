@@ -1,4 +1,4 @@
-"""fewstep in AUTOMATIC1111's WebUI: one accordion in txt2img and img2img turns the run into a few-step one.
+"""fewstep in AUTOMATIC1111's WebUI and Forge: one accordion in txt2img and img2img turns the run into a few-step one.
 
 The WebUI loads this file on its own (not as part of a package), so it first imports the fewstep package from the
 tree it lives in. All logic is in ``extension_a1111.host`` and ``run_config``; this file is UI and hook wiring.
@@ -13,7 +13,7 @@ import gradio as gr
 
 from modules import script_callbacks, scripts
 from modules.ui_common import create_refresh_button
-from modules.ui_components import InputAccordion
+from modules.ui_components import FormRow, InputAccordion
 
 
 def _import_fewstep():
@@ -62,7 +62,7 @@ class FewStepScript(scripts.Script):
         tab = "img2img" if is_img2img else "txt2img"
         defaults = run_config.Settings()
         with InputAccordion(False, label="fewstep", elem_id=f"fewstep_{tab}") as enabled:
-            with gr.Row():
+            with FormRow(variant="compact"):   # the host's own layout for a dropdown with a refresh button
                 adapter = gr.Dropdown(label="Adapter (models/fewstep, models/Lora)", choices=host.list_adapters(),
                                       value=None, elem_id=f"fewstep_{tab}_adapter")
                 create_refresh_button(adapter, lambda: None, lambda: {"choices": host.list_adapters()},
@@ -97,8 +97,8 @@ class FewStepScript(scripts.Script):
     def process_batch(self, p, *args, **kwargs):
         host.after_networks(p)
 
-    def before_hr(self, p, *args):
-        host.add_lora_to_hires(p)
+    def process_before_every_sampling(self, p, *args, **kwargs):   # Forge only
+        host.before_every_sampling(p)
 
     def postprocess_batch(self, p, *args, **kwargs):
         host.end_batch(p)
