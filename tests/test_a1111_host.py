@@ -165,12 +165,24 @@ def test_hires_fix_and_img2img_keep_few_steps(webui):
 
     from PIL import Image
 
-    buffer = io.BytesIO()
-    Image.fromarray(hires[:64, :64]).save(buffer, format="PNG")
-    init = base64.b64encode(buffer.getvalue()).decode()
+    def png(pixels):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode()
+
+    source = hires[:64, :64].copy()
+    init = png(source)
     _, info, passes, _ = _run(webui, _payload(fewstep=[True, FLASH], init_images=[init], denoising_strength=0.5), "img2img")
     assert 1 <= len(passes) < 4 and all(p["batch"] == 1 for p in passes)
     assert passes[0]["timesteps"][0] < 999
+    # Inpainting: the left half repainted in a few passes, the right half the source's pixels (the WebUI's overlay).
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 255
+    inpainted, _, passes, _ = _run(webui, _payload(fewstep=[True, FLASH], init_images=[init], mask=png(mask), mask_blur=0,
+                                                   inpainting_fill=1, denoising_strength=0.75), "img2img")
+    assert 1 <= len(passes) <= 4 and all(p["batch"] == 1 for p in passes)
+    assert np.array_equal(inpainted[:, 32:], source[:, 32:])
+    assert (inpainted[:, :32].astype(int) - source[:, :32].astype(int)).any()
 
 
 def test_an_adapter_for_another_base_stops_the_run_with_the_reason(webui):
