@@ -116,9 +116,13 @@ class ComfyServer(HostServer):
                     "--base-directory", str(workdir), "--database-url", "sqlite:///:memory:", "--verbose", "DEBUG"],
                    path, comfy_env(path, stubs), workdir / "comfyui.log", port, timeout=240.0)
 
-    def run(self, graph: dict, timeout: float = 300.0) -> dict:
-        """Queue an API-format graph and wait for its history entry."""
-        status, answer = self.post("/prompt", {"prompt": graph})
+    def run(self, graph: dict, timeout: float = 300.0, workflow: dict | None = None) -> dict:
+        """Queue an API-format graph and wait for its history entry; with ``workflow`` (its UI format), the saved
+        PNGs carry it, as when the canvas queues a prompt."""
+        body = {"prompt": graph}
+        if workflow is not None:
+            body["extra_data"] = {"extra_pnginfo": {"workflow": workflow}}
+        status, answer = self.post("/prompt", body)
         assert status == 200, answer
         prompt_id = answer["prompt_id"]
         deadline = time.time() + timeout

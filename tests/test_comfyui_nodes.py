@@ -7,8 +7,11 @@ LoRA comes from `fewstep train flash` on a diffusers teacher with the very same 
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -18,6 +21,7 @@ from fewstep.core.lora import LoraModule, convert_lora, write_lora
 from fewstep.training.cli import main
 
 from .comfyui_host import ComfyServer, build_tiny_sd15_teacher, comfyui, copy_into, write_checkpoint
+from .workflow_specs import OFFLINE
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
@@ -27,6 +31,7 @@ FLASH_WITH_TEXT = "tiny_flash_text_encoder.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
 GUIDED = "tiny_guided.safetensors"
 SUN = "tiny_sun.safetensors"
+REPO = Path(__file__).resolve().parents[1]
 SUN_RELEASED = "tiny_sun_released_layout.safetensors"
 SUN_PATCH = re.compile(r"fewstep: SUN layer \('(\w+)', (\d+), (\d+)\) ran with a negative prompt")
 TEXT_MODULE = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
@@ -313,6 +318,103 @@ def test_wrong_base_adapter_is_a_node_error(comfy):
     assert kind == "execution_error" and error["node_type"] == "FewStepKSampler"
     assert "adapter is for sdxl" in error["exception_message"] and "the model is sd15" in error["exception_message"]
     assert comfy.get("/system_stats")   # the server lives on
+
+
+# --- the shipped workflows (workflows/*.json) ------------------------------------------------------------------------
+
+WORKFLOW_SCALE = 4   # the workflows' 512-pixel sizes over 4: the tiny model on CPU
+SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", "height"), "ImageScale": ("width", "height"),
+               "MaskComposite": ("x", "y"), "ImageCompositeMasked": ("x", "y"), "GrowMask": ("expand",)}
+
+
+def _workflow_prompt(comfy: ComfyServer, name: str) -> tuple[dict, dict]:
+    """(UI workflow, API prompt) with the test's checkpoint, adapters and images, at a quarter of the sizes."""
+    from .comfy_workflow import ui_to_api
+    from .workflow_specs import CHECKPOINT, FACE, REFERENCE
+    from .workflow_specs import FLASH as WORKFLOW_FLASH
+    from .workflow_specs import SUN as WORKFLOW_SUN
+
+    workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
+    prompt = ui_to_api(workflow, comfy.get("/object_info"))
+    swap = {CHECKPOINT: "tiny_sd15.safetensors", WORKFLOW_FLASH: FLASH, WORKFLOW_SUN: SUN, REFERENCE: WORKFLOW_IMAGE,
+            FACE: WORKFLOW_FACE}
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key, value in inputs.items():
+            if isinstance(value, str) and value in swap:
+                inputs[key] = swap[value]
+        for key in SIZE_INPUTS.get(node["class_type"], ()):
+            inputs[key] //= WORKFLOW_SCALE
+    return workflow, prompt
+
+
+WORKFLOW_IMAGE, WORKFLOW_FACE = "workflow_target.png", "workflow_face.png"
+
+
+@pytest.fixture(scope="module")
+def workflow_images(comfy):
+    """128-pixel test images in ComfyUI's input folder; the target's alpha is 0 on its left half (the mask editor's
+    mask: LoadImage's MASK is 1 there)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    target = np.concatenate([rng.integers(0, 256, (128, 128, 3)), np.full((128, 128, 1), 255)], axis=-1).astype(np.uint8)
+    target[:, :64, 3] = 0
+    folder = comfy.workdir / "input"
+    folder.mkdir(exist_ok=True)
+    Image.fromarray(target, "RGBA").save(folder / WORKFLOW_IMAGE)
+    Image.fromarray(rng.integers(0, 256, (96, 80, 3)).astype(np.uint8)).save(folder / WORKFLOW_FACE)
+    return target[..., :3], target[..., 3] == 0
+
+
+def _saved_images(comfy: ComfyServer, entry: dict) -> dict[str, np.ndarray]:
+    """{SaveImage node id: its first image}."""
+    from PIL import Image
+
+    images = {}
+    for node, output in entry["outputs"].items():
+        for saved in output.get("images", [])[:1]:
+            path = comfy.workdir / "output" / saved["subfolder"] / saved["filename"]
+            images[node] = np.asarray(Image.open(path).convert("RGB"))
+    return images
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_shipped_workflow_runs(comfy, workflow_images, name):
+    from .workflow_specs import FACE_BOX, FACE_GROW
+
+    workflow, prompt = _workflow_prompt(comfy, name)
+    entry = comfy.run(prompt, workflow=workflow)
+    _assert_success(entry)
+    images = _saved_images(comfy, entry)
+    saves = [k for k, node in prompt.items() if node["class_type"] == "SaveImage"]
+    assert sorted(images) == sorted(saves)
+    final = images[saves[-1]]
+    target, masked = workflow_images
+    if name == "inpaint":
+        # Outside the mask, the input's pixels (up to the float -> 8-bit rounding of the composite).
+        assert np.abs(final[~masked].astype(int) - target[~masked]).max() <= 1
+        assert np.abs(final[masked].astype(int) - target[masked]).mean() > 10
+    if name.startswith("upscale"):
+        base = images[saves[0]]
+        assert final.shape == (2 * base.shape[0], 2 * base.shape[1], 3)
+    if name == "faceswap":
+        box, grow = {k: v // WORKFLOW_SCALE for k, v in FACE_BOX.items()}, FACE_GROW // WORKFLOW_SCALE
+        outside = np.ones(final.shape[:2], bool)
+        outside[max(0, box["y"] - grow): box["y"] + box["height"] + grow, max(0, box["x"] - grow): box["x"] + box["width"] + grow] = False
+        assert np.abs(final[outside].astype(int) - target[outside]).max() <= 1
+        assert np.abs(final[~outside].astype(int) - target[~outside]).mean() > 10
+
+
+def test_the_node_snapshot_is_this_comfyuis(comfy):
+    """tests/data/comfyui_object_info.json (what the tests without ComfyUI read) against the live server."""
+    from .comfy_workflow import input_specs
+
+    snapshot = json.loads((Path(__file__).parent / "data" / "comfyui_object_info.json").read_text())
+    live = comfy.get("/object_info")
+    assert set(snapshot["core_node_types"]) <= set(live)
+    for node_type in snapshot["object_info"]:
+        assert [spec[:2] for spec in input_specs(live, node_type)] == [spec[:2] for spec in input_specs(snapshot["object_info"], node_type)]
 
 
 def test_no_lora_key_went_unloaded(comfy):
