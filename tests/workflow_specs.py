@@ -44,6 +44,17 @@ def _save(wf, ckpt, samples, prefix, tiled=False):
     return image, wf.add("SaveImage", images=(image, 0), filename_prefix=prefix)
 
 
+def _masked_pass(wf, ckpt, pos, neg, pixels, mask, keep, denoise, prefix, title=None, keep_title=None):
+    """A few-step img2img pass of ``pixels`` where ``mask`` is 1, composited onto ``keep`` (the pixels outside)."""
+    encoded = wf.add("VAEEncode", pixels=pixels, vae=(ckpt, 2))
+    masked = wf.add("SetLatentNoiseMask", samples=(encoded, 0), mask=mask)
+    samples = _ksampler(wf, ckpt, pos, neg, masked, denoise=denoise, title=title)
+    decoded = wf.add("VAEDecode", samples=(samples, 0), vae=(ckpt, 2))
+    result = wf.add("ImageCompositeMasked", keep_title, destination=keep, source=(decoded, 0), x=0, y=0,
+                    resize_source=False, mask=mask)
+    wf.add("SaveImage", images=(result, 0), filename_prefix=prefix)
+
+
 def txt2img(wf: WorkflowBuilder) -> None:
     ckpt, pos, neg = _model(wf)
     latent = wf.add("EmptyLatentImage", width=512, height=512, batch_size=1)
@@ -80,13 +91,8 @@ def txt2img_sun(wf: WorkflowBuilder) -> None:
 def inpaint(wf: WorkflowBuilder) -> None:
     ckpt, pos, neg = _model(wf)
     image = wf.add("LoadImage", "Image (paint the mask in the mask editor)", image=REFERENCE)
-    encoded = wf.add("VAEEncode", pixels=(image, 0), vae=(ckpt, 2))
-    masked = wf.add("SetLatentNoiseMask", samples=(encoded, 0), mask=(image, 1))
-    samples = _ksampler(wf, ckpt, pos, neg, masked, denoise=0.9)
-    decoded = wf.add("VAEDecode", samples=(samples, 0), vae=(ckpt, 2))
-    result = wf.add("ImageCompositeMasked", "Only the masked part changes", destination=(image, 0), source=(decoded, 0),
-                    x=0, y=0, resize_source=False, mask=(image, 1))
-    wf.add("SaveImage", images=(result, 0), filename_prefix="fewstep/inpaint")
+    _masked_pass(wf, ckpt, pos, neg, (image, 0), (image, 1), (image, 0), 0.9, "fewstep/inpaint",
+                 keep_title="Only the masked part changes")
 
 
 def _upscale(wf: WorkflowBuilder, tiled: bool, prefix: str) -> None:
@@ -131,13 +137,8 @@ def faceswap(wf: WorkflowBuilder) -> None:
     mask = wf.add("MaskComposite", "Face mask", destination=(canvas, 0), source=(square, 0), x=box["x"], y=box["y"],
                   operation="add")
     grown = wf.add("GrowMask", "Blend the seams", mask=(mask, 0), expand=FACE_GROW, tapered_corners=True)
-    encoded = wf.add("VAEEncode", pixels=(placed, 0), vae=(ckpt, 2))
-    masked = wf.add("SetLatentNoiseMask", samples=(encoded, 0), mask=(grown, 0))
-    samples = _ksampler(wf, ckpt, pos, neg, masked, denoise=0.55, title="Blend identity, seams, light")
-    decoded = wf.add("VAEDecode", samples=(samples, 0), vae=(ckpt, 2))
-    result = wf.add("ImageCompositeMasked", "Outside the face: the target's pixels", destination=(target, 0),
-                    source=(decoded, 0), x=0, y=0, resize_source=False, mask=(grown, 0))
-    wf.add("SaveImage", images=(result, 0), filename_prefix="fewstep/faceswap")
+    _masked_pass(wf, ckpt, pos, neg, (placed, 0), (grown, 0), (target, 0), 0.55, "fewstep/faceswap",
+                 title="Blend identity, seams, light", keep_title="Outside the face: the target's pixels")
 
 
 # ReActor (github.com/Gourieff/ComfyUI-ReActor), as its node declares its inputs: not installed here, so its interface is
@@ -167,13 +168,8 @@ def faceswap_reactor(wf: WorkflowBuilder) -> None:
                      source_image=(face, 0), swap_model="inswapper_128.onnx", facedetection="retinaface_resnet50",
                      face_restore_model="none")
     grown = wf.add("GrowMask", "Blend the seams", mask=(swapped, 3), expand=FACE_GROW, tapered_corners=True)
-    encoded = wf.add("VAEEncode", pixels=(swapped, 0), vae=(ckpt, 2))
-    masked = wf.add("SetLatentNoiseMask", samples=(encoded, 0), mask=(grown, 0))
-    samples = _ksampler(wf, ckpt, pos, neg, masked, denoise=0.35, title="Restore: skin, seams, light")
-    decoded = wf.add("VAEDecode", samples=(samples, 0), vae=(ckpt, 2))
-    result = wf.add("ImageCompositeMasked", "Outside the faces: the swap's pixels", destination=(swapped, 0),
-                    source=(decoded, 0), x=0, y=0, resize_source=False, mask=(grown, 0))
-    wf.add("SaveImage", images=(result, 0), filename_prefix="fewstep/faceswap_reactor")
+    _masked_pass(wf, ckpt, pos, neg, (swapped, 0), (grown, 0), (swapped, 0), 0.35, "fewstep/faceswap_reactor",
+                 title="Restore: skin, seams, light", keep_title="Outside the faces: the swap's pixels")
 
 
 WORKFLOWS = {"txt2img": txt2img, "txt2img_custom_sampler": txt2img_custom_sampler, "txt2img_sun": txt2img_sun,
