@@ -330,14 +330,14 @@ SIZE_INPUTS = {"EmptyLatentImage": ("width", "height"), "SolidMask": ("width", "
 def _workflow_prompt(comfy: ComfyServer, name: str) -> tuple[dict, dict]:
     """(UI workflow, API prompt) with the test's checkpoint, adapters and images, at a quarter of the sizes."""
     from .comfy_workflow import ui_to_api
-    from .workflow_specs import CHECKPOINT, FACE, REFERENCE
+    from .workflow_specs import CHECKPOINT, FACE, REFERENCE, UPSCALE_MODEL
     from .workflow_specs import FLASH as WORKFLOW_FLASH
     from .workflow_specs import SUN as WORKFLOW_SUN
 
     workflow = json.loads((REPO / "workflows" / f"{name}.json").read_text())
     prompt = ui_to_api(workflow, comfy.get("/object_info"))
     swap = {CHECKPOINT: "tiny_sd15.safetensors", WORKFLOW_FLASH: FLASH, WORKFLOW_SUN: SUN, REFERENCE: WORKFLOW_IMAGE,
-            FACE: WORKFLOW_FACE}
+            FACE: WORKFLOW_FACE, UPSCALE_MODEL: WORKFLOW_UPSCALER}
     for node in prompt.values():
         inputs = node["inputs"]
         for key, value in inputs.items():
@@ -348,7 +348,7 @@ def _workflow_prompt(comfy: ComfyServer, name: str) -> tuple[dict, dict]:
     return workflow, prompt
 
 
-WORKFLOW_IMAGE, WORKFLOW_FACE = "workflow_target.png", "workflow_face.png"
+WORKFLOW_IMAGE, WORKFLOW_FACE, WORKFLOW_UPSCALER = "workflow_target.png", "workflow_face.png", "tiny_compact_x2.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -364,6 +364,14 @@ def workflow_images(comfy):
     folder.mkdir(exist_ok=True)
     Image.fromarray(target, "RGBA").save(folder / WORKFLOW_IMAGE)
     Image.fromarray(rng.integers(0, 256, (96, 80, 3)).astype(np.uint8)).save(folder / WORKFLOW_FACE)
+    # A x2 Real-ESRGAN Compact (SRVGG: conv, PReLU, conv, PReLU, conv to 3·2² channels) with random weights, which
+    # ComfyUI's loader (spandrel) recognises by its keys.
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"body.0.weight": (16, 3, 3, 3), "body.0.bias": (16,), "body.1.weight": (16,), "body.2.weight": (16, 16, 3, 3),
+              "body.2.bias": (16,), "body.3.weight": (16,), "body.4.weight": (12, 16, 3, 3), "body.4.bias": (12,)}
+    upscalers = comfy.workdir / "models" / "upscale_models"
+    upscalers.mkdir(parents=True, exist_ok=True)
+    save_file({k: torch.randn(shape, generator=generator) * 0.1 for k, shape in shapes.items()}, str(upscalers / WORKFLOW_UPSCALER))
     return target[..., :3], target[..., 3] == 0
 
 

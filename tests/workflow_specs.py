@@ -20,6 +20,7 @@ PROMPT = "a photo of a red fox in the snow, soft light"
 NEGATIVE = "blurry, lowres, watermark"
 REFERENCE = "example.png"              # input/: the image to inpaint, upscale or swap a face into
 FACE = "face.png"                      # input/: the face to put in
+UPSCALE_MODEL = "RealESRGAN_x4plus.pth"  # models/upscale_models: an ESRGAN-type upscaler
 
 
 def _model(wf: WorkflowBuilder, positive: str = PROMPT, negative: str = NEGATIVE):
@@ -110,6 +111,19 @@ def _upscale(wf: WorkflowBuilder, tiled: bool, prefix: str) -> None:
     _save(wf, ckpt, refined, prefix, tiled=tiled)
 
 
+def upscale_model(wf: WorkflowBuilder) -> None:
+    """The x2 by an upscale model, its output scaled to exactly twice the size (a x4 model's by half)."""
+    ckpt, pos, neg = _model(wf)
+    latent = wf.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    first, _ = _save(wf, ckpt, _ksampler(wf, ckpt, pos, neg, latent, title="Generate"), "fewstep/upscale_model_base")
+    loader = wf.add("UpscaleModelLoader", model_name=UPSCALE_MODEL)
+    upscaled = wf.add("ImageUpscaleWithModel", upscale_model=(loader, 0), image=(first, 0))
+    larger = wf.add("ImageScale", "To twice the generated size", image=(upscaled, 0), upscale_method="lanczos",
+                    width=1024, height=1024, crop="disabled")
+    encoded = wf.add("VAEEncode", pixels=(larger, 0), vae=(ckpt, 2))
+    _save(wf, ckpt, _ksampler(wf, ckpt, pos, neg, encoded, denoise=0.45, title="Refine"), "fewstep/upscale_model")
+
+
 def upscale(wf: WorkflowBuilder) -> None:
     _upscale(wf, tiled=False, prefix="fewstep/upscale")
 
@@ -173,7 +187,8 @@ def faceswap_reactor(wf: WorkflowBuilder) -> None:
 
 
 WORKFLOWS = {"txt2img": txt2img, "txt2img_custom_sampler": txt2img_custom_sampler, "txt2img_sun": txt2img_sun,
-             "inpaint": inpaint, "upscale": upscale, "upscale_tiled": upscale_tiled, "faceswap": faceswap,
+             "inpaint": inpaint, "upscale": upscale, "upscale_tiled": upscale_tiled, "upscale_model": upscale_model,
+             "faceswap": faceswap,
              "faceswap_reactor": faceswap_reactor}
 OFFLINE = [name for name in WORKFLOWS if name != "faceswap_reactor"]   # the ones that need no third-party node
 
