@@ -118,6 +118,7 @@ def add_train(subparsers) -> None:
     add_train_flash(methods)
     add_train_guided(methods)
     add_train_sun(methods)
+    add_train_gdd(methods)
 
 
 def add_train_finetune(methods) -> None:
@@ -307,6 +308,32 @@ def add_train_sun(methods) -> None:
     p.set_defaults(run=run_train_sun)
 
 
+def add_train_gdd(methods) -> None:
+    p = methods.add_parser(
+        "gdd",
+        help="train a one-step generator by distributional (GAN) distillation: GDD / GDD-I (1 step, no CFG)",
+        description="GDD (Zheng & Yang 2024, 'Diffusion Models Are Innate One-Step Generators'): a copy of the teacher "
+        "UNet learns to map pure noise to an image in one pass with a GAN loss alone (non-saturating, lazy R1, EMA); the "
+        "discriminator is a small head on the frozen teacher's own features, conditioned on the prompt. GDD-I (default) "
+        "freezes the convolutions; --variant lora trains only a LoRA. Writes one adapter file (kind gdd_student, sampler "
+        "onestep). Precedence: preset < --config FILE < flags. Rerun the same command to resume.",
+    )
+    _add_teacher_args(p, "gdd", "gdd_student.safetensors", "GDD")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--variant", default=None, choices=["gdd_i", "full", "lora"],
+                       help="gdd_i: convolutions frozen (default); full: the whole UNet; lora: a LoRA on the attention projections")
+    group.add_argument("--gan-loss", default=None, choices=["non-saturating", "hinge", "lsgan"], help="GAN objective (paper: non-saturating)")
+    group.add_argument("--r1-gamma", type=float, default=None, help="R1 penalty weight (paper: 1e-4)")
+    group.add_argument("--r1-interval", type=int, default=None, help="steps between lazy R1 penalties (paper: 16)")
+    group.add_argument("--gan-timesteps", type=_int_list, default=None,
+                       help="comma-separated noise levels at which the teacher's features feed the discriminator")
+    group.add_argument("--lora-rank", type=int, default=None, help="the lora variant's rank")
+    _add_optimiser_args(group, lr_help="generator learning rate")
+    group.add_argument("--disc-lr", type=float, default=None, help="discriminator head learning rate")
+    _add_run_args(p, sample_help="steps between one-step sample grids (RUN_DIR/samples)")
+    p.set_defaults(run=run_train_gdd)
+
+
 def _add_optimiser_args(group, lr_help: str, warmup_help: str = "linear learning-rate warm-up") -> None:
     """The optimiser options of the methods trained on one loss for a number of steps."""
     group.add_argument("--steps", type=int, default=None, help="optimiser steps")
@@ -343,6 +370,10 @@ SUN_FLAGS = ("variant", "cfg_scale", "negative_prompts", "empty_negative_prob", 
              "gradient_checkpointing")
 
 
+GDD_FLAGS = ("variant", "gan_loss", "r1_gamma", "r1_interval", "gan_timesteps", "lora_rank", "steps", "lr", "disc_lr",
+             "warmup_steps", "batch_size", "ema_decay", "gradient_checkpointing")
+
+
 def run_train_flash(args: argparse.Namespace) -> int:
     from .methods import flash
 
@@ -363,6 +394,13 @@ def run_train_guided(args: argparse.Namespace) -> int:
     return _run_distillation(args, "guided", guided.load_config, GUIDED_FLAGS, "guided_student.safetensors",
                              lambda **kw: guided.train_progressive(student=args.student, **kw),
                              "few-step guided student written to {out}; every round's is in RUN_DIR/round-*steps/")
+
+
+def run_train_gdd(args: argparse.Namespace) -> int:
+    from .methods import gdd
+
+    return _run_distillation(args, "gdd", gdd.load_config, GDD_FLAGS, "gdd_student.safetensors", gdd.train_gdd,
+                             "one-step GDD generator written to {out}")
 
 
 def run_train_sun(args: argparse.Namespace) -> int:

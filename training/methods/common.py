@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence, TypeVar
 
 import torch
 
+from ...core.lora import read_lora, write_lora
+
 Config = TypeVar("Config")
 
 
@@ -132,3 +134,32 @@ def on_main_process(export: Callable[[], object]) -> None:
     if PartialState().is_main_process:
         export()
     PartialState().wait_for_everyone()
+
+
+def add_student_lora(unet, config, init: Optional[dict] = None):
+    """Attach the trainable LoRA (PEFT) to a copy of the teacher UNet; ``init``: LoRA modules to start from. ``config``
+    is a method's config with ``lora_rank``, ``alpha`` and ``lora_targets``."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    unet.requires_grad_(False)
+    if init is None:
+        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(config.lora_targets)))
+        return unet
+    ranks = {m: lora.rank for m, lora in init.items()}
+    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=sorted(init),
+                                rank_pattern=ranks, alpha_pattern={m: lora.alpha for m, lora in init.items()}))
+    result = set_peft_model_state_dict(unet, write_lora(init, "peft"))
+    if result.unexpected_keys:
+        raise ValueError(f"the initial LoRA does not fit the teacher UNet: {result.unexpected_keys[:3]}")
+    return unet
+
+
+def student_lora_modules(student, config) -> dict:
+    """The student's LoRA as core ``LoraModules`` (module path -> down, up, alpha)."""
+    from peft import get_peft_model_state_dict
+
+    alphas = {name: float(module.lora_alpha["default"]) for name, module in student.named_modules()
+              if "default" in getattr(module, "lora_alpha", {})}
+    modules, _ = read_lora(get_peft_model_state_dict(student), alpha=alphas or config.alpha)
+    return modules

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ...core.adapter_file import AdapterMetadata, read_adapter, write_adapter
 from ...core.lora import read_lora, write_lora
@@ -37,14 +36,15 @@ from ...core.parameterization import diffuse, start_noise_scaling
 from ...core.samplers import sample_dpmpp_2m
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
-from ..pipelines import PromptEncoder, base_of, cat_cond
+from ..pipelines import base_of
 from ..students import sample_student
-from .common import load_options, load_teacher_data, on_main_process, provenance, replace_options
+from .common import (add_student_lora, load_options, load_teacher_data, on_main_process, provenance, replace_options,
+                     student_lora_modules)
+from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, teacher_features
 
 log = logging.getLogger("fewstep")
 
 DISTILL_LOSSES = ("l2", "l1", "huber", "lpips")
-GAN_LOSSES = ("lsgan", "hinge", "non-saturating")
 REAL_SOURCES = ("data", "teacher")
 
 
@@ -161,86 +161,7 @@ def export_timesteps(config: FlashConfig) -> list[int]:
     return [int(grid[j * config.teacher_steps // config.sample_steps]) for j in range(config.sample_steps)]
 
 
-class Discriminator(torch.nn.Module):
-    """The reference head on teacher features: conv 3x3, strided conv 4x4, GroupNorm, conv to one logit map.
-
-    The last convolution is 4x4 as the reference on SD's 8x8 mid-block features and shrinks with smaller
-    maps; the logit map is averaged, so any feature size works.
-    """
-
-    def __init__(self, in_channels: int, channels: int, feature_size: int):
-        super().__init__()
-        last = max(1, min(4, feature_size // 2))
-        self.net = torch.nn.Sequential(
-            torch.nn.Conv2d(in_channels, channels, 3, 1, 1), torch.nn.SiLU(),
-            torch.nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False), torch.nn.SiLU(),
-            torch.nn.GroupNorm(4, channels * 2), torch.nn.Conv2d(channels * 2, 1, last, 1, 0, bias=False),
-        )
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).flatten(1).mean(1)
-
-
-class _StopForward(Exception):
-    pass
-
-
-class FeatureTap:
-    """The output of one named module of a network, without running the layers after it."""
-
-    def __init__(self, network: torch.nn.Module, module_name: str):
-        modules = dict(network.named_modules())
-        if module_name not in modules:
-            near = [n for n in modules if n.count(".") == 0 and n][:8]
-            raise ValueError(f"the teacher has no module {module_name!r} for discriminator features; top-level modules: {near}")
-        self.network, self.module = network, modules[module_name]
-
-    def __call__(self, *args, **kwargs) -> torch.Tensor:
-        captured = []
-
-        def hook(module, inputs, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
-            raise _StopForward
-
-        handle = self.module.register_forward_hook(hook)
-        try:
-            self.network(*args, **kwargs)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        return captured[0]
-
-
-def add_student_lora(unet, config: FlashConfig, init: Optional[dict] = None):
-    """Attach the trainable LoRA (PEFT) to a copy of the teacher UNet; ``init``: LoRA modules to start from."""
-    from peft import LoraConfig, set_peft_model_state_dict
-
-    unet.requires_grad_(False)
-    if init is None:
-        unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, init_lora_weights="gaussian",
-                                    target_modules=list(config.lora_targets)))
-        return unet
-    ranks = {m: lora.rank for m, lora in init.items()}
-    unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.alpha, target_modules=sorted(init),
-                                rank_pattern=ranks, alpha_pattern={m: lora.alpha for m, lora in init.items()}))
-    result = set_peft_model_state_dict(unet, write_lora(init, "peft"))
-    if result.unexpected_keys:
-        raise ValueError(f"the initial LoRA does not fit the teacher UNet: {result.unexpected_keys[:3]}")
-    return unet
-
-
-def student_lora_modules(student, config: FlashConfig) -> dict:
-    """The student's LoRA as core ``LoraModules`` (module path -> down, up, alpha)."""
-    from peft import get_peft_model_state_dict
-
-    alphas = {name: float(module.lora_alpha["default"]) for name, module in student.named_modules()
-              if "default" in getattr(module, "lora_alpha", {})}
-    modules, _ = read_lora(get_peft_model_state_dict(student), alpha=alphas or config.alpha)
-    return modules
-
-
-class FlashDistillation(torch.nn.Module):
+class FlashDistillation(AdversarialDistillation):
     """Student, frozen teacher, discriminator head and text encoders; ``forward(batch, gen)`` returns per-sample losses.
 
     One module so that ``accelerate`` moves, wraps (DDP) and checkpoints it as a whole; only the LoRA and the
@@ -248,14 +169,7 @@ class FlashDistillation(torch.nn.Module):
     """
 
     def __init__(self, pipe, student, teacher, config: FlashConfig, schedule: DiscreteSchedule):
-        super().__init__()
-        self.student, self.teacher, self.config, self.schedule = student, teacher, config, schedule
-        self.text_encoders = torch.nn.ModuleList(
-            [m.requires_grad_(False) for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None])
-        self.prompts = PromptEncoder(pipe)
-        self.tap = FeatureTap(teacher, config.disc_feature_module)
-        features = self._probe_features()
-        self.discriminator = Discriminator(features.shape[1], config.disc_channels, features.shape[-1])
+        super().__init__(pipe, student, teacher, config, schedule)
         if config.distill_loss == "lpips":
             from ..lpips import LPIPS
 
@@ -265,18 +179,9 @@ class FlashDistillation(torch.nn.Module):
 
     def train(self, mode: bool = True) -> "FlashDistillation":
         super().train(mode)
-        self.teacher.eval()
-        self.text_encoders.eval()
         if hasattr(self, "lpips"):
             self.lpips.eval(), self.vae.eval()
         return self
-
-    @torch.no_grad()
-    def _probe_features(self) -> torch.Tensor:
-        size = self.teacher.config.sample_size
-        x = torch.zeros(1, self.teacher.config.in_channels, size, size, device=self.teacher.device, dtype=self.teacher.dtype)
-        cond = self.prompts([""])
-        return self.tap(x, torch.tensor([500], device=x.device), **_cast(cond, x.dtype))
 
     def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg_, z = self.config, batch["latents"]
@@ -348,40 +253,14 @@ class FlashDistillation(torch.nn.Module):
 
     def _adversarial(self, student_x0, real, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """(generator term, discriminator term), both per sample, from one teacher feature pass."""
-        n = student_x0.shape[0]
-        choices = torch.tensor(self.config.gan_timesteps)
-        t = choices[torch.randint(len(choices), (n,), generator=gen)]
-        noise = torch.randn(student_x0.shape, generator=gen).to(student_x0)
-        noisy = torch.cat([diffuse(self.schedule, student_x0, noise, t), diffuse(self.schedule, real.detach(), noise, t)])
-        dtype = self.teacher.dtype
-        feats = self.tap(noisy.to(dtype), torch.cat([t, t]).to(noisy.device), **_cast(cat_cond(cond, cond), dtype)).float()
-        fake_feats, real_feats = feats.chunk(2)
-        frozen_head = {k: p.detach() for k, p in self.discriminator.named_parameters()}
-        fake_for_generator = torch.func.functional_call(self.discriminator, frozen_head, (fake_feats,))
-        fake_logits, real_logits = self.discriminator(torch.cat([fake_feats.detach(), real_feats.detach()])).chunk(2)
-        return _gan_terms(self.config.gan_loss, fake_for_generator, fake_logits, real_logits)
+        features = teacher_features(self.tap, self.teacher.dtype, self.schedule, student_x0, real, cond,
+                                    self.config.gan_timesteps, gen)
+        return adversarial_terms(self.discriminator, self.config.gan_loss, *features)
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str], seeds: Sequence[int], steps: int) -> torch.Tensor:
         """Student latents at ``steps`` consistency steps on trailing timesteps (the exported ones at 4 steps)."""
         return sample_student(self.student, self.schedule, self.prompts(captions), seeds, select_timesteps("trailing", steps))
-
-
-def _gan_terms(kind: str, fake_for_generator, fake_logits, real_logits) -> tuple[torch.Tensor, torch.Tensor]:
-    if kind == "lsgan":   # on sigmoid outputs, as the reference
-        generator = (torch.sigmoid(fake_for_generator) - 1).pow(2)
-        discriminator = 0.5 * ((torch.sigmoid(real_logits) - 1).pow(2) + torch.sigmoid(fake_logits).pow(2))
-    elif kind == "hinge":
-        generator = -fake_for_generator
-        discriminator = F.relu(1 - real_logits) + F.relu(1 + fake_logits)
-    else:                 # non-saturating
-        generator = F.softplus(-fake_for_generator)
-        discriminator = F.softplus(-real_logits) + F.softplus(fake_logits)
-    return generator, discriminator
-
-
-def _cast(cond: dict, dtype: torch.dtype) -> dict:
-    return {k: _cast(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
 
 
 def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path] = None,
