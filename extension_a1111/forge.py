@@ -56,7 +56,7 @@ def configure(p, active: ActiveRun) -> None:
         active.sun = sun_layers(unet, active.adapter)
     else:
         p.cfg_scale = p.hr_cfg = plan.cfg_scale
-    if plan.kind == "guided_student":
+    if active.run.unet_weights:
         active.student_keys = student_keys(unet, active.adapter)
 
 
@@ -81,7 +81,7 @@ def patch_unet(p, active: ActiveRun) -> None:
         sun, names = active.sun
         active.sun_patches += put_sun_patches(unet, sun, names, plan.strength, forge_attention)
         unet.add_conditioning_modifier(SunNegative(plan.negative_strength, plan.cfg_scale))
-    if plan.kind == "guided_student":
+    if active.run.unet_weights:
         tensors = active.adapter.tensors
         # Weight merged = weight · (1 − strength) + student · strength, after the patches already there (LoRAs).
         # Forge re-merges weights when the names of the patch sets change: the name says which file, which version.
@@ -89,7 +89,8 @@ def patch_unet(p, active: ActiveRun) -> None:
         unet.add_patches(filename=name, strength_patch=plan.strength, strength_model=1 - plan.strength,
                          patches={f"diffusion_model.{ldm}": ("diff", (tensors[key],))
                                   for key, ldm in active.student_keys.items()})
-        offset = w_conditioning_offset(tensors[W_EMBEDDING_KEY].float(), plan.w)
+    if plan.w is not None:
+        offset = w_conditioning_offset(active.adapter.tensors[W_EMBEDDING_KEY].float(), plan.w)
         time_embed = unet.get_model_object("diffusion_model.time_embed")
         unet.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(time_embed, offset))
     p.sd_model.forge_objects.unet = unet

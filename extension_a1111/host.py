@@ -288,7 +288,8 @@ def on_cfg_denoiser(params) -> None:
 
 
 def student_keys(unet: torch.nn.Module, adapter: Adapter) -> dict[str, str]:
-    """{the student file's UNet key: the LDM UNet's parameter name}; every tensor must fit (checked before the run)."""
+    """{the student file's UNet key: the LDM UNet's parameter name}; every tensor must fit, and a guided student needs
+    its w projection (checked before the run)."""
     name = os.path.basename(adapter.path)
     tensors = {k: v for k, v in adapter.tensors.items() if k != W_EMBEDDING_KEY}
     try:
@@ -297,7 +298,7 @@ def student_keys(unet: torch.nn.Module, adapter: Adapter) -> dict[str, str]:
         raise AdapterFileError(f"{name}: {exc}") from None
     params = dict(unet.named_parameters())
     unmatched = [k for k, n in keys.items() if n not in params or tuple(params[n].shape) != tuple(tensors[k].shape)]
-    if unmatched or W_EMBEDDING_KEY not in adapter.tensors:
+    if unmatched or (adapter.metadata.kind == "guided_student" and W_EMBEDDING_KEY not in adapter.tensors):
         example = unmatched[0] if unmatched else W_EMBEDDING_KEY
         raise AdapterFileError(f"{name}: {len(unmatched) or 1} UNet tensors do not fit this model (e.g. {example}): the "
                                "student was made for a different model")
@@ -306,7 +307,7 @@ def student_keys(unet: torch.nn.Module, adapter: Adapter) -> dict[str, str]:
 
 def apply_student(sd_model, active: ActiveRun) -> None:
     """Once per run, after the prompt's LoRAs are applied: the UNet's weights moved to the student's by the strength,
-    the w offset on its time MLP."""
+    a guided student's w offset on its time MLP."""
     if active.student_applied:
         return
     active.student_applied = True
@@ -317,6 +318,8 @@ def apply_student(sd_model, active: ActiveRun) -> None:
             param, saved = params[ldm], params[ldm].detach().to("cpu", copy=True)
             param.lerp_(active.adapter.tensors[key].to(param), plan.strength)
             _undo.push(f"weight {ldm}", lambda param=param, saved=saved: param.data.copy_(saved.to(param)))
+    if plan.w is None:
+        return
     time_embed = unet.time_embed
     offset = w_conditioning_offset(active.adapter.tensors[W_EMBEDDING_KEY].float(), plan.w)
     unet.time_embed = TimeEmbedWithW(time_embed, offset.to(next(time_embed.parameters()).device))
@@ -421,7 +424,7 @@ def _configure(p, settings: Settings) -> ActiveRun:
             override_option("skip_early_cond", 1.0)
         if plan.negative_in_adapter:
             install_sun(sd_model, active)
-        if plan.kind == "guided_student":
+        if run.unet_weights:
             active.student_keys = student_keys(ldm_unet(sd_model), adapter)
     if run.lora_alias is not None:
         lora_dir = lora_folder()
@@ -458,7 +461,7 @@ def add_lora_to_hires(p) -> None:
 
 
 def after_networks(p) -> None:
-    """After a batch's extra networks are activated: our LoRA joins the hires pass's networks; in A1111 a guided
+    """After a batch's extra networks are activated: our LoRA joins the hires pass's networks; in A1111 a whole-UNet
     student goes onto the weights the networks left; a LoRA file must have found a module for every layer (the
     hosts only log misses)."""
     from . import forge
@@ -467,7 +470,7 @@ def after_networks(p) -> None:
     if active is None:
         return
     add_lora_to_hires(p)
-    if active.run.plan.kind == "guided_student" and not forge.is_forge(p.sd_model):
+    if active.run.unet_weights and not forge.is_forge(p.sd_model):
         apply_student(p.sd_model, active)
     if active.run.lora_alias is None:
         return

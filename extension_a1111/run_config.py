@@ -15,7 +15,7 @@ from ..core.adapter_file import Adapter, AdapterFileError
 from ..core.run_plan import RunPlan, plan_run
 from ..core.samplers import SAMPLERS
 
-SUPPORTED_KINDS = ("flash_lora", "sun_adapter", "guided_student")
+SUPPORTED_KINDS = ("flash_lora", "sun_adapter", "guided_student", "gdd_student")
 SAMPLER_PREFIX = "FewStep "
 FROM_FILE = "From the file"
 # Infotext keys ("fewstep: name.safetensors, fewstep strength: 1, ..." in a PNG's parameters).
@@ -67,6 +67,7 @@ class A1111Run:
     lora_alias: Optional[str]         # the name the host's own LoRA loader finds the file under (LoRA kinds)
     skip_negative_pass: bool          # one model pass per step: the negative pass is skipped (SUN reads it in the pass)
     infotext: dict[str, Any]
+    unet_weights: bool = False        # the file holds a whole UNet (guided students, GDD generators), not a LoRA
 
     @property
     def lora_tag(self) -> Optional[str]:
@@ -115,9 +116,10 @@ def configure(settings: Settings, adapter: Adapter) -> A1111Run:
         infotext[INFOTEXT_NEGATIVE_STRENGTH] = settings.negative_strength
     if plan.w is not None:
         infotext[INFOTEXT_W] = plan.w
-    alias = lora_alias(settings.adapter) if meta.kind == "flash_lora" else None
-    return A1111Run(settings.adapter, plan, sampler_label(plan.sampler), alias,
-                    skip_negative_pass=plan.model_passes_per_step == 1, infotext=infotext)
+    unet_weights = meta.kind == "guided_student" or (meta.kind == "gdd_student" and meta.extra.get("format") == "unet")
+    is_lora = meta.kind == "flash_lora" or (meta.kind == "gdd_student" and not unet_weights)
+    return A1111Run(settings.adapter, plan, sampler_label(plan.sampler), lora_alias(settings.adapter) if is_lora else None,
+                    skip_negative_pass=plan.model_passes_per_step == 1, infotext=infotext, unet_weights=unet_weights)
 
 
 def settings_from_infotext(params: Mapping[str, str]) -> Optional[Settings]:

@@ -27,7 +27,7 @@ logger = logging.getLogger("fewstep")
 
 ADAPTER_FOLDERS = ("fewstep", "loras")  # ComfyUI model folders the adapter menus list, fewstep's own first
 WRAPPER_KEY = "fewstep"                 # one package-wide key for every patch fewstep puts on a model
-SUPPORTED_KINDS = ("flash_lora", "guided_student", "sun_adapter")
+SUPPORTED_KINDS = ("flash_lora", "guided_student", "gdd_student", "sun_adapter")
 # ComfyUI model-config classes (matched anywhere in the MRO, so SSD-1B, Vega, pix2pix variants count) -> base.
 _BASE_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "PixArtAlpha": "pixart"}
 
@@ -130,9 +130,9 @@ def add_lora(model, clip, adapter: Adapter, strength: float, notes: list[str]):
     return model, clip
 
 
-def add_guided_student(model, adapter: Adapter, strength: float, w: float):
-    """A clone carrying a guided student's UNet (as differences from the model's weights, times ``strength``) and its
-    w projection at guidance weight ``w``."""
+def add_unet_weights(model, adapter: Adapter, strength: float):
+    """A clone carrying a student's whole UNet (guided, GDD) as weight differences from the model's weights, times
+    ``strength`` (so 0 is the loaded model, 1 the student); every tensor must fit."""
     import comfy.utils
 
     name = os.path.basename(adapter.path)
@@ -152,6 +152,12 @@ def add_guided_student(model, adapter: Adapter, strength: float, w: float):
                                "the student was made for a different model")
     model = model.clone()
     model.add_patches(patches, strength)
+    return model
+
+
+def add_guided_student(model, adapter: Adapter, strength: float, w: float):
+    """A clone carrying a guided student's UNet and its w projection at guidance weight ``w``."""
+    model = add_unet_weights(model, adapter, strength)
     offset = w_conditioning_offset(adapter.tensors[W_EMBEDDING_KEY].float(), w)
     model.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(model.get_model_object("diffusion_model.time_embed"), offset))
     return model
@@ -239,7 +245,9 @@ def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: fl
         model, sun_patches = add_sun(model, adapter, strength)
     elif plan.kind == "guided_student":
         model = add_guided_student(model, adapter, strength, plan.w)
-    else:
+    elif plan.kind == "gdd_student" and adapter.metadata.extra.get("format") == "unet":
+        model = add_unet_weights(model, adapter, strength)
+    else:   # LoRA files: Flash, LCM-style, a GDD LoRA
         model, clip = add_lora(model, clip, adapter, strength, notes)
         if plan.consistency_boundary:
             model = add_consistency_boundary(model)

@@ -67,8 +67,18 @@ def test_a_guided_student_takes_w_as_input_at_one_pass_per_step():
     assert run.infotext["fewstep w"] == 6.0
     run = configure(Settings(enabled=True, adapter="g.safetensors", w=20.0), _adapter("guided_student"))
     assert run.plan.w == 20.0 and "outside the trained range" in run.summary
-    with pytest.raises(AdapterFileError, match="is a gdd_student; the A1111 extension runs flash_lora, sun_adapter"):
-        configure(Settings(enabled=True, adapter="g.safetensors"), _adapter("gdd_student"))
+    with pytest.raises(AdapterFileError, match="is a snap_student; the A1111 extension runs flash_lora, sun_adapter"):
+        configure(Settings(enabled=True, adapter="g.safetensors"), _adapter("snap_student"))
+
+
+@pytest.mark.parametrize("file_format", ["unet", "lora"])
+def test_a_gdd_generator_runs_one_pass_from_its_weights_or_as_a_lora(file_format):
+    adapter = _adapter("gdd_student", sampler="onestep", steps=1, timesteps=[999], extra={"format": file_format})
+    run = configure(Settings(enabled=True, adapter="one/gdd.safetensors"), adapter)
+    assert run.sampler_name == "FewStep onestep" and run.plan.timesteps == (999,) and run.skip_negative_pass
+    assert run.plan.w is None and not run.plan.consistency_boundary
+    assert run.unet_weights == (file_format == "unet")
+    assert run.lora_tag == (None if file_format == "unet" else "<lora:gdd:1>")
 
 
 def test_bad_settings_and_models_give_one_line_errors():

@@ -27,7 +27,7 @@ from .a1111_host import (A1111Server, ForgeServer, a1111, build_checkpoint, buil
 
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
-FLASH, SUN, GUIDED = "tiny_flash.safetensors", "tiny_sun.safetensors", "tiny_guided.safetensors"
+FLASH, SUN, GUIDED, GDD = "tiny_flash.safetensors", "tiny_sun.safetensors", "tiny_guided.safetensors", "tiny_gdd.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
 SUN_LAYERS = 4   # the tiny UNet's cross-attention layers: input block 1, the middle block, output blocks 0 and 1
 
@@ -57,6 +57,9 @@ def webui(request, tmp_path_factory):
     assert main(["train", "guided", *teacher, "--run-dir", str(root / "guided"), "--steps", "4", "--batch-size", "2",
                  "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4",
                  "--out", str(work / "models" / "fewstep" / GUIDED)]) == 0
+    assert main(["train", "gdd", *teacher, "--run-dir", str(root / "gdd"), "--steps", "2", "--batch-size", "2",
+                 "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--variant", "gdd_i",
+                 "--out", str(work / "models" / "fewstep" / GDD)]) == 0
     sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
     write_adapter(work / "models" / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
     server = (A1111Server if request.param == "a1111" else ForgeServer)(host, work, checkpoint)
@@ -149,6 +152,15 @@ def test_a_guided_student_takes_w_and_leaves_the_weights_as_they_were(webui):
     assert (low.astype(int) - before.astype(int)).any()
     after, after_info, _, _ = _run(webui, _payload(seed=5))
     assert np.array_equal(after, before) and after_info == before_info   # the UNet's own weights are back
+
+
+def test_a_gdd_generator_samples_in_one_pass_and_leaves_the_weights_as_they_were(webui):
+    before, before_info, _, _ = _run(webui, _payload(seed=6))
+    image, info, passes, _ = _run(webui, _payload(seed=6, fewstep=[True, GDD]))
+    assert [p["timesteps"] for p in passes] == [[999]] and passes[0]["batch"] == 1
+    assert "Sampler: FewStep onestep" in info and (image.astype(int) - before.astype(int)).any()
+    after, after_info, _, _ = _run(webui, _payload(seed=6))
+    assert np.array_equal(after, before) and after_info == before_info
 
 
 def test_hires_fix_and_img2img_keep_few_steps(webui):

@@ -31,6 +31,7 @@ FLASH_WITH_TEXT = "tiny_flash_text_encoder.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
 GUIDED = "tiny_guided.safetensors"
 SUN = "tiny_sun.safetensors"
+GDD, GDD_LORA = "tiny_gdd.safetensors", "tiny_gdd_lora.safetensors"
 REPO = Path(__file__).resolve().parents[1]
 SUN_RELEASED = "tiny_sun_released_layout.safetensors"
 SUN_PATCH = re.compile(r"fewstep: SUN layer \('(\w+)', (\d+), (\d+)\) ran with a negative prompt")
@@ -73,7 +74,13 @@ def comfy(tmp_path_factory):
     save_file(_released_layout(read_adapter(models / "fewstep" / SUN).tensors), str(models / "fewstep" / SUN_RELEASED))
     sdxl = {"down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraModule(torch.zeros(4, 2048), torch.zeros(640, 4), 4.0)}
     write_adapter(models / "fewstep" / WRONG_BASE, write_lora(sdxl), AdapterMetadata(kind="flash_lora", base="sdxl"))
+    # One-step GDD generators of the same teacher: the whole UNet (GDD-I) and a LoRA.
+    for variant, name in (("gdd_i", GDD), ("lora", GDD_LORA)):
+        assert main(["train", "gdd", "--teacher", str(teacher), "--run-dir", str(root / f"gdd-{variant}"), "--steps", "2",
+                     "--batch-size", "2", "--variant", variant, "--lora-rank", "4", "--lr", "1e-2", "--sample-every", "0",
+                     "--ema-decay", "0", "--out", str(models / "fewstep" / name)]) == 0
     server = ComfyServer(root / "work", path, python, stubs)
+    server.teacher = teacher
     yield server
     server.close()
 
@@ -318,6 +325,34 @@ def test_wrong_base_adapter_is_a_node_error(comfy):
     assert kind == "execution_error" and error["node_type"] == "FewStepKSampler"
     assert "adapter is for sdxl" in error["exception_message"] and "the model is sd15" in error["exception_message"]
     assert comfy.get("/system_stats")   # the server lives on
+
+
+def test_gdd_generator_samples_in_one_pass_as_the_training_code_does(comfy):
+    """FewStep KSampler with a gdd_student file: one pass at t = 999, the latent the training code's sampler gives for
+    the same seed and prompt (ComfyUI's latents are the model's divided by SD's scale factor 0.18215)."""
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.core.schedule import DiscreteSchedule
+    from fewstep.training.pipelines import PromptEncoder, load_teacher
+    from fewstep.training.students import sample_student
+
+    teacher = load_teacher(comfy.teacher)
+    cond = PromptEncoder(teacher)(["a silhouette of a cat"])
+    for name in (GDD, GDD_LORA):
+        entry, _ = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=3, adapter=name)},
+                                        ["sample", 0], f"gdd_{name}"))
+        _assert_success(entry)
+        assert "sampler onestep, 1 steps at timesteps 999" in entry["outputs"]["sample"]["text"][0]
+        if name == GDD:
+            adapter = read_adapter(comfy.workdir / "models" / "fewstep" / name)
+            unet = UNet2DConditionModel.from_config(teacher.unet.config)
+            unet.load_state_dict({k: v.float() for k, v in adapter.tensors.items()})
+            with torch.no_grad():
+                ours = sample_student(unet, DiscreteSchedule.stable_diffusion(), cond, [3], [999], sampler="onestep",
+                                      consistency_boundary=False)
+            theirs = _latent(comfy, entry) * 0.18215
+            assert theirs.shape == ours.shape
+            torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)
 
 
 # --- the shipped workflows (workflows/*.json) ------------------------------------------------------------------------
