@@ -56,6 +56,15 @@ def _masked_pass(wf, ckpt, pos, neg, pixels, mask, keep, denoise, prefix, title=
     wf.add("SaveImage", images=(result, 0), filename_prefix=prefix)
 
 
+def _sample_custom(wf, ckpt, guider, sampler, sigmas, prefix):
+    """SamplerCustomAdvanced on an empty 512-pixel latent with seeded noise, decoded and saved."""
+    noise = wf.add("RandomNoise", noise_seed=42)
+    latent = wf.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    samples = wf.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=sampler, sigmas=sigmas,
+                     latent_image=(latent, 0))
+    _save(wf, ckpt, samples, prefix)
+
+
 def txt2img(wf: WorkflowBuilder) -> None:
     ckpt, pos, neg = _model(wf)
     latent = wf.add("EmptyLatentImage", width=512, height=512, batch_size=1)
@@ -69,11 +78,7 @@ def txt2img_custom_sampler(wf: WorkflowBuilder) -> None:
     guider = wf.add("BasicGuider", model=(adapter, 0), conditioning=(pos, 0))
     sampler = wf.add("FewStepSampler", sampler="consistency", gamma=1.0, eta=0.0)
     sigmas = wf.add("FewStepSigmas", model=(adapter, 0), steps=4, spacing="lcm", timesteps="999, 759, 499, 259", denoise=1.0)
-    noise = wf.add("RandomNoise", noise_seed=42)
-    latent = wf.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    samples = wf.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(sampler, 0),
-                     sigmas=(sigmas, 0), latent_image=(latent, 0))
-    _save(wf, ckpt, samples, "fewstep/txt2img_custom")
+    _sample_custom(wf, ckpt, guider, (sampler, 0), (sigmas, 0), "fewstep/txt2img_custom")
 
 
 def txt2img_sun(wf: WorkflowBuilder) -> None:
@@ -82,11 +87,7 @@ def txt2img_sun(wf: WorkflowBuilder) -> None:
     pos = wf.add("CLIPTextEncode", "Positive", text=PROMPT, clip=(ckpt, 1))
     neg = wf.add("CLIPTextEncode", "Negative", text=NEGATIVE, clip=(ckpt, 1))
     guider = wf.add("FewStepSunGuider", model=(adapter, 0), positive=(pos, 0), negative=(neg, 0), negative_strength=1.0)
-    noise = wf.add("RandomNoise", noise_seed=42)
-    latent = wf.add("EmptyLatentImage", width=512, height=512, batch_size=1)
-    samples = wf.add("SamplerCustomAdvanced", noise=(noise, 0), guider=(guider, 0), sampler=(adapter, 2),
-                     sigmas=(adapter, 3), latent_image=(latent, 0))
-    _save(wf, ckpt, samples, "fewstep/txt2img_sun")
+    _sample_custom(wf, ckpt, guider, (adapter, 2), (adapter, 3), "fewstep/txt2img_sun")
 
 
 def inpaint(wf: WorkflowBuilder) -> None:
