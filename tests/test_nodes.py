@@ -196,10 +196,10 @@ def test_load_adapter_checks_base_and_kind(host):
     assert host.adapters.load_adapter(path, "sd15") is host.adapters.load_adapter(path, "sd15")   # read once
     with pytest.raises(AdapterFileError, match="adapter is for sd15 .*but the model is sdxl"):
         host.adapters.load_adapter(path, "sdxl")
-    gdd = host.folders["fewstep"] / "gdd.safetensors"
-    write_adapter(gdd, {"conv_in.weight": torch.zeros(320, 4, 3, 3)}, AdapterMetadata(kind="gdd_student", base="sd15"))
-    with pytest.raises(AdapterFileError, match="is a gdd_student; these nodes load flash_lora, guided_student and sun_adapter"):
-        host.adapters.load_adapter(str(gdd), "sd15")
+    snap = host.folders["fewstep"] / "snap.safetensors"
+    write_adapter(snap, {"conv_in.weight": torch.zeros(320, 4, 3, 3)}, AdapterMetadata(kind="snap_student", base="sd15"))
+    with pytest.raises(AdapterFileError, match="is a snap_student; these nodes load flash_lora, guided_student, gdd_student and sun_adapter"):
+        host.adapters.load_adapter(str(snap), "sd15")
 
 
 def test_time_embed_offset_reproduces_diffusers_cond_proj(host):
