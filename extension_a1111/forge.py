@@ -4,12 +4,12 @@ Forge rebuilds ``p.sd_model.forge_objects`` from its LoRA-applied copy before ev
 ``forge_objects.unet`` then holds, so fewstep puts its patches on a clone in ``process_before_every_sampling`` (called
 again before the hires pass); they vanish with the clone and need no undoing:
 - CFG: Forge runs one model pass per step when the CFG scale is 1, and then never encodes the negative prompt;
-  Flash and guided runs set the scale to 1 for both passes.
+  every kind but SUN sets the scale to 1 for both passes.
 - SUN: the attn2 replace patches ComfyUI uses (``nodes.sun``) and a conditioning modifier that hands them the
   negative prompt's features and sets the scale to 1 for the model call. The negative prompt must be encoded for
   that, so the run's CFG scale stays above 1 (it has no other effect).
-- guided student: its UNet weights as weight patches (the weights moved to the student's by the strength, after the
-  prompt's LoRAs), the w offset as an object patch on the time MLP.
+- whole-UNet students (guided, GDD): their weights as weight patches (the weights moved to the student's by the strength, after the
+  prompt's LoRAs), a guided student's w offset as an object patch on the time MLP.
 Host modules are imported inside functions.
 """
 

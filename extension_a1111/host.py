@@ -8,7 +8,7 @@ What a run changes in A1111, and how each change is undone:
 - for a SUN adapter, the forward of every cross-attention module it covers (our attention plus the adapter, fed the
   negative prompt's features that ``on_cfg_denoiser`` delivers); the modules get their own forward back;
 - for a LoRA outside ``models/Lora``, an entry in the Lora extension's list of networks; removed again;
-- for a guided student, the UNet's weights (moved towards the student's by the strength, after the Lora extension
+- for a whole-UNet student (guided, GDD), the UNet's weights (moved towards the student's by the strength, after the Lora extension
   has applied the prompt's networks, so that its own weight backups stay the base model's) and its time MLP (with
   the w offset); the weights are copied back from a CPU copy and the time MLP put back.
 A1111 calls no script hook when a run fails, so the undo list is also run at the start of the next request (every

@@ -106,8 +106,9 @@ class WorkflowBuilder:
                 ui_links.append([len(ui_links) + 1, source.id, slot, node.id, None, None, name])
         for order, node in enumerate(self.nodes):
             info = self.object_info[node.type]
-            values, inputs = [], []
+            values, inputs, upload = [], [], False
             for name, input_type, options in input_specs(self.object_info, node.type):
+                upload |= bool(options.get("image_upload"))
                 if is_widget(input_type, options):
                     default = options.get("default", input_type[0] if isinstance(input_type, list) and input_type else None)
                     values.append(node.widgets.pop(name, default))
@@ -119,7 +120,7 @@ class WorkflowBuilder:
                         if link is not None:
                             link[4], link[5] = len(inputs), input_type
                         inputs.append({"name": name, "type": input_type, "link": None if link is None else link[0]})
-            if any(o.get("image_upload") for _, _, o in input_specs(self.object_info, node.type)):
+            if upload:   # the upload button's own value, last, as the canvas stores it
                 values.append("image")
             if node.widgets:
                 raise ValueError(f"{node.type} has no widget inputs {sorted(node.widgets)}")

@@ -106,6 +106,11 @@ def load_teacher_data(teacher: str | Path, data, resolution: Optional[int] = Non
     return TeacherData(pipe, base_of(pipe), mean, std, list(data.captions))
 
 
+def teacher_dtype(mixed_precision: str) -> torch.dtype:
+    """The frozen teacher's dtype for a run's mixed precision (it takes no gradient, so it may be half)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
 def provenance(method: str, teacher: str | Path, train_steps: int, images: int, config, fields: Sequence[str]) -> dict:
     """How an adapter was made, for its metadata."""
     from ... import __version__

@@ -39,7 +39,7 @@ from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import base_of
 from ..students import sample_student
 from .common import (add_student_lora, load_options, load_teacher_data, on_main_process, provenance, replace_options,
-                     student_lora_modules)
+                     student_lora_modules, teacher_dtype)
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, teacher_features
 
 log = logging.getLogger("fewstep")
@@ -326,8 +326,7 @@ def train_flash(
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    distillation = build_distillation(setup.pipe, config, init_lora, teacher_dtype=teacher_dtype, seed=seed)
+    distillation = build_distillation(setup.pipe, config, init_lora, teacher_dtype=teacher_dtype(mixed_precision), seed=seed)
     log.info("Flash student: %s trainable LoRA parameters, discriminator head %s",
              f"{sum(p.numel() for p in distillation.student.parameters() if p.requires_grad):,}",
              f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")

@@ -35,8 +35,8 @@ from ...core.parameterization import start_noise_scaling
 from ...core.schedule import DiscreteSchedule
 from ..diffusers_sampling import UNetDenoiser
 from ..students import sample_student
-from .common import (add_student_lora, load_options, load_teacher_data, on_main_process, provenance, replace_options,
-                     student_lora_modules)
+from .common import (add_student_lora, fit, load_options, load_teacher_data, on_main_process, provenance,
+                     replace_options, student_lora_modules, teacher_dtype)
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, r1_penalty, teacher_features
 
 log = logging.getLogger("fewstep")
@@ -205,13 +205,10 @@ def train_gdd(
     progress: bool = True,
 ) -> Optional[Path]:
     """Train a one-step GDD generator from ``teacher`` and export it; returns ``out``, or None if stopped early."""
-    from ..loop import training_loop
-
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    teacher_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
-    distillation = build_distillation(setup.pipe, config, teacher_dtype=teacher_dtype, seed=seed)
+    distillation = build_distillation(setup.pipe, config, teacher_dtype=teacher_dtype(mixed_precision), seed=seed)
     log.info("GDD generator (%s): %.1f%% of its parameters trained; discriminator head %s parameters", config.variant,
              100 * trained_fraction(distillation.student), f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")
     preview = setup.preview_captions()
@@ -221,12 +218,10 @@ def train_gdd(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "gdd_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = training_loop(
-        run_dir, distillation, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.steps, lr=config.lr,
-        lr_scales={"discriminator.": config.disc_lr / config.lr}, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
-        ema_decay=config.ema_decay, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
-        sample_every=sample_every, sample_fn=sample_fn, log_every=log_every, seed=seed, resume=resume,
-        stop_after=stop_after, progress=progress, desc="gdd")
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
+    model = fit(distillation, run_dir, setup.batch_fn(config.batch_size), config, "gdd", run, stop_after=stop_after,
+                sample_fn=sample_fn, lr_scales={"discriminator.": config.disc_lr / config.lr})
     if stop_after is not None and stop_after < config.steps:
         return None
     on_main_process(lambda: export_gdd_student(model, out, setup.base, provenance(
