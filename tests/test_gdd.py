@@ -130,3 +130,53 @@ def test_cli_dry_run_prints_the_options_and_a_bad_variant_is_named(tiny_teacher,
     with pytest.raises(SystemExit) as exit_:
         main(["train", "gdd", "--teacher", str(tiny_teacher), "--variant", "gddi", "--run-dir", str(tmp_path / "x")])
     assert exit_.value.code == 2 and "invalid choice: 'gddi'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", ["gdd_i", "lora"])
+def test_the_exported_file_samples_as_the_training_code_does(pipe, tmp_path, variant):
+    """`fewstep bench` / `eval` sample the file (whole UNet or LoRA) to the generator's own one-step latents."""
+    from fewstep.training.bench import StudentEntry, _adapter_for, bench_label
+    from fewstep.training.students import AdaptedTeacher, load_student
+
+    model = G.build_distillation(pipe, G.load_config("proxy", variant=variant, **TINY))
+    with torch.no_grad():   # as if trained: every trained weight moved (the LoRA's up-projections start at zero)
+        for p in model.student.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    path = tmp_path / f"{variant}.safetensors"
+    meta = G.export_gdd_student(model, path, "sd15", provenance={"train_steps": 3, "images": 10, "batch_size": 4})
+    captions, seeds = ["a cat", "the digit 3"], [5, 6]
+    student = load_student(pipe, path)
+    assert isinstance(student, AdaptedTeacher)
+    expected = model.sample(captions, seeds)
+    torch.testing.assert_close(student.latents(captions, seeds), expected, rtol=2e-2, atol=2e-2)
+    assert not torch.allclose(expected, G.build_distillation(pipe, G.load_config("proxy", **TINY)).sample(captions, seeds), atol=1e-2)
+
+    label = bench_label(meta)
+    assert label == {"gdd_i": "gdd_i", "lora": "gdd_lora"}[variant]
+    other = tmp_path / "full.safetensors"
+    G.export_gdd_student(G.build_distillation(pipe, G.load_config("proxy", variant="full", **TINY)), other, "sd15", {})
+    files = [str(other), str(path)]
+    assert _adapter_for(StudentEntry(1, adapter=None, label=label), files) == str(path)
+    assert _adapter_for(StudentEntry(1, adapter=None, label="gdd"), files) == str(other)
+    assert _adapter_for(StudentEntry(1, adapter=None, label="guided"), files) is None
+
+
+def test_the_head_judges_image_and_prompt_together_with_the_text_projection(pipe):
+    """With the projection term the same features score differently under another prompt; without it they cannot."""
+    from fewstep.training.methods.gan import Discriminator
+
+    features = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    texts = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    head = Discriminator(8, 8, 4, text_dim=16)
+    with torch.no_grad():
+        head.text_projection.weight.normal_()
+    assert not torch.allclose(head(features, texts), head(features, texts.flip(0)))
+    plain = Discriminator(8, 8, 4)
+    torch.testing.assert_close(plain(features), plain(features, texts.flip(0)))
+    model = G.build_distillation(pipe, G.load_config("proxy", **TINY))
+    assert model.discriminator.text_projection.in_features == pipe.unet.config.cross_attention_dim
+    terms = model(_batch(pipe, 0), torch.Generator().manual_seed(0))
+    terms["loss"].mean().backward()
+    assert model.discriminator.text_projection.weight.grad.abs().sum() > 0
+    assert G.build_distillation(pipe, G.load_config("proxy", disc_text_projection=False, **TINY)).discriminator.text_projection is None

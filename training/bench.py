@@ -103,6 +103,16 @@ def _sun(steps: int, sampler: str | None = None) -> StudentEntry:
     return StudentEntry(steps, adapter=None, label="sun", sampler=sampler)
 
 
+GDD_LABELS = {"full": "gdd", "gdd_i": "gdd_i", "lora": "gdd_lora"}   # a gdd_student file's variant -> its rows' label
+
+
+def bench_label(metadata) -> str:
+    """The label of the bench rows an adapter file serves: its method (GDD: per variant)."""
+    if metadata.kind == "gdd_student":
+        return GDD_LABELS.get(metadata.extra.get("variant"), "gdd")
+    return metadata.kind.split("_")[0]
+
+
 BENCH_SETS = {
     "teacher": [TeacherEntry(s) for s in (50, 25, 8, 4, 2)],
     "flash": [TeacherEntry(50), TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1)],
@@ -112,6 +122,9 @@ BENCH_SETS = {
                *[e for w in (0.0, 1.0, 6.0) for e in (TeacherEntry(50, w + 1.0), _guided(50, w))]],
     # The adapter's own sampler (DPM-Solver++) and DDIM at 4 steps, then 8 and 2; plus the negative-prompt study.
     "sun": [TeacherEntry(50), TeacherEntry(8), TeacherEntry(4), _sun(4), _sun(4, "ddim"), _sun(8), _sun(2)],
+    # One step: the teacher (the generator's starting point, with CFG), Flash, and each GDD variant given (the ablation).
+    "gdd": [TeacherEntry(50), TeacherEntry(1), StudentEntry(1),
+            *[StudentEntry(1, adapter=None, label=label) for label in GDD_LABELS.values()]],
 }
 
 # The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.
@@ -150,15 +163,22 @@ def run_bench(
     out_dir = Path(out_dir)
     pipe = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
     adapters = [str(a) for a in ([adapter] if isinstance(adapter, (str, Path)) else adapter or [])]
-    entries = [dataclasses.replace(e, adapter=_adapter_for(e.steps, adapters)) if adapters and isinstance(e, StudentEntry) else e
+    entries = [dataclasses.replace(e, adapter=_adapter_for(e, adapters)) if isinstance(e, StudentEntry) else e
                for e in BENCH_SETS[set_name]]
+    skipped = [e.name for e in entries if isinstance(e, StudentEntry) and e.adapter is None]
+    if skipped:
+        log.warning("no --adapter file for %s: left out", ", ".join(skipped))
+    entries = [e for e in entries if e.name not in skipped]
     rows = []
     for entry in tqdm(entries, desc=f"bench {set_name}", disable=not progress):
         rows.append(evaluate_entry(pipe, entry, per_class, batch_size, grid_path=out_dir / f"{set_name}-grids" / f"{entry.name}.png"))
+        if isinstance(entry, StudentEntry):
+            rows[-1]["training"] = training_data(entry.adapter)
         log.info("%s: FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["prompt_accuracy"])
     document = {
         "sanity": fid_sanity(per_class),
-        "set": set_name, "teacher": str(teacher), "adapters": adapters or ([str(BUNDLED_FLASH)] if set_name == "flash" else []), "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
+        "set": set_name, "teacher": str(teacher), "adapters": sorted({e.adapter for e in entries if isinstance(e, StudentEntry)}),
+        "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
         "reference": "proxy held-out split (1,500 real images), EfficientNet-Lite0 features",
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
@@ -174,14 +194,24 @@ def run_bench(
     return document
 
 
-def _adapter_for(steps: int, adapters: list[str]) -> str:
-    """The file whose metadata names ``steps`` (e.g. one progressive-distillation round's student), else the first."""
+def _adapter_for(entry: StudentEntry, adapters: list[str]) -> str | None:
+    """Of the files for the entry's method (``bench_label``), the one made for its step count (e.g. one progressive
+    round's student), else the first; the entry's default (Flash: the bundled LoRA) when none is for its method."""
     from ..core.adapter_file import describe, read_header
 
-    for path in adapters:
-        if describe(read_header(path), Path(path).name)[0].steps == steps:
-            return path
-    return adapters[0]
+    metadata = {path: describe(read_header(path), Path(path).name)[0] for path in adapters}
+    mine = [path for path in adapters if bench_label(metadata[path]) == entry.label]
+    return next((path for path in mine if metadata[path].steps == entry.steps), mine[0] if mine else entry.adapter)
+
+
+def training_data(adapter: str) -> dict:
+    """What a student file learnt from, as its provenance says: dataset size, steps, images seen (steps x batch)."""
+    from ..core.adapter_file import describe, read_header
+
+    made = describe(read_header(adapter), Path(adapter).name)[0].provenance or {}
+    steps, batch = made.get("train_steps"), made.get("batch_size")
+    return {"dataset_images": made.get("images"), "train_steps": steps, "batch_size": batch,
+            "images_seen": steps * batch if steps and batch else None}
 
 
 def fid_sanity(per_class: int) -> dict:
@@ -246,13 +276,17 @@ def negative_prompt_study(pipe, adapter: str, samples: int, batch_size: int, ste
 
 
 def markdown_table(document: dict) -> str:
-    lines = ["| configuration | NFE | FID ↓ | prompt accuracy ↑ | s / image |", "|---|---|---|---|---|"]
+    trained = any("training" in r for r in document["results"])   # a column for what the students learnt from
+    lines = ["| configuration | NFE | FID ↓ | prompt accuracy ↑ | s / image |" + (" training images seen (dataset) |" if trained else ""),
+             "|---|---|---|---|---|" + ("---|" if trained else "")]
     for r in document["results"]:
-        lines.append(f"| {r['name']} | {r['nfe']} | {r['fid']:.2f} | {r['prompt_accuracy']:.3f} | {r['seconds_per_image']:.4f} |")
+        lines.append(f"| {r['name']} | {r['nfe']} | {r['fid']:.2f} | {r['prompt_accuracy']:.3f} | {r['seconds_per_image']:.4f} |"
+                     + (f" {_seen(r.get('training'))} |" if trained else ""))
     if "sanity" in document:
         sanity = document["sanity"]
-        lines.append(f"| *real training images* | – | {sanity['real_train_images']:.2f} | – | – |")
-        lines.append(f"| *uniform noise* | – | {sanity['uniform_noise']:.2f} | – | – |")
+        blank = " – |" if trained else ""
+        lines.append(f"| *real training images* | – | {sanity['real_train_images']:.2f} | – | – |{blank}")
+        lines.append(f"| *uniform noise* | – | {sanity['uniform_noise']:.2f} | – | – |{blank}")
     lines.append("")
     lines.append(f"{document['samples_per_configuration']} samples per configuration; {document['reference']}; "
                  f"classifier accuracy on real held-out images {document['classifier_heldout_accuracy']}; {document['machine']}.")
@@ -267,3 +301,10 @@ def markdown_table(document: dict) -> str:
             lines.append(f"| {r['name']} | {strength} | {r['negative'].split()[-1]} | {r['rate_empty_negative']:.3f} | "
                          f"{r['rate_class_negative']:.3f} | {ratio} |")
     return "\n".join(lines) + "\n"
+
+
+def _seen(training: dict | None) -> str:
+    if not training:
+        return "–"
+    seen = "?" if training["images_seen"] is None else f"{training['images_seen']:,}"
+    return seen + (f" ({training['dataset_images']:,})" if training["dataset_images"] else "")

@@ -210,7 +210,7 @@ def add_train_flash(methods) -> None:
     p.set_defaults(run=run_train_flash)
 
 
-def _add_teacher_args(p, method: str, out_name: str, label: str) -> None:
+def _add_teacher_args(p, method: str, out_name: str, label: str, out_what: str = "the adapter file") -> None:
     """What every distillation command takes: teacher, data, where to write, preset and config file."""
     p.add_argument("--teacher", default=None,
                    help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
@@ -221,7 +221,7 @@ def _add_teacher_args(p, method: str, out_name: str, label: str) -> None:
                    "or webdataset shards ('shards/*.tar')")
     p.add_argument("--resolution", type=int, default=None, help="training image size (default: the teacher's native size)")
     p.add_argument("--run-dir", default=f"runs/{method}", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
-    p.add_argument("--out", default=None, help=f"the adapter file to write (default: RUN_DIR/{out_name})")
+    p.add_argument("--out", default=None, help=f"{out_what} to write (default: RUN_DIR/{out_name})")
     p.add_argument("--preset", default=None, choices=["paper", "proxy"],
                    help="option defaults: the paper's SD setup, or the CPU-sized proxy setup (default: proxy for the bundled "
                    "teacher, paper otherwise)")
@@ -327,6 +327,8 @@ def add_train_gdd(methods) -> None:
     group.add_argument("--r1-interval", type=int, default=None, help="steps between lazy R1 penalties (paper: 16)")
     group.add_argument("--gan-timesteps", type=_int_list, default=None,
                        help="comma-separated noise levels at which the teacher's features feed the discriminator")
+    group.add_argument("--disc-text-projection", action=argparse.BooleanOptionalAction, default=None,
+                       help="the prompt also enters the discriminator head as a projection term (default on; ours)")
     group.add_argument("--lora-rank", type=int, default=None, help="the lora variant's rank")
     _add_optimiser_args(group, lr_help="generator learning rate")
     group.add_argument("--disc-lr", type=float, default=None, help="discriminator head learning rate")
@@ -370,8 +372,8 @@ SUN_FLAGS = ("variant", "cfg_scale", "negative_prompts", "empty_negative_prob", 
              "gradient_checkpointing")
 
 
-GDD_FLAGS = ("variant", "gan_loss", "r1_gamma", "r1_interval", "gan_timesteps", "lora_rank", "steps", "lr", "disc_lr",
-             "warmup_steps", "batch_size", "ema_decay", "gradient_checkpointing")
+GDD_FLAGS = ("variant", "gan_loss", "r1_gamma", "r1_interval", "gan_timesteps", "disc_text_projection", "lora_rank", "steps",
+             "lr", "disc_lr", "warmup_steps", "batch_size", "ema_decay", "gradient_checkpointing")
 
 
 def run_train_flash(args: argparse.Namespace) -> int:
@@ -495,25 +497,29 @@ def add_bench(subparsers) -> None:
         "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
         "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
     )
-    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun"],
+    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun", "gdd"],
                    help="'teacher' (50/25/8/4/2 steps with CFG), 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 "
                    "steps), 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, 8/4/2/1 steps with DDIM and "
                    "stochastic sampling, and a sweep over w; needs --adapter) or 'sun' (teacher 50/8/4 steps with CFG vs a SUN "
-                   "adapter at 4/8/2 steps, and how a class named as negative prompt disappears; needs --adapter)")
+                   "adapter at 4/8/2 steps, and how a class named as negative prompt disappears; needs --adapter) or 'gdd' "
+                   "(one step: teacher 50 and 1 steps with CFG, the Flash student, and each GDD variant given: full, gdd_i, "
+                   "lora; needs --adapter)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
     p.add_argument("--out-dir", default="bench/results", help="where results go")
     p.add_argument("--adapter", action="append", default=None,
-                   help="a student file for the set's student rows; repeat it to give several (each row takes the file made "
-                   "for its step count, e.g. one per progressive round, else the first); flash: default the bundled proxy LoRA")
+                   help="a student file for the set's student rows; repeat it to give several (each row takes a file of its "
+                   "method, GDD's of its variant: the one made for its step count, e.g. one per progressive round, else the "
+                   "first; rows with none are left out); flash rows: default the bundled proxy LoRA")
     p.set_defaults(run=run_bench_command)
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
     from .bench import BUNDLED_TEACHER, markdown_table, run_bench
 
-    needs = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`"}
+    needs = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`",
+             "gdd": "gdd_student files from `fewstep train gdd` (one per --variant to compare)"}
     if args.set in needs and not args.adapter:
         print(f"error: --set {args.set} needs --adapter: {needs[args.set]}", file=sys.stderr)
         return 2
@@ -654,6 +660,100 @@ def run_quickstart_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_snap(subparsers) -> None:
+    snap = subparsers.add_parser(
+        "snap", help="SnapFusion: train a UNet to tolerate skipped blocks, measure each block, plan a slimmer UNet",
+        description="SnapFusion (Li et al. 2023), step by step: `robust` fine-tunes the teacher with blocks skipped at "
+        "random; `plan` measures what each block costs (latency, on this machine) and is worth (proxy FID and prompt "
+        "accuracy when it alone is skipped) and proposes the blocks to remove under a latency budget.")
+    steps = snap.add_subparsers(title="step", metavar="STEP")
+    p = steps.add_parser(
+        "robust", help="fine-tune the teacher with cross-attention and ResNet blocks skipped at random",
+        description="Robust training: every step skips each ResNet and cross-attention block with --skip-probability (a "
+        "skipped block passes its input through its residual shortcut), and trains on the data's denoising loss plus "
+        "--distill-weight times the loss against the full teacher's prediction. Writes a diffusers pipeline folder with "
+        "the same architecture and keys. Precedence: preset < --config FILE < flags. Rerun the same command to resume.")
+    _add_teacher_args(p, "snap-robust", "pipeline", "SnapFusion", out_what="the robust pipeline folder")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--skip-probability", type=float, default=None, help="chance that each block is skipped in a step")
+    group.add_argument("--distill-weight", type=float, default=None, help="weight of the full teacher's prediction as target")
+    group.add_argument("--caption-dropout", type=float, default=None, help="fraction of captions replaced by the empty prompt")
+    _add_optimiser_args(group, lr_help="learning rate (whole UNet)")
+    _add_run_args(p, sample_help="steps between 25-step sample grids of the full UNet (RUN_DIR/samples)")
+    p.set_defaults(run=run_snap_robust)
+
+    p = steps.add_parser(
+        "plan", help="measure every block's latency and quality cost and propose which to remove",
+        description="For each ResNet and cross-attention block: the share of a UNet pass it costs on this machine (the pass "
+        "timed with and without it) and, on the proxy benchmark, FID and prompt accuracy with it alone skipped (DDIM with "
+        "CFG). Then, greedily by FID increase per latency saved, the blocks to remove for a pass within --budget of the "
+        "teacher's. Run it on the output of `fewstep snap robust`: a plain teacher has never learnt to miss a block.")
+    p.add_argument("--teacher", default=None, help="pipeline folder to measure (default: the bundled proxy teacher)")
+    p.add_argument("--budget", type=float, default=0.7, help="target latency as a fraction of the full UNet pass")
+    p.add_argument("--per-class", type=int, default=10, help="proxy samples per prompt class (20 classes) per block")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps of the quality measurement")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG scale of the quality measurement")
+    p.add_argument("--latency-batch", type=int, default=2, help="UNet batch timed (2: one image with CFG)")
+    p.add_argument("--repeats", type=int, default=10, help="timed passes per configuration (medians)")
+    p.add_argument("--latency-only", action="store_true",
+                   help="time the blocks only (any SD1.5/SDXL UNet; quality needs a proxy-sized teacher)")
+    p.add_argument("--out", default=None, help="also write the table and proposal as JSON here")
+    p.set_defaults(run=run_snap_plan)
+
+
+SNAP_FLAGS = ("skip_probability", "distill_weight", "caption_dropout", "steps", "lr", "warmup_steps", "batch_size",
+              "ema_decay", "gradient_checkpointing")
+
+
+def run_snap_robust(args: argparse.Namespace) -> int:
+    from .methods import snapfusion
+
+    return _run_distillation(args, "snapfusion", snapfusion.load_config, SNAP_FLAGS, "pipeline", snapfusion.train_robust,
+                             "robust teacher written to {out}; next: fewstep snap plan --teacher {out}")
+
+
+def run_snap_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BUNDLED_TEACHER
+    from .methods import snapfusion
+    from .pipelines import TeacherError, load_teacher
+
+    try:
+        if not 0.0 < args.budget <= 1.0:
+            raise ValueError(f"--budget is a fraction of the full pass, in (0, 1]; got {args.budget}")
+        pipe = load_teacher(args.teacher or BUNDLED_TEACHER, device="cuda" if _cuda() else "cpu")
+    except (ValueError, TeacherError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    table = snapfusion.block_table(pipe, args.per_class, args.steps, args.cfg_scale, args.latency_batch, args.repeats,
+                                   quality=not args.latency_only)
+    quality = table.get("quality")
+    print(f"full UNet: {1000 * table['unet_seconds_per_pass']:.2f} ms per pass (batch {table['latency_batch']}, "
+          f"{table['device']}, {table['dtype']})" + (f"; FID {quality['fid']:.2f}, prompt accuracy {quality['prompt_accuracy']:.3f} "
+                                                    f"({quality['steps']} steps, CFG {quality['cfg_scale']:g}, {quality['samples']} samples)" if quality else ""))
+    print("| block | kind | latency saved | " + ("FID skipped | FID increase | prompt accuracy |" if quality else ""))
+    print("|---|---|---|" + ("---|---|---|" if quality else ""))
+    for r in table["blocks"]:
+        print(f"| {r['block']} | {r['kind']} | {100 * r['latency_saved']:.1f} % |" +
+              (f" {r['fid']:.2f} | {r['fid_increase']:+.2f} | {r['prompt_accuracy']:.3f} |" if quality else ""))
+    if quality:
+        table["proposal"] = proposal = snapfusion.propose_removal(table, args.budget)
+        print(f"remove for a pass within {args.budget:g} of the full one: {', '.join(proposal['remove']) or 'nothing'}; estimated "
+              f"pass {proposal['estimated_latency']:.2f}, FID {proposal['estimated_fid_increase']:+.2f}"
+              + ("" if proposal["met"] else " (the budget is out of reach: every block that saves time is removed)"))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(table, indent=2) + "\n")
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewstep",
@@ -667,6 +767,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(subparsers)
     add_export(subparsers)
     add_quickstart(subparsers)
+    add_snap(subparsers)
     return parser
 
 

@@ -121,11 +121,15 @@ def training_loop(
 ) -> torch.nn.Module:
     """Train ``model`` and return it with EMA weights copied in (if EMA is on). See the module docstring."""
     from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     _release_accelerator_state(mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=_tracker(), project_dir=str(run_dir / "logs"))
+    # A model whose steps leave some parameters unused (SnapFusion's skipped blocks) says so; DDP must then look for them.
+    ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if getattr(model, "has_unused_parameters", False) else []
+    accelerator = Accelerator(mixed_precision=mixed_precision, log_with=_tracker(), project_dir=str(run_dir / "logs"),
+                              kwargs_handlers=ddp)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters (requires_grad=False everywhere)")

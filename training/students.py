@@ -37,6 +37,14 @@ def sample_student(unet, schedule: DiscreteSchedule, cond: dict, seeds: Sequence
     return get_sampler(sampler)(model, noise * start_noise_scaling(sigmas[0]), sigmas, extra_args={**cond, "seed": int(seeds[0])})
 
 
+def load_unet_weights(unet, tensors: dict, name: str) -> None:
+    """Whole-UNet weights from an adapter file into ``unet``; every key must fit (else: made for another model)."""
+    result = unet.load_state_dict(tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise AdapterFileError(f"{name}: does not fit this teacher's UNet (missing {result.missing_keys[:2]}, "
+                               f"unexpected {result.unexpected_keys[:2]}): made for another model")
+
+
 class _Student:
     """What the student kinds share: ``images`` decodes the subclass's ``latents(captions, seeds, steps, w, sampler,
     negative)``; None means the file's own setting. ``negative`` (one prompt for all) reaches the kinds that read a
@@ -55,20 +63,23 @@ class _Student:
 
 
 class AdaptedTeacher(_Student):
-    """A pipeline whose UNet carries a LoRA adapter file (kind ``flash_lora``), sampled without CFG."""
+    """A copy of the pipeline's UNet with an adapter file's weights, sampled without CFG as its metadata says: a LoRA
+    merged (``flash_lora``; a ``gdd_student`` LoRA) or whole UNet weights (a ``gdd_student`` of format ``unet``)."""
 
     def __init__(self, pipe, adapter_path: str | Path, strength: float = 1.0):
         self.pipe = pipe
-        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["flash_lora"])
-        modules, _ = read_lora(self.adapter.tensors)
+        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["flash_lora", "gdd_student"])
         self.unet = copy.deepcopy(pipe.unet)
-        merge_lora(self.unet, modules, strength)
+        if self.adapter.metadata.extra.get("format") == "unet":
+            load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
+        else:
+            merge_lora(self.unet, read_lora(self.adapter.tensors)[0], strength)
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
         self.prompts = PromptEncoder(pipe)
 
     def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
                 w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
-        """``w`` is accepted for a uniform interface; a Flash LoRA has no guidance input."""
+        """``w`` is accepted for a uniform interface; these files have no guidance input."""
         meta = self.adapter.metadata
         return sample_student(self.unet, self.schedule, self.prompts(captions), seeds, meta.timesteps_for(steps or meta.steps),
                               sampler or meta.sampler, meta.consistency_boundary)
@@ -85,10 +96,7 @@ class GuidedStudent(_Student):
         meta = self.adapter.metadata
         self.embedding_dim = int(meta.extra["embedding_dim"])
         self.unet = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=self.embedding_dim)
-        result = self.unet.load_state_dict(self.adapter.tensors, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise AdapterFileError(f"{Path(adapter_path).name}: does not fit this teacher's UNet (missing "
-                                   f"{result.missing_keys[:2]}, unexpected {result.unexpected_keys[:2]}): made for another model")
+        load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
         self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
         self.prompts = PromptEncoder(pipe)
@@ -138,7 +146,7 @@ def load_student(pipe, adapter_path: str | Path) -> _Student:
     """The sampler for an adapter file of any kind fewstep can sample on a diffusers pipeline."""
     name = Path(adapter_path).name
     meta, _, _ = describe(read_header(adapter_path), name, base_of(pipe))
-    if meta.kind == "flash_lora":
+    if meta.kind in ("flash_lora", "gdd_student"):
         return AdaptedTeacher(pipe, adapter_path)
     elif meta.kind == "guided_student":
         return GuidedStudent(pipe, adapter_path)

@@ -176,6 +176,12 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, provenance: dic
         scheduler=DDIMScheduler(**sd_scheduler_config(), clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     ).to(torch.float16)
+    write_pipeline(pipe, out, provenance)
+
+
+def write_pipeline(pipe, out: Path, provenance: dict) -> None:
+    """Save a diffusers pipeline folder with ``fewstep_teacher.json``, written to a temp folder then renamed (a
+    killed run leaves the old folder or none, never half of one)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-pipeline-"))

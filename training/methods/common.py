@@ -112,12 +112,12 @@ def teacher_dtype(mixed_precision: str) -> torch.dtype:
 
 
 def provenance(method: str, teacher: str | Path, train_steps: int, images: int, config, fields: Sequence[str]) -> dict:
-    """How an adapter was made, for its metadata."""
+    """How an adapter was made, for its metadata: ``images`` in the dataset, ``batch_size`` per step."""
     from ... import __version__
 
     options = dataclasses.asdict(config)
     return {"method": method, "teacher": str(teacher), "train_steps": train_steps, "images": images,
-            "fewstep_version": __version__, "config": {k: options[k] for k in fields}}
+            "batch_size": config.batch_size, "fewstep_version": __version__, "config": {k: options[k] for k in fields}}
 
 
 def fit(model: torch.nn.Module, run_dir: Path, batch_fn, config, desc: str, run: dict, total_steps: Optional[int] = None,

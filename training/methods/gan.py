@@ -6,7 +6,7 @@ generator through it."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,10 +22,12 @@ class Discriminator(torch.nn.Module):
     """The reference head on teacher features: conv 3x3, strided conv 4x4, GroupNorm, conv to one logit map.
 
     The last convolution is 4x4 as the reference on SD's 8x8 mid-block features and shrinks with smaller
-    maps; the logit map is averaged, so any feature size works.
+    maps; the logit map is averaged, so any feature size works. With ``text_dim`` the prompt also enters as in a
+    projection discriminator (Miyato & Koyama 2018): the logit gains the inner product of the pooled hidden features
+    with a projection of the prompt's mean token encoding (``text``), so the head must judge image and prompt together.
     """
 
-    def __init__(self, in_channels: int, channels: int, feature_size: int):
+    def __init__(self, in_channels: int, channels: int, feature_size: int, text_dim: Optional[int] = None):
         super().__init__()
         last = max(1, min(4, feature_size // 2))
         self.net = torch.nn.Sequential(
@@ -33,9 +35,14 @@ class Discriminator(torch.nn.Module):
             torch.nn.Conv2d(channels, channels * 2, 4, 2, 1, bias=False), torch.nn.SiLU(),
             torch.nn.GroupNorm(4, channels * 2), torch.nn.Conv2d(channels * 2, 1, last, 1, 0, bias=False),
         )
+        self.text_projection = torch.nn.Linear(text_dim, channels * 2, bias=False) if text_dim else None
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features).flatten(1).mean(1)
+    def forward(self, features: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
+        hidden = self.net[:-1](features)
+        logits = self.net[-1](hidden).flatten(1).mean(1)
+        if self.text_projection is not None:
+            logits = logits + (hidden.mean((2, 3)) * self.text_projection(text.to(hidden.dtype))).sum(1)
+        return logits
 
 
 class _StopForward(Exception):
@@ -86,13 +93,15 @@ def teacher_features(tap: FeatureTap, dtype: torch.dtype, schedule: DiscreteSche
     return feats.chunk(2)
 
 
-def adversarial_terms(discriminator: torch.nn.Module, kind: str, fake_feats: torch.Tensor, real_feats: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def adversarial_terms(discriminator: torch.nn.Module, kind: str, fake_feats: torch.Tensor, real_feats: torch.Tensor,
+                      text: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(generator term, discriminator term) per sample, for one backward pass that trains both: the generator's term
-    sees the head with its weights detached, the head's term sees the features detached."""
+    sees the head with its weights detached, the head's term sees the features detached. ``text``: the prompts'
+    encodings for a head with a text projection."""
     frozen_head = {k: p.detach() for k, p in discriminator.named_parameters()}
-    fake_for_generator = torch.func.functional_call(discriminator, frozen_head, (fake_feats,))
-    fake_logits, real_logits = discriminator(torch.cat([fake_feats.detach(), real_feats.detach()])).chunk(2)
+    fake_for_generator = torch.func.functional_call(discriminator, frozen_head, (fake_feats, text))
+    both = None if text is None else torch.cat([text, text])
+    fake_logits, real_logits = discriminator(torch.cat([fake_feats.detach(), real_feats.detach()]), both).chunk(2)
     if kind == "lsgan":   # on sigmoid outputs, as Flash's reference
         generator = (torch.sigmoid(fake_for_generator) - 1).pow(2)
         disc = 0.5 * ((torch.sigmoid(real_logits) - 1).pow(2) + torch.sigmoid(fake_logits).pow(2))
@@ -105,10 +114,10 @@ def adversarial_terms(discriminator: torch.nn.Module, kind: str, fake_feats: tor
     return generator, disc
 
 
-def r1_penalty(discriminator: torch.nn.Module, real_feats: torch.Tensor) -> torch.Tensor:
+def r1_penalty(discriminator: torch.nn.Module, real_feats: torch.Tensor, text: Optional[torch.Tensor] = None) -> torch.Tensor:
     """R1 (Mescheder et al. 2018) per sample: the squared gradient norm of the head's logit at the real features."""
     real = real_feats.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(discriminator(real).sum(), real, create_graph=True)
+    (grad,) = torch.autograd.grad(discriminator(real, text).sum(), real, create_graph=True)
     return grad.pow(2).flatten(1).sum(1)
 
 
@@ -125,7 +134,8 @@ class AdversarialDistillation(torch.nn.Module):
         self.prompts = PromptEncoder(pipe)
         self.tap = FeatureTap(teacher, config.disc_feature_module)
         features = self._probe_features()
-        self.discriminator = Discriminator(features.shape[1], config.disc_channels, features.shape[-1])
+        text_dim = teacher.config.cross_attention_dim if getattr(config, "disc_text_projection", False) else None
+        self.discriminator = Discriminator(features.shape[1], config.disc_channels, features.shape[-1], text_dim)
 
     def train(self, mode: bool = True):
         super().train(mode)

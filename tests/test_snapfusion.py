@@ -1,0 +1,175 @@
+"""SnapFusion's block skipping and measurement, checked against the same UNet with the block's own contribution
+zeroed (a transformer's proj_out, a ResNet's conv2: the residual structure then gives what skipping must give)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fewstep.training.methods import snapfusion as S
+from fewstep.training.tiny_models import build_tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return build_tiny_pipeline("sd15", seed=0).unet.eval()
+
+
+def _inputs(unet, n=2):
+    g = torch.Generator().manual_seed(0)
+    size = unet.config.sample_size
+    return {"sample": torch.randn(n, unet.config.in_channels, size, size, generator=g),
+            "timestep": torch.tensor([500] * n),
+            "encoder_hidden_states": torch.randn(n, 7, unet.config.cross_attention_dim, generator=g)}
+
+
+def _zeroed(unet, name):
+    """A copy of ``unet`` whose block ``name`` adds nothing to its residual path."""
+    other = copy.deepcopy(unet)
+    module = dict(other.named_modules())[name]
+    last = module.proj_out if hasattr(module, "proj_out") else module.conv2
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return other
+
+
+def test_every_block_kind_is_found_and_each_skip_is_the_block_adding_nothing(unet):
+    reference_unet, unet = unet, copy.deepcopy(unet)
+    skipping = S.BlockSkipping(unet)
+    kinds = {b.kind for b in skipping.blocks}
+    assert kinds == {"resnet", "attention"}
+    assert any(b.name.startswith("mid_block") for b in skipping.blocks)
+    inputs = _inputs(unet)
+    with torch.no_grad():
+        full = unet(**inputs).sample
+        torch.testing.assert_close(full, reference_unet(**inputs).sample)   # installing changes nothing
+        for block in skipping.blocks:
+            with skipping.skip([block.name]):
+                skipped = unet(**inputs).sample
+            assert skipped.shape == full.shape
+            torch.testing.assert_close(skipped, _zeroed(reference_unet, block.name)(**inputs).sample, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(skipped, full), block.name
+        with skipping.skip([b.name for b in skipping.blocks]):
+            assert unet(**inputs).sample.shape == full.shape
+        torch.testing.assert_close(unet(**inputs).sample, full)   # the context restores
+
+
+def test_keys_stay_the_teachers_and_unknown_blocks_are_named(unet):
+    model = copy.deepcopy(unet)
+    skipping = S.BlockSkipping(model)
+    assert list(model.state_dict()) == list(unet.state_dict())
+    with pytest.raises(ValueError, match="no such block.*down_blocks.9.resnets.0"):
+        with skipping.skip(["down_blocks.9.resnets.0"]):
+            pass
+
+
+def test_the_robust_training_draw_skips_at_the_given_rate():
+    blocks = [S.Block(f"b{i}", "resnet") for i in range(10)]
+    g = torch.Generator().manual_seed(0)
+    draws = [S.sample_skipped_blocks(blocks, 0.25, g) for _ in range(400)]
+    assert abs(sum(map(len, draws)) / 4000 - 0.25) < 0.03
+    assert S.sample_skipped_blocks(blocks, 0.0, g) == [] and len(S.sample_skipped_blocks(blocks, 1.0, g)) == 10
+
+
+def test_block_latencies_name_every_block(unet):
+    other = copy.deepcopy(unet)
+    skipping = S.BlockSkipping(other)
+    result = S.block_latencies(other, skipping, _inputs(other), repeats=2)
+    assert result["unet"] > 0 and set(result["saved"]) == {b.name for b in skipping.blocks}
+
+
+ROBUST_TINY = dict(steps=6, batch_size=8, lr=1e-3, warmup_steps=0, skip_probability=0.3)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    path = tmp_path_factory.mktemp("snap") / "tiny-sd15"
+    build_tiny_pipeline("sd15", seed=0).save_pretrained(path)
+    return path
+
+
+def test_robust_training_skips_blocks_and_learns_to_do_without_them(tiny_teacher):
+    """Trained with blocks skipped, the UNet's loss with those blocks skipped falls, and (the teacher term weighted up,
+    so that fitting the tiny batch does not pull it away) it comes closer to the full teacher without them; the
+    teacher stays frozen."""
+    from fewstep.training.loop import training_loop
+    from fewstep.training.pipelines import load_teacher
+
+    pipe = load_teacher(tiny_teacher)
+    model = S.RobustTraining(pipe, S.load_config("proxy", **{**ROBUST_TINY, "distill_weight": 100.0}))
+    teacher = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    size = pipe.unet.config.sample_size
+    batch = {"latents": torch.randn(8, 4, size, size, generator=torch.Generator().manual_seed(0)),
+             "captions": ["a cat", "the digit 3", "a horse", "the digit 7"] * 2}
+
+    def skipped_loss():   # always the same draw: skip probability 0.3 at a fixed seed
+        return model(batch, torch.Generator().manual_seed(3))
+
+    before = skipped_loss()
+    assert before["skipped_blocks"][0] > 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        trained = training_loop(run_dir, model, lambda m, b, g: m(b, g), lambda g: batch, 30, lr=1e-3, ema_decay=None,
+                                progress=False, checkpoint_every=100)
+    after = skipped_loss()
+    assert after["loss"].mean() < 0.8 * before["loss"].mean()
+    assert after["teacher"].mean() < 0.8 * before["teacher"].mean()
+    assert all(torch.equal(v, teacher[k]) for k, v in trained.teacher.state_dict().items())
+
+
+def test_robust_training_resumes_and_writes_a_pipeline_with_the_teachers_keys(tiny_teacher, proxy_data, tmp_path):
+    from safetensors.torch import load_file
+
+    config = S.load_config("proxy", **ROBUST_TINY)
+    run = dict(checkpoint_every=2, sample_every=0, progress=False)
+    whole = S.train_robust(tiny_teacher, proxy_data, tmp_path / "whole", tmp_path / "whole-pipe", config, **run)
+    assert S.train_robust(tiny_teacher, proxy_data, tmp_path / "cut", tmp_path / "cut-pipe", config, stop_after=3, **run) is None
+    resumed = S.train_robust(tiny_teacher, proxy_data, tmp_path / "cut", tmp_path / "cut-pipe", config, **run)
+    a = load_file(whole / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    original = load_file(tiny_teacher / "unet" / "diffusion_pytorch_model.safetensors")
+    assert a.keys() == original.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], original[k]) for k in a)
+    assert (whole / "fewstep_teacher.json").is_file()
+
+
+def test_the_proposal_removes_the_cheapest_to_lose_first_until_the_budget_is_met():
+    def row(name, saved, increase):
+        return {"block": name, "kind": "resnet", "latency_saved": saved, "fid_increase": increase}
+
+    table = {"quality": {}, "blocks": [row("a", 0.10, 0.0), row("b", 0.20, 1.0), row("c", 0.30, 6.0), row("d", 0.05, -1.0),
+                                       row("e", -0.01, 0.0)]}   # e: timing noise, saves nothing
+    plan = S.propose_removal(table, 0.7)
+    assert plan["remove"] == ["d", "a", "b"] and plan["met"]
+    assert plan["estimated_latency"] == pytest.approx(0.65) and plan["estimated_fid_increase"] == pytest.approx(0.0)
+    out_of_reach = S.propose_removal(table, 0.1)
+    assert out_of_reach["remove"] == ["d", "a", "b", "c"] and not out_of_reach["met"]
+    assert S.propose_removal(table, 1.0)["remove"] == []
+    with pytest.raises(ValueError, match="in \\(0, 1\\]"):
+        S.propose_removal(table, 0.0)
+    with pytest.raises(ValueError, match="quality"):
+        S.propose_removal({"blocks": table["blocks"]}, 0.5)
+
+
+def test_snap_plan_measures_every_block_on_a_copy_and_writes_json(tiny_teacher, tmp_path, capsys):
+    import json
+
+    from fewstep.training.cli import main
+    from fewstep.training.pipelines import load_teacher
+
+    out = tmp_path / "plan.json"
+    assert main(["snap", "plan", "--teacher", str(tiny_teacher), "--per-class", "1", "--steps", "2", "--repeats", "1",
+                 "--budget", "0.8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = json.loads(out.read_text())
+    names = [b.name for b in S.unet_blocks(load_teacher(tiny_teacher).unet)]
+    assert [r["block"] for r in table["blocks"]] == names and all(name in printed for name in names)
+    assert all(set(r) >= {"latency_saved", "fid", "fid_increase", "prompt_accuracy"} for r in table["blocks"])
+    assert table["quality"]["samples"] == 20 and "proposal" in table and "remove for a pass within 0.8" in printed
+    assert main(["snap", "plan", "--teacher", str(tiny_teacher), "--latency-only", "--repeats", "1"]) == 0
+    assert "FID" not in capsys.readouterr().out
+    assert main(["snap", "plan", "--teacher", str(tiny_teacher), "--budget", "1.5"]) == 2
+    assert "--budget" in capsys.readouterr().err

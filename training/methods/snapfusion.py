@@ -1,0 +1,325 @@
+"""SnapFusion (Li et al. 2023): a UNet trained to tolerate skipped blocks, each block's worth measured per unit of
+latency, the cheapest-to-lose removed. This module so far: which blocks there are, skipping them, robust training
+(the teacher fine-tuned with blocks skipped at random), and measuring each block's latency.
+
+A block is one ResNet (``ResnetBlock2D``) or one cross-attention transformer (``Transformer2DModel``) of a diffusers
+``UNet2DConditionModel``, named by its module path. A skipped block passes its input through what it would have added
+to: a transformer is residual, so its input; a ResNet its shortcut (the input, or the 1x1 convolution where channels
+change: the first ResNet of a level, every up-block ResNet, which reads the skip connection too). Shapes therefore
+never change, whichever blocks are skipped, and the UNet's state dict keys stay the teacher's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import statistics
+import time
+import types
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+from ...core.parameterization import append_dims, distillation_weight
+from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
+from ..diffusers_sampling import UNetDenoiser
+from ..pipelines import PromptEncoder
+from .common import fit, load_options, load_teacher_data, on_main_process, replace_options
+
+log = logging.getLogger("fewstep")
+
+BLOCK_KINDS = {"ResnetBlock2D": "resnet", "Transformer2DModel": "attention"}
+
+
+@dataclass(frozen=True)
+class Block:
+    name: str   # module path in the UNet, e.g. "down_blocks.0.attentions.1"
+    kind: str   # "resnet" | "attention"
+
+
+def unet_blocks(unet: torch.nn.Module) -> list[Block]:
+    """Every ResNet and cross-attention transformer block, in module order (down, up, mid as diffusers registers them)."""
+    return [Block(name, BLOCK_KINDS[type(module).__name__]) for name, module in unet.named_modules()
+            if type(module).__name__ in BLOCK_KINDS]
+
+
+def _skipped_resnet(resnet, input_tensor, *args, **kwargs):
+    return resnet.conv_shortcut(input_tensor) if resnet.conv_shortcut is not None else input_tensor
+
+
+def _skipped_transformer(transformer, hidden_states, *args, return_dict: bool = True, **kwargs):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    return Transformer2DModelOutput(sample=hidden_states) if return_dict else (hidden_states,)
+
+
+class BlockSkipping:
+    """Skips chosen blocks of ``unet`` inside ``with skipping.skip(names):``; outside, the UNet is unchanged. Installed
+    once, on the block instances' ``forward`` (no wrapper modules, so checkpoints and exports keep the teacher's keys)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        self.blocks = unet_blocks(unet)
+        self.skipped: frozenset[str] = frozenset()
+        modules = dict(unet.named_modules())
+        for block in self.blocks:
+            module = modules[block.name]
+            skipped_forward = _skipped_resnet if block.kind == "resnet" else _skipped_transformer
+            module.forward = types.MethodType(self._switch(block.name, type(module).forward, skipped_forward), module)
+
+    def _switch(self, name: str, full, skipped):
+        def forward(module, *args, **kwargs):
+            return (skipped if name in self.skipped else full)(module, *args, **kwargs)
+        return forward
+
+    @contextlib.contextmanager
+    def skip(self, names: Iterable[str]) -> Iterator[None]:
+        names = frozenset(names)
+        unknown = names - {b.name for b in self.blocks}
+        if unknown:
+            raise ValueError(f"no such block(s): {', '.join(sorted(unknown))}; the UNet's blocks: "
+                             f"{', '.join(b.name for b in self.blocks)}")
+        previous, self.skipped = self.skipped, names
+        try:
+            yield
+        finally:
+            self.skipped = previous
+
+
+def sample_skipped_blocks(blocks: Sequence[Block], probability: float, generator: torch.Generator) -> list[str]:
+    """Robust training's draw: each block skipped independently with ``probability``."""
+    draws = torch.rand(len(blocks), generator=generator)
+    return [b.name for b, u in zip(blocks, draws.tolist()) if u < probability]
+
+
+@torch.no_grad()
+def block_latencies(unet, skipping: BlockSkipping, inputs: dict, repeats: int = 10) -> dict:
+    """Seconds per UNet pass on ``inputs`` with nothing skipped (``"unet"``) and the time each block saves when it
+    alone is skipped (``"saved"``: name -> seconds), from interleaved medians of ``repeats`` timed passes each.
+    Measured as the whole pass minus the pass without the block, so launch and memory effects count as they will."""
+    def timed(names) -> float:
+        with skipping.skip(names):
+            if torch.cuda.is_available() and inputs["sample"].is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            unet(**inputs)
+            if torch.cuda.is_available() and inputs["sample"].is_cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+    configurations = [()] + [(b.name,) for b in skipping.blocks]
+    for names in configurations:   # warm-up
+        timed(names)
+    times = {names: [] for names in configurations}
+    for _ in range(repeats):
+        for names in configurations:
+            times[names].append(timed(names))
+    full = statistics.median(times[()])
+    return {"unet": full, "saved": {b.name: full - statistics.median(times[(b.name,)]) for b in skipping.blocks}}
+
+
+@dataclass
+class SnapConfig:
+    """SnapFusion's options. The paper gives no skip probability or robust-training loss weights: those are ours."""
+
+    skip_probability: float = 0.1      # each block skipped independently per step during robust training (ours)
+    distill_weight: float = 1.0        # the full teacher's prediction as a second target, next to the data (ours)
+    caption_dropout: float = 0.1       # keeps the unconditional prediction (CFG) trained
+    steps: int = 10000
+    lr: float = 1e-5
+    warmup_steps: int = 100
+    batch_size: int = 8
+    ema_decay: Optional[float] = 0.999
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        problems = []
+        if not 0.0 <= self.skip_probability < 1.0:
+            problems.append("skip_probability must lie in [0, 1)")
+        if self.distill_weight < 0 or not 0.0 <= self.caption_dropout < 1.0:
+            problems.append("distill_weight must not be negative and caption_dropout must lie in [0, 1)")
+        if min(self.steps, self.batch_size) < 1 or self.lr <= 0:
+            problems.append("steps, batch_size and lr must be positive")
+        if problems:
+            raise ValueError("invalid SnapFusion configuration: " + "; ".join(problems))
+
+    def replace(self, **changes) -> "SnapConfig":
+        return replace_options(self, "SnapFusion", **changes)
+
+
+PRESETS = {
+    "paper": SnapConfig(),
+    # The bundled proxy teacher on a 2-core CPU.
+    "proxy": SnapConfig(steps=1500, lr=5e-5, batch_size=32, warmup_steps=50),
+}
+
+
+def load_config(preset: str = "paper", config_file: Optional[str | Path] = None, **overrides) -> SnapConfig:
+    """A preset, then a JSON file of options, then explicit overrides (None values ignored)."""
+    return load_options(PRESETS, "SnapFusion", preset, config_file, **overrides)
+
+
+def _drop_captions(cond, uncond, drop: torch.Tensor):
+    """Per sample, the unconditional encoding where ``drop`` is set (nested dicts of batched tensors)."""
+    if isinstance(cond, dict):
+        return {k: _drop_captions(cond[k], uncond[k], drop) for k in cond}
+    return torch.where(append_dims(drop.to(cond.device), cond.ndim), uncond, cond)
+
+
+class RobustTraining(torch.nn.Module):
+    """The teacher's UNet fine-tuned with random blocks skipped (one draw per step, for the whole batch): the denoising
+    loss on the data plus ``distill_weight`` times the same loss against the frozen, full teacher's prediction, both
+    as the squared error of the implied noise. ``forward(batch, gen)`` returns per-sample losses."""
+
+    has_unused_parameters = True   # a skipped block gets no gradient (the training loop tells DDP)
+
+    def __init__(self, pipe, config: SnapConfig):
+        super().__init__()
+        self.config = config
+        self.teacher = pipe.unet.requires_grad_(False).eval()
+        self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+        if config.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        self.skipping = BlockSkipping(self.student)
+        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
+        self.prompts = PromptEncoder(pipe)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        z = batch["latents"]
+        n = len(z)
+        cond = _drop_captions(*self.prompts.with_unconditional(batch["captions"]), torch.rand(n, generator=gen) < self.config.caption_dropout)
+        sigma = self.schedule.sigmas[torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=gen)].to(z)
+        x = z + append_dims(sigma, z.ndim) * torch.randn(z.shape, generator=gen).to(z)
+        skipped = sample_skipped_blocks(self.skipping.blocks, self.config.skip_probability, gen)
+        with self.skipping.skip(skipped):
+            student = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond).float()
+        weight = distillation_weight(sigma, "eps")
+        terms = {"data": weight * (student - z.float()).pow(2).flatten(1).mean(1),
+                 "skipped_blocks": torch.full((n,), float(len(skipped)))}
+        terms["loss"] = terms["data"]
+        if self.config.distill_weight:
+            with torch.no_grad():
+                teacher = UNetDenoiser(self.teacher, self.schedule)(x, sigma, **cond).float()
+            terms["teacher"] = weight * (student - teacher).pow(2).flatten(1).mean(1)
+            terms["loss"] = terms["loss"] + self.config.distill_weight * terms["teacher"]
+        return terms
+
+
+def train_robust(
+    teacher: str | Path,                     # diffusers pipeline folder or single-file checkpoint (SD1.5 / SDXL UNet)
+    data,                                    # CaptionedImages, or a dataset spec for load_dataset
+    run_dir: str | Path,                     # checkpoints, logs, sample grids
+    out: str | Path,                         # the robust teacher: a diffusers pipeline folder
+    config: SnapConfig = SnapConfig(),
+    resolution: Optional[int] = None,
+    teacher_config: Optional[str | Path] = None,
+    mixed_precision: str = "no",
+    checkpoint_every: int = 250,
+    sample_every: int = 500,
+    log_every: int = 25,
+    seed: int = 0,
+    resume: bool = True,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+) -> Optional[Path]:
+    """SnapFusion's robust training; writes the fine-tuned pipeline (same architecture, same keys) to ``out``."""
+    from ..students import sample_student
+    from ..teacher import write_pipeline
+
+    config.validate()
+    run_dir, out = Path(run_dir), Path(out)
+    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    pipe = setup.pipe
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = RobustTraining(pipe, config)
+    log.info("robust training over %d blocks, each skipped with probability %g", len(model.skipping.blocks), config.skip_probability)
+    preview = setup.preview_captions()
+
+    def sample_fn(m, step):   # the full UNet, 25 DDIM steps without CFG
+        setup.save_grid(sample_student(m.student, m.schedule, m.prompts(preview), list(range(len(preview))),
+                                       select_timesteps("trailing", 25), "ddim", consistency_boundary=False),
+                        run_dir / "samples" / f"step-{step:08d}.png")
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "snapfusion_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
+    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "robust", run, stop_after=stop_after, sample_fn=sample_fn)
+    if stop_after is not None and stop_after < config.steps:
+        return None
+    made = {"robust_training_of": str(teacher), "steps": config.steps, "batch_size": config.batch_size,
+            "images": len(setup.captions), "config": dataclasses.asdict(config)}
+    on_main_process(lambda: write_pipeline(pipe.__class__(**{**pipe.components, "unet": model.student.requires_grad_(False).eval()}),
+                                           out, made))
+    return out
+
+
+def latency_inputs(pipe, batch_size: int = 2) -> dict:
+    """One UNet pass's inputs at the teacher's native size: batch 2 is a CFG pass for one image."""
+    unet = pipe.unet
+    size = unet.config.sample_size
+    g = torch.Generator().manual_seed(0)
+    cond = PromptEncoder(pipe)(["a photo"] * batch_size)
+    return {"sample": torch.randn(batch_size, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype),
+            "timestep": torch.tensor([500] * batch_size, device=unet.device), **cond}
+
+
+def block_table(pipe, per_class: int = 10, steps: int = 25, cfg_scale: float = 4.0, latency_batch: int = 2,
+                repeats: int = 10, quality: bool = True, progress: bool = True) -> dict:
+    """SnapFusion's per-block measurements on ``pipe`` (the robust-trained teacher): for every block, the latency it
+    saves when skipped alone (on this machine) and, with ``quality``, the proxy benchmark's FID and prompt accuracy
+    with it skipped (DDIM at ``steps`` with CFG, ``per_class`` samples per class) next to the full UNet's."""
+    from tqdm.auto import tqdm
+
+    from ..bench import TeacherEntry, evaluate_entry
+    from ..data import PROXY_CLASSES
+
+    unet = copy.deepcopy(pipe.unet).eval()
+    skipping = BlockSkipping(unet)
+    view = pipe.__class__(**{**pipe.components, "unet": unet})
+    latency = block_latencies(unet, skipping, latency_inputs(view, latency_batch), repeats)
+    rows = [{"block": b.name, "kind": b.kind, "latency_saved": latency["saved"][b.name] / latency["unet"]} for b in skipping.blocks]
+    table = {"unet_seconds_per_pass": latency["unet"], "latency_batch": latency_batch, "blocks": rows,
+             "device": str(unet.device), "dtype": str(unet.dtype).replace("torch.", "")}
+    if quality:
+        entry = TeacherEntry(steps, cfg_scale)
+        full = evaluate_entry(view, entry, per_class, batch_size=250)
+        table["quality"] = {"steps": steps, "cfg_scale": cfg_scale, "samples": per_class * len(PROXY_CLASSES),
+                            "fid": full["fid"], "prompt_accuracy": full["prompt_accuracy"]}
+        for row in tqdm(rows, desc="blocks skipped one at a time", disable=not progress):
+            with skipping.skip([row["block"]]):
+                skipped = evaluate_entry(view, entry, per_class, batch_size=250)
+            row.update(fid=skipped["fid"], prompt_accuracy=skipped["prompt_accuracy"], fid_increase=skipped["fid"] - full["fid"])
+    return table
+
+
+def propose_removal(table: dict, budget: float) -> dict:
+    """The blocks to remove for a pass of at most ``budget`` times the full UNet's latency: greedily, the cheapest to
+    lose first (FID increase per unit of latency saved; harmless blocks first of all). Estimates add the one-at-a-time
+    measurements, as SnapFusion's evolution does between re-evaluations."""
+    if not 0.0 < budget <= 1.0:
+        raise ValueError(f"the latency budget is a fraction of the teacher's pass, in (0, 1]; got {budget}")
+    if "quality" not in table:
+        raise ValueError("proposing an architecture needs each block's quality drop: measure with quality on")
+    candidates = sorted((r for r in table["blocks"] if r["latency_saved"] > 0),
+                        key=lambda r: r["fid_increase"] / r["latency_saved"])
+    removed, latency, fid_increase = [], 1.0, 0.0
+    for row in candidates:
+        if latency <= budget:
+            break
+        removed.append(row["block"])
+        latency -= row["latency_saved"]
+        fid_increase += row["fid_increase"]
+    return {"budget": budget, "remove": removed, "estimated_latency": latency, "estimated_fid_increase": fid_increase,
+            "met": latency <= budget}
