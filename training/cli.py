@@ -665,7 +665,8 @@ def add_snap(subparsers) -> None:
         "snap", help="SnapFusion: train a UNet to tolerate skipped blocks, measure each block, plan a slimmer UNet",
         description="SnapFusion (Li et al. 2023), step by step: `robust` fine-tunes the teacher with blocks skipped at "
         "random; `plan` measures what each block costs (latency, on this machine) and is worth (proxy FID and prompt "
-        "accuracy when it alone is skipped) and proposes the blocks to remove under a latency budget.")
+        "accuracy when it alone is skipped) and proposes a slimmer architecture under a latency budget; `slim` builds "
+        "that UNet from the teacher's weights and distils it from the full teacher.")
     steps = snap.add_subparsers(title="step", metavar="STEP")
     p = steps.add_parser(
         "robust", help="fine-tune the teacher with cross-attention and ResNet blocks skipped at random",
@@ -686,10 +687,14 @@ def add_snap(subparsers) -> None:
         "plan", help="measure every block's latency and quality cost and propose which to remove",
         description="For each ResNet and cross-attention block: the share of a UNet pass it costs on this machine (the pass "
         "timed with and without it) and, on the proxy benchmark, FID and prompt accuracy with it alone skipped (DDIM with "
-        "CFG). Then, greedily by FID increase per latency saved, the blocks to remove for a pass within --budget of the "
-        "teacher's. Run it on the output of `fewstep snap robust`: a plain teacher has never learnt to miss a block.")
+        "CFG). Then, greedily by cost (FID increase plus --accuracy-weight per accuracy point lost) per latency saved, "
+        "the blocks to remove for a pass within --budget of the teacher's, in the units a standard diffusers/ComfyUI UNet "
+        "config can express (a layer per level, a level's cross-attention, the mid block). Run it on the output of `fewstep snap robust`: a plain teacher has never learnt "
+        "to miss a block.")
     p.add_argument("--teacher", default=None, help="pipeline folder to measure (default: the bundled proxy teacher)")
     p.add_argument("--budget", type=float, default=0.7, help="target latency as a fraction of the full UNet pass")
+    p.add_argument("--accuracy-weight", type=float, default=1.0,
+                   help="FID a removal may cost per point of prompt accuracy it loses, when ranking removals")
     p.add_argument("--per-class", type=int, default=10, help="proxy samples per prompt class (20 classes) per block")
     p.add_argument("--steps", type=int, default=25, help="sampling steps of the quality measurement")
     p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG scale of the quality measurement")
@@ -699,6 +704,23 @@ def add_snap(subparsers) -> None:
                    help="time the blocks only (any SD1.5/SDXL UNet; quality needs a proxy-sized teacher)")
     p.add_argument("--out", default=None, help="also write the table and proposal as JSON here")
     p.set_defaults(run=run_snap_plan)
+
+    p = steps.add_parser(
+        "slim", help="build the planned slim UNet from the teacher's weights and distil it from the full teacher",
+        description="Builds the architecture of a `fewstep snap plan --out` file as a standard diffusers UNet config, copies "
+        "every kept block's weights from the teacher, and trains it on the data's denoising loss plus --distill-weight times "
+        "the loss against the full teacher's prediction. Writes the teacher's pipeline with the slim UNet. "
+        "Precedence: preset < --config FILE < flags. Rerun the same command to resume.")
+    p.add_argument("--plan", required=True, help="JSON written by `fewstep snap plan --out` (its proposal's architecture)")
+    _add_teacher_args(p, "snap-slim", "pipeline", "SnapFusion", out_what="the slim pipeline folder")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--skip-probability", type=float, default=None,
+                       help="chance that each of the slim UNet's blocks is skipped in a step (default from the preset)")
+    group.add_argument("--distill-weight", type=float, default=None, help="weight of the full teacher's prediction as target")
+    group.add_argument("--caption-dropout", type=float, default=None, help="fraction of captions replaced by the empty prompt")
+    _add_optimiser_args(group, lr_help="learning rate (whole slim UNet)")
+    _add_run_args(p, sample_help="steps between 25-step sample grids of the slim UNet (RUN_DIR/samples)")
+    p.set_defaults(run=run_snap_slim)
 
 
 SNAP_FLAGS = ("skip_probability", "distill_weight", "caption_dropout", "steps", "lr", "warmup_steps", "batch_size",
@@ -712,11 +734,31 @@ def run_snap_robust(args: argparse.Namespace) -> int:
                              "robust teacher written to {out}; next: fewstep snap plan --teacher {out}")
 
 
+def run_snap_slim(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .methods import snapfusion
+    from .methods.snap_architecture import SlimArchitecture
+
+    try:
+        plan = json.loads(Path(args.plan).read_text())
+        architecture = SlimArchitecture.from_dict(plan["proposal"]["architecture"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: {args.plan} is not a plan with a proposed architecture (write one with `fewstep snap plan --out`): "
+              f"{exc}", file=sys.stderr)
+        return 2
+    args.teacher = args.teacher or plan.get("teacher")
+    return _run_distillation(args, "snapfusion", snapfusion.load_config, SNAP_FLAGS, "pipeline",
+                             lambda **kw: snapfusion.train_slim(architecture=architecture, **kw),
+                             "slim pipeline written to {out}")
+
+
 def run_snap_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .bench import BUNDLED_TEACHER
     from .methods import snapfusion
+    from .methods.snap_architecture import propose_architecture
     from .pipelines import TeacherError, load_teacher
 
     try:
@@ -728,6 +770,7 @@ def run_snap_plan(args: argparse.Namespace) -> int:
         return 2
     table = snapfusion.block_table(pipe, args.per_class, args.steps, args.cfg_scale, args.latency_batch, args.repeats,
                                    quality=not args.latency_only)
+    table["teacher"] = str(Path(args.teacher or BUNDLED_TEACHER).resolve())
     quality = table.get("quality")
     print(f"full UNet: {1000 * table['unet_seconds_per_pass']:.2f} ms per pass (batch {table['latency_batch']}, "
           f"{table['device']}, {table['dtype']})" + (f"; FID {quality['fid']:.2f}, prompt accuracy {quality['prompt_accuracy']:.3f} "
@@ -738,10 +781,12 @@ def run_snap_plan(args: argparse.Namespace) -> int:
         print(f"| {r['block']} | {r['kind']} | {100 * r['latency_saved']:.1f} % |" +
               (f" {r['fid']:.2f} | {r['fid_increase']:+.2f} | {r['prompt_accuracy']:.3f} |" if quality else ""))
     if quality:
-        table["proposal"] = proposal = snapfusion.propose_removal(table, args.budget)
-        print(f"remove for a pass within {args.budget:g} of the full one: {', '.join(proposal['remove']) or 'nothing'}; estimated "
-              f"pass {proposal['estimated_latency']:.2f}, FID {proposal['estimated_fid_increase']:+.2f}"
-              + ("" if proposal["met"] else " (the budget is out of reach: every block that saves time is removed)"))
+        table["proposal"] = proposal = propose_architecture(table, args.budget, pipe.unet.config, args.accuracy_weight)
+        print(f"for a pass within {args.budget:g} of the full one, remove: {'; '.join(proposal['steps']) or 'nothing'}; estimated "
+              f"pass {proposal['estimated_latency']:.2f}, FID {proposal['estimated_fid_increase']:+.2f} before distillation"
+              + ("" if proposal["met"] else " (the budget is out of reach: every unit that saves time is removed)"))
+        if args.out:
+            print(f"next: fewstep snap slim --plan {args.out} --teacher {args.teacher or BUNDLED_TEACHER}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(table, indent=2) + "\n")

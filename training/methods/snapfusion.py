@@ -30,6 +30,7 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import UNetDenoiser
 from ..pipelines import PromptEncoder
 from .common import fit, load_options, load_teacher_data, on_main_process, replace_options
+from .snap_architecture import SlimArchitecture, build_slim_unet
 
 log = logging.getLogger("fewstep")
 
@@ -172,17 +173,18 @@ def _drop_captions(cond, uncond, drop: torch.Tensor):
 
 
 class RobustTraining(torch.nn.Module):
-    """The teacher's UNet fine-tuned with random blocks skipped (one draw per step, for the whole batch): the denoising
-    loss on the data plus ``distill_weight`` times the same loss against the frozen, full teacher's prediction, both
-    as the squared error of the implied noise. ``forward(batch, gen)`` returns per-sample losses."""
+    """A student UNet (the teacher's copy, or a slim UNet built from it) trained with random blocks skipped (one draw
+    per step, for the whole batch): the denoising loss on the data plus ``distill_weight`` times the same loss against
+    the frozen, full teacher's prediction, both as the squared error of the implied noise. ``forward(batch, gen)``
+    returns per-sample losses."""
 
     has_unused_parameters = True   # a skipped block gets no gradient (the training loop tells DDP)
 
-    def __init__(self, pipe, config: SnapConfig):
+    def __init__(self, pipe, config: SnapConfig, student: Optional[torch.nn.Module] = None):
         super().__init__()
         self.config = config
         self.teacher = pipe.unet.requires_grad_(False).eval()
-        self.student = copy.deepcopy(self.teacher).requires_grad_(True)
+        self.student = (copy.deepcopy(self.teacher) if student is None else student).requires_grad_(True)
         if config.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         self.skipping = BlockSkipping(self.student)
@@ -223,16 +225,35 @@ def train_robust(
     config: SnapConfig = SnapConfig(),
     resolution: Optional[int] = None,
     teacher_config: Optional[str | Path] = None,
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 500,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,
-    progress: bool = True,
+    **run,                                   # training_loop's run options (mixed_precision, checkpoint_every, ..., stop_after)
 ) -> Optional[Path]:
     """SnapFusion's robust training; writes the fine-tuned pipeline (same architecture, same keys) to ``out``."""
+    return _train_student(teacher, data, run_dir, out, config, resolution, teacher_config, None, "robust",
+                          {"robust_training_of": str(teacher)}, **run)
+
+
+def train_slim(
+    teacher: str | Path,                     # the pipeline the plan was measured on (the robust teacher)
+    architecture: SlimArchitecture,          # the plan's slim architecture (``propose_architecture``)
+    data,                                    # CaptionedImages, or a dataset spec for load_dataset
+    run_dir: str | Path,
+    out: str | Path,                         # the slim pipeline folder (the teacher's with the slim UNet)
+    config: SnapConfig = SnapConfig(),       # skip_probability applies to the slim UNet's own blocks (0: none skipped)
+    resolution: Optional[int] = None,
+    teacher_config: Optional[str | Path] = None,
+    **run,
+) -> Optional[Path]:
+    """The slim UNet, initialised from the teacher's kept blocks, distilled from the full teacher (plus the data
+    loss); writes a pipeline folder whose UNet config is the slim one."""
+    return _train_student(teacher, data, run_dir, out, config, resolution, teacher_config,
+                          lambda unet: build_slim_unet(unet, architecture), "slim",
+                          {"slim_of": str(teacher), "architecture": architecture.to_dict()}, **run)
+
+
+def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, teacher_config, make_student, desc: str,
+                   made: dict, mixed_precision: str = "no", checkpoint_every: int = 250, sample_every: int = 500,
+                   log_every: int = 25, seed: int = 0, resume: bool = True, stop_after: Optional[int] = None,
+                   progress: bool = True) -> Optional[Path]:
     from ..students import sample_student
     from ..teacher import write_pipeline
 
@@ -242,11 +263,13 @@ def train_robust(
     pipe = setup.pipe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = RobustTraining(pipe, config)
-    log.info("robust training over %d blocks, each skipped with probability %g", len(model.skipping.blocks), config.skip_probability)
+        model = RobustTraining(pipe, config, None if make_student is None else make_student(pipe.unet))
+    log.info("%s training: %s student parameters (the teacher's: %s), %d blocks each skipped with probability %g", desc,
+             f"{_parameters(model.student):,}", f"{_parameters(model.teacher):,}", len(model.skipping.blocks),
+             config.skip_probability)
     preview = setup.preview_captions()
 
-    def sample_fn(m, step):   # the full UNet, 25 DDIM steps without CFG
+    def sample_fn(m, step):   # the whole student, 25 DDIM steps without CFG
         setup.save_grid(sample_student(m.student, m.schedule, m.prompts(preview), list(range(len(preview))),
                                        select_timesteps("trailing", 25), "ddim", consistency_boundary=False),
                         run_dir / "samples" / f"step-{step:08d}.png")
@@ -255,14 +278,18 @@ def train_robust(
     (run_dir / "snapfusion_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
     run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
                log_every=log_every, seed=seed, resume=resume, progress=progress)
-    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "robust", run, stop_after=stop_after, sample_fn=sample_fn)
+    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, desc, run, stop_after=stop_after, sample_fn=sample_fn)
     if stop_after is not None and stop_after < config.steps:
         return None
-    made = {"robust_training_of": str(teacher), "steps": config.steps, "batch_size": config.batch_size,
-            "images": len(setup.captions), "config": dataclasses.asdict(config)}
+    made = {**made, "steps": config.steps, "batch_size": config.batch_size, "images": len(setup.captions),
+            "config": dataclasses.asdict(config)}
     on_main_process(lambda: write_pipeline(pipe.__class__(**{**pipe.components, "unet": model.student.requires_grad_(False).eval()}),
                                            out, made))
     return out
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def latency_inputs(pipe, batch_size: int = 2) -> dict:
@@ -302,24 +329,3 @@ def block_table(pipe, per_class: int = 10, steps: int = 25, cfg_scale: float = 4
                 skipped = evaluate_entry(view, entry, per_class, batch_size=250)
             row.update(fid=skipped["fid"], prompt_accuracy=skipped["prompt_accuracy"], fid_increase=skipped["fid"] - full["fid"])
     return table
-
-
-def propose_removal(table: dict, budget: float) -> dict:
-    """The blocks to remove for a pass of at most ``budget`` times the full UNet's latency: greedily, the cheapest to
-    lose first (FID increase per unit of latency saved; harmless blocks first of all). Estimates add the one-at-a-time
-    measurements, as SnapFusion's evolution does between re-evaluations."""
-    if not 0.0 < budget <= 1.0:
-        raise ValueError(f"the latency budget is a fraction of the teacher's pass, in (0, 1]; got {budget}")
-    if "quality" not in table:
-        raise ValueError("proposing an architecture needs each block's quality drop: measure with quality on")
-    candidates = sorted((r for r in table["blocks"] if r["latency_saved"] > 0),
-                        key=lambda r: r["fid_increase"] / r["latency_saved"])
-    removed, latency, fid_increase = [], 1.0, 0.0
-    for row in candidates:
-        if latency <= budget:
-            break
-        removed.append(row["block"])
-        latency -= row["latency_saved"]
-        fid_increase += row["fid_increase"]
-    return {"budget": budget, "remove": removed, "estimated_latency": latency, "estimated_fid_increase": fid_increase,
-            "met": latency <= budget}
