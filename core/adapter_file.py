@@ -299,6 +299,8 @@ def check_tensors(tensors: dict[str, torch.Tensor], meta: AdapterMetadata, name:
             raise AdapterFileError(f"{name}: a flash_lora file with no UNet LoRA modules (only text-encoder keys)")
     elif meta.kind == "guided_student" and W_EMBEDDING_KEY not in tensors:
         raise AdapterFileError(f"{name}: a guided_student file without its w-embedding ({W_EMBEDDING_KEY})")
+    elif meta.kind == "snap_student" and not isinstance(meta.extra.get("unet_config"), dict):
+        raise AdapterFileError(f"{name}: a snap_student file without its UNet's architecture (fewstep.extra unet_config)")
     elif meta.kind == "sun_adapter":
         try:
             group_layer_tensors(tensors)   # released files name layers by index ("1"), ours by module name

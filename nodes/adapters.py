@@ -27,7 +27,7 @@ logger = logging.getLogger("fewstep")
 
 ADAPTER_FOLDERS = ("fewstep", "loras")  # ComfyUI model folders the adapter menus list, fewstep's own first
 WRAPPER_KEY = "fewstep"                 # one package-wide key for every patch fewstep puts on a model
-SUPPORTED_KINDS = ("flash_lora", "guided_student", "gdd_student", "sun_adapter")
+SUPPORTED_KINDS = ("flash_lora", "guided_student", "gdd_student", "snap_student", "sun_adapter")
 # ComfyUI model-config classes (matched anywhere in the MRO, so SSD-1B, Vega, pix2pix variants count) -> base.
 _BASE_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "PixArtAlpha": "pixart"}
 
@@ -163,6 +163,66 @@ def add_guided_student(model, adapter: Adapter, strength: float, w: float):
     return model
 
 
+def comfy_unet_config(base: dict, config: dict) -> dict:
+    """ComfyUI's UNet config for a diffusers ``UNet2DConditionModel`` config of the base model's family: per-level
+    ``num_res_blocks`` and one transformer depth per layer (0: no cross-attention), the up layers' in reverse
+    (``comfy.utils.unet_to_diffusers`` pops them from the end), ``transformer_depth_middle`` -2 for no mid block.
+    This is how ComfyUI itself describes pruned UNets (SSD-1B, Vega, KOALA)."""
+    levels = len(config["down_block_types"])
+    layers = config["layers_per_block"]
+    layers = [layers] * levels if isinstance(layers, int) else list(layers)
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = [depth] * levels if isinstance(depth, int) else list(depth)
+    reverse = config.get("reverse_transformer_layers_per_block") or list(reversed(depth))
+
+    def per_layer(block_type: str, level_depth, n: int) -> list[int]:
+        if not block_type.startswith("CrossAttn"):
+            return [0] * n
+        return list(level_depth) if isinstance(level_depth, (list, tuple)) else [level_depth] * n
+
+    down = [d for i in range(levels) for d in per_layer(config["down_block_types"][i], depth[i], layers[i])]
+    up = [d for j in range(levels) for d in per_layer(config["up_block_types"][j], reverse[j], layers[levels - 1 - j] + 1)]
+    mid = depth[-1] if isinstance(depth[-1], int) else max(depth[-1])
+    return {**base, "num_res_blocks": layers, "transformer_depth": down, "transformer_depth_output": up[::-1],
+            "transformer_depth_middle": -2 if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else mid}
+
+
+_last_built: dict[str, Any] = {}
+
+
+def build_snap_model(model, adapter: Adapter):
+    """A new MODEL with a snap_student's own (slim) UNet, built from the architecture in its file the way ComfyUI builds
+    the pruned UNets it knows: the base model's config class (latent format, conditioning) with the slim layer counts
+    and depths. Every tensor must find its layer and every layer a tensor. The last one built is kept while the file
+    and the base model are unchanged."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.utils
+
+    key = (adapter.path, id(model.model), id(adapter))
+    if _last_built.get("key") == key:
+        return _last_built["model"]
+    name = os.path.basename(adapter.path)
+    base_config = model.model.model_config
+    config = type(base_config)(comfy_unet_config(base_config.unet_config, adapter.metadata.extra["unet_config"]))
+    config.set_inference_dtype(base_config.unet_config.get("dtype"), base_config.manual_cast_dtype)
+    ldm_of = comfy.utils.unet_to_diffusers(config.unet_config)
+    unknown = [k for k in adapter.tensors if k not in ldm_of]
+    student = config.get_model({}, "")
+    if adapter.metadata.prediction == "v_prediction":
+        student.model_type = comfy.model_base.ModelType.V_PREDICTION
+        student.model_sampling = comfy.model_base.model_sampling(config, student.model_type)
+    state = config.process_unet_state_dict({ldm_of[k]: v for k, v in adapter.tensors.items() if k in ldm_of})
+    result = student.diffusion_model.load_state_dict(state, strict=False)
+    if unknown or result.missing_keys or result.unexpected_keys:
+        raise AdapterFileError(f"{name}: its weights do not fit the UNet its metadata describes (unplaced "
+                               f"{(unknown + result.unexpected_keys)[:2]}, missing {result.missing_keys[:2]}): the file is corrupt")
+    patcher = comfy.model_patcher.ModelPatcher(student, load_device=model.load_device, offload_device=model.offload_device)
+    _last_built.clear()
+    _last_built.update(key=key, model=patcher)
+    return patcher
+
+
 def consistency_boundary_wrapper(executor, x, sigma, *args, **kwargs):
     """APPLY_MODEL wrapper: the model's x0 through LCM's boundary condition, as consistency students were trained."""
     denoised = executor(x, sigma, *args, **kwargs)
@@ -224,6 +284,10 @@ class Prepared:
         if self.w is not None:
             lines.append(f"guidance w = {self.w:g} as the student's input (like CFG {cfg_scale_from_imagen_w(self.w):g}; "
                          f"trained for w in [{meta.guidance['w_min']:g}, {meta.guidance['w_max']:g}])")
+        if meta.kind == "snap_student":
+            trained = float(meta.extra.get("cfg_scale", 1.0))
+            lines.append(f"SnapFusion student: its own UNet from the file, distilled to sample with CFG {trained:g}"
+                         + (f" (cfg is {cfg:g} here)" if cfg != trained else ""))
         if self.negative_in_adapter:
             baked = (meta.guidance or {}).get("cfg_scale")
             lines.append(f"SUN adapter on {len(self.sun_patches)} cross-attention layers: the negative prompt goes through it"
@@ -247,6 +311,10 @@ def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: fl
         model = add_guided_student(model, adapter, strength, plan.w)
     elif plan.kind == "gdd_student" and adapter.metadata.extra.get("format") == "unet":
         model = add_unet_weights(model, adapter, strength)
+    elif plan.kind == "snap_student":
+        model = build_snap_model(model, adapter)
+        if strength != 1.0:
+            notes.append("strength is ignored for snap_student files: the student is its own, smaller UNet")
     else:   # LoRA files: Flash, LCM-style, a GDD LoRA
         model, clip = add_lora(model, clip, adapter, strength, notes)
         if plan.consistency_boundary:

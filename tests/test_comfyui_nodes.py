@@ -32,6 +32,7 @@ WRONG_BASE = "sdxl_flash.safetensors"
 GUIDED = "tiny_guided.safetensors"
 SUN = "tiny_sun.safetensors"
 GDD, GDD_LORA = "tiny_gdd.safetensors", "tiny_gdd_lora.safetensors"
+SNAP = "tiny_snap.safetensors"
 REPO = Path(__file__).resolve().parents[1]
 SUN_RELEASED = "tiny_sun_released_layout.safetensors"
 SUN_PATCH = re.compile(r"fewstep: SUN layer \('(\w+)', (\d+), (\d+)\) ran with a negative prompt")
@@ -79,10 +80,28 @@ def comfy(tmp_path_factory):
         assert main(["train", "gdd", "--teacher", str(teacher), "--run-dir", str(root / f"gdd-{variant}"), "--steps", "2",
                      "--batch-size", "2", "--variant", variant, "--lora-rank", "4", "--lr", "1e-2", "--sample-every", "0",
                      "--ema-decay", "0", "--out", str(models / "fewstep" / name)]) == 0
+    _write_snap_student(teacher, models / "fewstep" / SNAP)
     server = ComfyServer(root / "work", path, python, stubs)
     server.teacher = teacher
     yield server
     server.close()
+
+
+def _write_snap_student(teacher: Path, out: Path) -> None:
+    """A SnapFusion student of the tiny teacher: its UNet without the mid block and without the up level's
+    cross-attention (layer counts the teacher's: one layer cannot go), 2 DDIM steps, no CFG."""
+    from fewstep.training.methods.snap_architecture import SlimArchitecture, build_slim_unet
+    from fewstep.training.methods.snapfusion import export_snap_student
+    from fewstep.training.pipelines import load_teacher
+
+    unet = load_teacher(teacher).unet
+    full = SlimArchitecture.of_teacher(unet.config)
+    slim = build_slim_unet(unet, SlimArchitecture(full.down_layers, full.up_layers, full.down_attention, (False,), mid=False))
+    torch.manual_seed(0)
+    with torch.no_grad():   # moved off the teacher, so that loading the teacher's weights by mistake would show
+        for p in slim.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    export_snap_student(slim, out, "sd15", "epsilon", 2, 1.0, {"method": "snapfusion"})
 
 
 def _released_layout(tensors: dict) -> dict:
@@ -353,6 +372,27 @@ def test_gdd_generator_samples_in_one_pass_as_the_training_code_does(comfy):
             theirs = _latent(comfy, entry) * 0.18215
             assert theirs.shape == ours.shape
             torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)
+
+
+def test_snap_student_builds_its_own_slim_unet_and_samples_as_the_training_code_does(comfy):
+    """FewStep KSampler with a snap_student file: ComfyUI builds the slim UNet its metadata describes (no mid block, no
+    up cross-attention) and samples the latent our diffusers sampler gives for the same seed and prompt."""
+    from fewstep.training.pipelines import load_teacher
+    from fewstep.training.students import SnapStudent
+
+    entry, _ = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=3, adapter=SNAP)},
+                                    ["sample", 0], "snap"))
+    _assert_success(entry)
+    summary = entry["outputs"]["sample"]["text"][0]
+    assert "sampler ddim, 2 steps at timesteps 999, 499" in summary and "SnapFusion student" in summary
+    teacher = load_teacher(comfy.teacher)
+    teacher.text_encoder.half().float()   # the checkpoint's text encoder is fp16: without the mid block the slim UNet feels it
+    student = SnapStudent(teacher, comfy.workdir / "models" / "fewstep" / SNAP)
+    assert student.unet.mid_block is None
+    ours = student.latents(["a silhouette of a cat"], [3])
+    theirs = _latent(comfy, entry) * 0.18215
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, rtol=1e-3, atol=1e-3)
 
 
 # --- the shipped workflows (workflows/*.json) ------------------------------------------------------------------------

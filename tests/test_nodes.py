@@ -191,15 +191,44 @@ def test_adapter_menus_list_safetensors_from_both_folders(host):
         host.adapters.adapter_path("gone.safetensors")
 
 
-def test_load_adapter_checks_base_and_kind(host):
+def test_load_adapter_checks_base_and_kind(host, monkeypatch):
     path = str(_write_flash(host.folders["fewstep"] / "flash.safetensors"))
     assert host.adapters.load_adapter(path, "sd15") is host.adapters.load_adapter(path, "sd15")   # read once
     with pytest.raises(AdapterFileError, match="adapter is for sd15 .*but the model is sdxl"):
         host.adapters.load_adapter(path, "sdxl")
     snap = host.folders["fewstep"] / "snap.safetensors"
-    write_adapter(snap, {"conv_in.weight": torch.zeros(320, 4, 3, 3)}, AdapterMetadata(kind="snap_student", base="sd15"))
-    with pytest.raises(AdapterFileError, match="is a snap_student; these nodes load flash_lora, guided_student, gdd_student and sun_adapter"):
-        host.adapters.load_adapter(str(snap), "sd15")
+    with pytest.raises(AdapterFileError, match="a snap_student file without its UNet's architecture"):
+        write_adapter(snap, {"conv_in.weight": torch.zeros(320, 4, 3, 3)}, AdapterMetadata(kind="snap_student", base="sd15"))
+    write_adapter(snap, {"conv_in.weight": torch.zeros(320, 4, 3, 3)},
+                  AdapterMetadata(kind="snap_student", base="sd15", extra={"unet_config": {}}))
+    assert host.adapters.load_adapter(str(snap), "sd15").metadata.kind == "snap_student"
+    monkeypatch.setattr(host.adapters, "SUPPORTED_KINDS", ("flash_lora", "sun_adapter"))   # as for a kind added later
+    with pytest.raises(AdapterFileError, match="is a snap_student; these nodes load flash_lora and sun_adapter files so far"):
+        host.adapters.load_adapter(str(snap.rename(snap.with_name("later.safetensors"))), "sd15")
+
+
+SD15_UNET = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, transformer_layers_per_block=1,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, mid_block_type="UNetMidBlock2DCrossAttn")
+SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, transformer_layers_per_block=(1, 2, 10),
+                 down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+                 up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",))
+
+
+def test_a_diffusers_config_becomes_the_unet_config_comfyui_gives_the_same_model(host):
+    """ComfyUI's own SD1.5 and SDXL configs (comfy/supported_models.py after model_detection.convert_config), and a
+    slim SD1.5 with a layer, an up level's cross-attention and the mid block removed."""
+    convert = host.adapters.comfy_unet_config
+    assert convert({"context_dim": 768}, SD15_UNET) == {
+        "context_dim": 768, "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1}
+    sdxl = convert({}, SDXL_UNET)
+    assert (sdxl["transformer_depth"], sdxl["transformer_depth_output"], sdxl["transformer_depth_middle"]) == \
+        ([0, 0, 2, 2, 10, 10], [0, 0, 0, 2, 2, 2, 10, 10, 10], 10)
+    slim = convert({}, {**SD15_UNET, "layers_per_block": [2, 1, 2, 2], "mid_block_type": None,
+                        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"]})
+    assert slim == {"num_res_blocks": [2, 1, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 0, 0],
+                    "transformer_depth_output": [1, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": -2}
 
 
 def test_time_embed_offset_reproduces_diffusers_cond_proj(host):

@@ -15,26 +15,34 @@ import numpy as np
 import torch
 
 from ..core.adapter_file import Adapter, AdapterFileError, describe, read_adapter, read_header
+from ..core.guidance import cfg_scale_from_imagen_w
 from ..core.lora import merge_lora, read_lora
 from ..core.parameterization import start_noise_scaling
 from ..core.samplers import get_sampler
 from ..core.schedule import DiscreteSchedule
-from .diffusers_sampling import UNetDenoiser, w_condition
+from .diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from .pipelines import PromptEncoder, base_of
 from .teacher import to_uint8
 
 
 @torch.no_grad()
 def sample_student(unet, schedule: DiscreteSchedule, cond: dict, seeds: Sequence[int], timesteps: Sequence[int],
-                   sampler: str = "consistency", consistency_boundary: bool = True) -> torch.Tensor:
-    """Latents of a one-pass-per-step student, without CFG, from unit noise drawn per seed (a sample does not
-    depend on the batch it is in). The sampler's own noise is seeded with the first seed."""
+                   sampler: str = "consistency", consistency_boundary: bool = True, uncond: Optional[dict] = None,
+                   cfg_scale: float = 1.0) -> torch.Tensor:
+    """Latents of a student from unit noise drawn per seed (a sample does not depend on the batch it is in), one pass
+    per step, or with CFG against ``uncond`` when ``cfg_scale`` is not 1. The sampler's own noise is seeded with the
+    first seed."""
     config = unet.config
     noise = torch.stack([torch.randn(config.in_channels, config.sample_size, config.sample_size,
                                      generator=torch.Generator().manual_seed(int(s))) for s in seeds]).to(unet.device)
     sigmas = schedule.sigmas_for_timesteps(timesteps).to(noise.device)
     model = UNetDenoiser(unet, schedule, consistency_boundary=consistency_boundary)
-    return get_sampler(sampler)(model, noise * start_noise_scaling(sigmas[0]), sigmas, extra_args={**cond, "seed": int(seeds[0])})
+    extra_args = {"seed": int(seeds[0])}
+    if cfg_scale == 1.0:
+        extra_args.update(cond)
+    else:
+        model = CFGDenoiser(model, cond, uncond, cfg_scale)
+    return get_sampler(sampler)(model, noise * start_noise_scaling(sigmas[0]), sigmas, extra_args=extra_args)
 
 
 def load_unet_weights(unet, tensors: dict, name: str) -> None:
@@ -142,6 +150,32 @@ class SunStudent(_Student):
                                   sampler or meta.sampler, consistency_boundary=False)
 
 
+class SnapStudent(_Student):
+    """A ``snap_student`` file: its own UNet, built from the architecture in its metadata (SnapFusion's slim UNet),
+    sampled with CFG against the empty prompt, as it was distilled: at guidance weight ``w`` (Imagen's: CFG scale 1 + w),
+    by default the file's CFG scale."""
+
+    def __init__(self, pipe, adapter_path: str | Path):
+        from diffusers import UNet2DConditionModel
+
+        self.pipe = pipe
+        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["snap_student"])
+        meta = self.adapter.metadata
+        self.unet = UNet2DConditionModel.from_config(meta.extra["unet_config"])
+        load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
+        self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
+        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
+        self.prompts = PromptEncoder(pipe)
+
+    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
+                w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
+        meta = self.adapter.metadata
+        cond, uncond = self.prompts.with_unconditional(captions)
+        return sample_student(self.unet, self.schedule, cond, seeds, meta.timesteps_for(steps or meta.steps), sampler or meta.sampler,
+                              consistency_boundary=False, uncond=uncond,
+                              cfg_scale=meta.extra.get("cfg_scale", 1.0) if w is None else cfg_scale_from_imagen_w(w))
+
+
 def load_student(pipe, adapter_path: str | Path) -> _Student:
     """The sampler for an adapter file of any kind fewstep can sample on a diffusers pipeline."""
     name = Path(adapter_path).name
@@ -152,5 +186,7 @@ def load_student(pipe, adapter_path: str | Path) -> _Student:
         return GuidedStudent(pipe, adapter_path)
     elif meta.kind == "sun_adapter":
         return SunStudent(pipe, adapter_path)
+    elif meta.kind == "snap_student":
+        return SnapStudent(pipe, adapter_path)
     else:
         raise AdapterFileError(f"{name}: fewstep cannot sample {meta.kind} files on a diffusers pipeline yet")

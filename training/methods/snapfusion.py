@@ -25,6 +25,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from ...core.adapter_file import AdapterMetadata, write_adapter
 from ...core.parameterization import append_dims, distillation_weight
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
 from ..diffusers_sampling import UNetDenoiser
@@ -290,6 +291,20 @@ def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, 
 
 def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def export_snap_student(unet, path: str | Path, base: str, prediction: str, steps: int, cfg_scale: float, provenance: dict,
+                        architecture: Optional[SlimArchitecture] = None) -> AdapterMetadata:
+    """A SnapFusion student as one adapter file: its UNet's weights (diffusers keys, fp16) and, in the metadata, the
+    diffusers config that builds it (hosts construct the slim UNet from it), DDIM at ``steps`` trailing steps with
+    CFG ``cfg_scale`` (atomic write)."""
+    meta = AdapterMetadata(
+        kind="snap_student", base=base, prediction=prediction, sampler="ddim", steps=steps,
+        timesteps=select_timesteps("trailing", steps), provenance=provenance,
+        extra={"unet_config": {k: v for k, v in unet.config.items() if not k.startswith("_")}, "layout": "diffusers_unet",
+               "cfg_scale": cfg_scale, **({"architecture": architecture.to_dict()} if architecture is not None else {})})
+    write_adapter(path, {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}, meta)
+    return meta
 
 
 def latency_inputs(pipe, batch_size: int = 2) -> dict:
