@@ -216,7 +216,7 @@ def test_a_progressive_round_fits_two_teacher_steps_with_one(proxy_data):
     setup = load_teacher_data(BUNDLED_TEACHER, proxy_data)
     teacher = G.build_stage1(setup.pipe, config).student.requires_grad_(False)
     model = G.ProgressiveRound(setup.pipe, G.add_w_embedding(teacher, 256).requires_grad_(True), teacher, config,
-                               G._schedule_of(setup.pipe), 2)
+                               G.schedule_of(setup.pipe), 2)
     losses = _fit_fixed_batch(model, setup.batch_fn(16)(torch.Generator().manual_seed(0)))
     assert min(losses[-5:]) < 0.5 * losses[0], losses
 
@@ -231,7 +231,7 @@ def test_stage2_writes_a_student_per_round_with_halved_steps(proxy_data, tiny_te
         meta = read_adapter(tmp_path / "run" / f"round-{steps:02d}steps" / "guided_student.safetensors").metadata
         assert meta.steps == steps and meta.timesteps == timesteps and meta.extra["stage"] == 2
         assert meta.provenance["round"] == f"{2 * steps} -> {steps} steps"
-        assert (tmp_path / "run" / f"round-{steps:02d}steps" / "samples" / "step-00000001-w3.png").is_file()
+        assert (tmp_path / "run" / f"round-{steps:02d}steps" / "samples" / "step-00000001.png").is_file()
     assert read_adapter(out).metadata.steps == 1
 
 

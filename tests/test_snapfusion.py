@@ -190,3 +190,89 @@ def test_snap_slim_builds_the_planned_unet_from_the_plan_file_and_resumes(tiny_t
     plan.write_text("{}")
     assert main(common + ["--run-dir", str(tmp_path / "bad")]) == 2
     assert "snap plan --out" in capsys.readouterr().err
+
+
+def _round_batch(pipe, n=4):
+    size = pipe.unet.config.sample_size
+    return {"latents": torch.randn(n, 4, size, size, generator=torch.Generator().manual_seed(0)),
+            "captions": ["a cat", "the digit 3", "a horse", "the digit 7"][:n]}
+
+
+def test_a_snapfusion_round_is_cfg_aware_in_the_share_of_batches_asked(tiny_teacher):
+    """p = 0: the plain progressive loss only. p = 1: the student's CFG'd x0 (CFGDenoiser over the student, the
+    binding sampling uses) against the CFG'd teacher's two-step target, plus gamma times the plain loss."""
+    from fewstep.core.parameterization import distillation_weight
+    from fewstep.training.diffusers_sampling import CFGDenoiser, UNetDenoiser
+    from fewstep.training.pipelines import PromptEncoder, load_teacher
+
+    pipe = load_teacher(tiny_teacher)
+    schedule = S.schedule_of(pipe)
+    student = copy.deepcopy(pipe.unet)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = _round_batch(pipe)
+    plain = S.SnapRound(pipe, student, pipe.unet, S.SnapConfig(cfg_probability=0.0), schedule, 4)
+    assert set(plain(batch, torch.Generator().manual_seed(1))) == {"loss", "original"}
+    config = S.SnapConfig(cfg_probability=1.0, cfg_original_weight=0.2)
+    aware = S.SnapRound(pipe, student, pipe.unet, config, schedule, 4)
+    with torch.no_grad():
+        terms = aware(batch, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(terms["loss"], terms["cfg"] + 0.2 * terms["original"])
+    # The same draws by hand: the grid point, the coin, the scales.
+    gen = torch.Generator().manual_seed(1)
+    x, sigma, sigma_mid, sigma_next = aware.grid.draw(batch["latents"], gen)
+    assert torch.rand((), generator=gen) < 1.0
+    scale = 2.0 + 12.0 * torch.rand(4, generator=gen)
+    cond, uncond = PromptEncoder(pipe).with_unconditional(batch["captions"])
+    teacher = CFGDenoiser(UNetDenoiser(pipe.unet, schedule), cond, uncond, scale)
+    target = S.RoundGrid.target(teacher, x, sigma, sigma_mid, sigma_next)
+    with torch.no_grad():
+        guided = CFGDenoiser(UNetDenoiser(student, schedule), cond, uncond, scale)(x, sigma)
+    expected = distillation_weight(sigma, "x") * (guided - target).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(terms["cfg"], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_snapfusion_round_learns_one_step_where_its_teacher_takes_two(proxy_data):
+    """On the proxy teacher, one fixed CFG-aware batch (grid points, noise, coin and scales fixed): the student, which
+    starts as its teacher, learns to land in one guided DDIM step where the guided teacher lands in two."""
+    from fewstep.training.bench import BUNDLED_TEACHER
+    from fewstep.training.methods.common import load_teacher_data
+
+    from .test_guided import _fit_fixed_batch
+
+    setup = load_teacher_data(BUNDLED_TEACHER, proxy_data)
+    teacher = setup.pipe.unet.requires_grad_(False)
+    batch = setup.batch_fn(16)(torch.Generator().manual_seed(0))
+    model = S.SnapRound(setup.pipe, copy.deepcopy(teacher).requires_grad_(True), teacher, S.SnapConfig(cfg_probability=1.0),
+                        S.schedule_of(setup.pipe), 2)
+    losses = _fit_fixed_batch(model, batch)
+    assert min(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_snap_distill_writes_a_snap_student_per_round_and_resumes(tiny_teacher, tmp_path, capsys):
+    from fewstep.core.adapter_file import read_adapter
+    from fewstep.training.cli import main
+    from fewstep.training.pipelines import load_teacher
+    from fewstep.training.students import SnapStudent
+
+    common = ["snap", "distill", "--teacher", str(tiny_teacher), "--start-steps", "8", "--target-steps", "2",
+              "--round-steps", "3", "--batch-size", "4", "--lr", "1e-3", "--ema-decay", "0", "--cfg-probability", "0.5",
+              "--sample-cfg-scale", "3", "--sample-every", "2", "--checkpoint-every", "1"]
+    assert main(common + ["--run-dir", str(tmp_path / "whole")]) == 0
+    assert main(common + ["--run-dir", str(tmp_path / "cut"), "--stop-after", "4"]) == 0
+    assert (tmp_path / "cut" / "round-04steps" / "snap_student.safetensors").is_file()
+    assert not (tmp_path / "cut" / "round-02steps" / "snap_student.safetensors").exists()
+    assert main(common + ["--run-dir", str(tmp_path / "cut")]) == 0
+    assert "snap_student written to" in capsys.readouterr().out
+    whole = read_adapter(tmp_path / "whole" / "snap_student.safetensors")
+    resumed = read_adapter(tmp_path / "cut" / "snap_student.safetensors")
+    assert all(torch.equal(v, resumed.tensors[k]) for k, v in whole.tensors.items())
+    meta = whole.metadata
+    assert (meta.kind, meta.steps, meta.timesteps, meta.sampler, meta.extra["cfg_scale"]) == ("snap_student", 2, [999, 499], "ddim", 3.0)
+    assert meta.provenance["round"] == "4 -> 2 steps" and meta.provenance["config"]["cfg_probability"] == 0.5
+    assert (tmp_path / "whole" / "round-02steps" / "samples" / "step-00000002.png").is_file()
+    images = SnapStudent(load_teacher(tiny_teacher), tmp_path / "whole" / "snap_student.safetensors").images(["a cat"], [0])
+    assert images.shape[0] == 1
+    assert main(common + ["--run-dir", str(tmp_path / "bad"), "--target-steps", "3"]) == 2
+    assert "power of two" in capsys.readouterr().err

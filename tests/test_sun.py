@@ -176,7 +176,7 @@ def test_offset_objective_is_the_gap_to_the_teachers_negative_cfg(proxy_data):
     between the teacher's conditional and its CFG prediction with the drawn negative prompts."""
     setup = load_teacher_data(BUNDLED_TEACHER, proxy_data)
     config = S.load_config("proxy", msc_weight=0.0)
-    model = S.SunTraining(setup.pipe, config, S._schedule_of(setup.pipe), S.negative_pool(config, setup.captions))
+    model = S.SunTraining(setup.pipe, config, S.schedule_of(setup.pipe), S.negative_pool(config, setup.captions))
     batch = setup.batch_fn(6)(torch.Generator().manual_seed(0))
     loss = model(batch, torch.Generator().manual_seed(1))["loss"]
     gen = torch.Generator().manual_seed(1)
@@ -200,7 +200,7 @@ def test_offset_objective_is_the_gap_to_the_teachers_negative_cfg(proxy_data):
 def test_teacher_trajectory_passes_the_students_timesteps_and_ends_at_the_teachers_sample(proxy_data):
     setup = load_teacher_data(BUNDLED_TEACHER, proxy_data)
     config = S.load_config("proxy")
-    model = S.SunTraining(setup.pipe, config, S._schedule_of(setup.pipe), [""])
+    model = S.SunTraining(setup.pipe, config, S.schedule_of(setup.pipe), [""])
     cond = model.prompts(["a handwritten digit three"])
     negative = model.prompts([""])
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -215,7 +215,7 @@ def test_training_moves_the_adapter_towards_the_teacher(proxy_data):
     """Adam on one fixed batch (noise and negatives fixed): both terms fall; only the adapter changes."""
     setup = load_teacher_data(BUNDLED_TEACHER, proxy_data)
     config = S.load_config("proxy", msc_batch_size=4)
-    model = S.SunTraining(setup.pipe, config, S._schedule_of(setup.pipe), S.negative_pool(config, setup.captions))
+    model = S.SunTraining(setup.pipe, config, S.schedule_of(setup.pipe), S.negative_pool(config, setup.captions))
     unet_before = {k: v.clone() for k, v in setup.pipe.unet.state_dict().items()}
     batch = setup.batch_fn(16)(torch.Generator().manual_seed(0))
     optimizer = torch.optim.Adam(_param_groups(model, config.lr, model.lr_scales()))

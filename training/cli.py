@@ -336,9 +336,10 @@ def add_train_gdd(methods) -> None:
     p.set_defaults(run=run_train_gdd)
 
 
-def _add_optimiser_args(group, lr_help: str, warmup_help: str = "linear learning-rate warm-up") -> None:
-    """The optimiser options of the methods trained on one loss for a number of steps."""
-    group.add_argument("--steps", type=int, default=None, help="optimiser steps")
+def _add_optimiser_args(group, lr_help: str, warmup_help: str = "linear learning-rate warm-up", steps: bool = True) -> None:
+    """The optimiser options of the methods trained on one loss for a number of steps (``steps``: --steps too)."""
+    if steps:
+        group.add_argument("--steps", type=int, default=None, help="optimiser steps")
     group.add_argument("--lr", type=float, default=None, help=lr_help)
     group.add_argument("--warmup-steps", type=int, default=None, help=warmup_help)
     group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
@@ -666,7 +667,8 @@ def add_snap(subparsers) -> None:
         description="SnapFusion (Li et al. 2023), step by step: `robust` fine-tunes the teacher with blocks skipped at "
         "random; `plan` measures what each block costs (latency, on this machine) and is worth (proxy FID and prompt "
         "accuracy when it alone is skipped) and proposes a slimmer architecture under a latency budget; `slim` builds "
-        "that UNet from the teacher's weights and distils it from the full teacher.")
+        "that UNet from the teacher's weights and distils it from the full teacher (learning v-prediction); `distill` "
+        "halves its steps round by round with CFG-aware distillation and writes a snap_student file.")
     steps = snap.add_subparsers(title="step", metavar="STEP")
     p = steps.add_parser(
         "robust", help="fine-tune the teacher with cross-attention and ResNet blocks skipped at random",
@@ -722,9 +724,43 @@ def add_snap(subparsers) -> None:
     _add_run_args(p, sample_help="steps between 25-step sample grids of the slim UNet (RUN_DIR/samples)")
     p.set_defaults(run=run_snap_slim)
 
+    p = steps.add_parser(
+        "distill", help="distil the slim UNet to few steps: progressive rounds with CFG-aware distillation",
+        description="SnapFusion's step distillation on a `fewstep snap slim` pipeline (v-prediction): rounds in which the "
+        "student learns to take in one DDIM step what its teacher (the previous round's student) takes in two, from "
+        "--start-steps down to --target-steps. A share --cfg-probability of the batches applies CFG at a scale drawn in "
+        "[--cfg-scale-min, --cfg-scale-max] to both teacher and student, plus --cfg-original-weight times the plain loss. "
+        "Each round writes a snap_student file; the last is --out. Precedence: preset < --config FILE < flags. Rerun the "
+        "same command to resume.")
+    _add_teacher_args(p, "snap-distill", "snap_student.safetensors", "SnapFusion")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--start-steps", type=int, default=None, help="the first round's teacher steps (paper: 32)")
+    group.add_argument("--target-steps", type=int, default=None, help="the final student's steps (paper: 8)")
+    group.add_argument("--round-steps", type=int, default=None, help="optimiser steps per round")
+    group.add_argument("--cfg-probability", type=float, default=None, help="share of CFG-aware batches (0: plain progressive)")
+    group.add_argument("--cfg-scale-min", type=float, default=None, help="lowest CFG scale drawn for CFG-aware batches")
+    group.add_argument("--cfg-scale-max", type=float, default=None, help="highest CFG scale drawn for CFG-aware batches")
+    group.add_argument("--cfg-original-weight", type=float, default=None, help="weight of the plain loss in CFG-aware batches")
+    group.add_argument("--sample-cfg-scale", type=float, default=None, help="the CFG scale the exported student proposes")
+    _add_optimiser_args(group, lr_help="learning rate (whole UNet)", warmup_help="linear learning-rate warm-up (per round)",
+                        steps=False)
+    _add_run_args(p, sample_help="steps between sample grids of the round's student with CFG (RUN_DIR/round-*/samples)")
+    p.set_defaults(run=run_snap_distill)
+
 
 SNAP_FLAGS = ("skip_probability", "distill_weight", "caption_dropout", "steps", "lr", "warmup_steps", "batch_size",
               "ema_decay", "gradient_checkpointing")
+SNAP_DISTILL_FLAGS = ("start_steps", "target_steps", "round_steps", "cfg_probability", "cfg_scale_min", "cfg_scale_max",
+                      "cfg_original_weight", "sample_cfg_scale", "lr", "warmup_steps", "batch_size", "ema_decay",
+                      "gradient_checkpointing")
+
+
+def run_snap_distill(args: argparse.Namespace) -> int:
+    from .methods import snapfusion
+
+    return _run_distillation(args, "snapfusion", snapfusion.load_config, SNAP_DISTILL_FLAGS, "snap_student.safetensors",
+                             snapfusion.train_step_distillation,
+                             "snap_student written to {out}; sample it with FewStep KSampler (ComfyUI) or `fewstep eval`")
 
 
 def run_snap_robust(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 import torch
 
 from ...core.lora import read_lora, write_lora
+from ...core.schedule import DiscreteSchedule
 
 Config = TypeVar("Config")
 
@@ -109,6 +110,11 @@ def load_teacher_data(teacher: str | Path, data, resolution: Optional[int] = Non
 def teacher_dtype(mixed_precision: str) -> torch.dtype:
     """The frozen teacher's dtype for a run's mixed precision (it takes no gradient, so it may be half)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision, torch.float32)
+
+
+def schedule_of(pipe) -> DiscreteSchedule:
+    """SD's training schedule with the pipeline's prediction type (its scheduler config says epsilon or v)."""
+    return DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def provenance(method: str, teacher: str | Path, train_steps: int, images: int, config, fields: Sequence[str]) -> dict:

@@ -39,7 +39,7 @@ from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import base_of
 from ..students import sample_student
 from .common import (add_student_lora, load_options, load_teacher_data, on_main_process, provenance, replace_options,
-                     student_lora_modules, teacher_dtype)
+                     schedule_of, student_lora_modules, teacher_dtype)
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, teacher_features
 
 log = logging.getLogger("fewstep")
@@ -284,8 +284,7 @@ def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path
             student.enable_gradient_checkpointing()
         if teacher.dtype != teacher_dtype:
             teacher.to(teacher_dtype)
-        return FlashDistillation(pipe, student, teacher, config, DiscreteSchedule.stable_diffusion(
-            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon")))
+        return FlashDistillation(pipe, student, teacher, config, schedule_of(pipe))
 
 
 def export_flash_lora(distillation: FlashDistillation, path: str | Path, base: str, provenance: dict) -> AdapterMetadata:

@@ -34,11 +34,10 @@ import torch
 from ...core.adapter_file import AdapterMetadata, write_adapter
 from ...core.lora import write_lora
 from ...core.parameterization import start_noise_scaling
-from ...core.schedule import DiscreteSchedule
 from ..diffusers_sampling import UNetDenoiser
 from ..students import sample_student
 from .common import (add_student_lora, fit, load_options, load_teacher_data, on_main_process, provenance,
-                     replace_options, student_lora_modules, teacher_dtype)
+                     replace_options, schedule_of, student_lora_modules, teacher_dtype)
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, r1_penalty, teacher_features
 
 log = logging.getLogger("fewstep")
@@ -171,8 +170,7 @@ def build_distillation(pipe, config: GDDConfig, teacher_dtype: torch.dtype = tor
             student.enable_gradient_checkpointing()
         if teacher.dtype != teacher_dtype:
             teacher.to(teacher_dtype)
-        return GDDDistillation(pipe, student, teacher, config, DiscreteSchedule.stable_diffusion(
-            prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon")))
+        return GDDDistillation(pipe, student, teacher, config, schedule_of(pipe))
 
 
 def export_gdd_student(distillation: GDDDistillation, path: str | Path, base: str, provenance: dict) -> AdapterMetadata:

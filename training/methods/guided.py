@@ -40,7 +40,7 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from ..pipelines import PromptEncoder
 from ..students import sample_student
-from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options
+from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
 
 log = logging.getLogger("fewstep")
 
@@ -89,10 +89,8 @@ class GuidedConfig:
             problems.append("warmup_steps must not be negative")
         if min(self.steps, self.batch_size, self.embedding_dim, self.sample_steps, self.round_steps, self.target_steps) < 1:
             problems.append("steps, batch_size, embedding_dim, sample_steps, round_steps and target_steps must be positive")
-        elif self.start_steps <= self.target_steps or self.start_steps % self.target_steps or \
-                (self.start_steps // self.target_steps) & (self.start_steps // self.target_steps - 1):
-            problems.append(f"start_steps must be target_steps times a power of two (halving per round); got "
-                            f"{self.start_steps} and {self.target_steps}")
+        else:
+            problems += halving_problems(self.start_steps, self.target_steps)
         if problems:
             raise ValueError("invalid guided-distillation configuration: " + "; ".join(problems))
 
@@ -101,12 +99,24 @@ class GuidedConfig:
 
     @property
     def rounds(self) -> list[int]:
-        """The student step count of each stage-2 round."""
-        steps, out = self.start_steps, []
-        while steps > self.target_steps:
-            steps //= 2
-            out.append(steps)
-        return out
+        return halving_rounds(self.start_steps, self.target_steps)
+
+
+def halving_problems(start_steps: int, target_steps: int) -> list[str]:
+    """What is wrong with progressive rounds from ``start_steps`` to ``target_steps`` (halving per round), if anything."""
+    ratio = start_steps // target_steps
+    if start_steps <= target_steps or start_steps % target_steps or ratio & (ratio - 1):
+        return [f"start_steps must be target_steps times a power of two (halving per round); got {start_steps} and {target_steps}"]
+    return []
+
+
+def halving_rounds(start_steps: int, target_steps: int) -> list[int]:
+    """The student step count of each round: start_steps / 2, / 4, ... down to target_steps."""
+    steps, out = start_steps, []
+    while steps > target_steps:
+        steps //= 2
+        out.append(steps)
+    return out
 
 
 PRESETS = {
@@ -185,30 +195,48 @@ class GuidedStage1(_GuidedModule):
         return self._loss(student, target, sigma)
 
 
+class RoundGrid(torch.nn.Module):
+    """One progressive-distillation round's grid, shared by guided distillation and SnapFusion: the teacher's 2N-step
+    trailing grid, of which the student's N steps take every other point."""
+
+    def __init__(self, schedule: DiscreteSchedule, steps: int):
+        super().__init__()
+        self.steps = steps
+        self.register_buffer("sigmas", schedule.sigmas_for_timesteps(select_timesteps("trailing", 2 * steps)), persistent=False)
+
+    def draw(self, z: torch.Tensor, gen: torch.Generator):
+        """Per sample a student step [sigma, sigma_next] with the teacher's midpoint, and x noised to sigma from z."""
+        i = 2 * torch.randint(0, self.steps, (len(z),), generator=gen)
+        sig = self.sigmas.to(z)
+        sigma = sig[i]
+        x = z + append_dims(sigma, z.ndim) * torch.randn(z.shape, generator=gen).to(z)
+        return x, sigma, sig[i + 1], sig[i + 2]
+
+    @staticmethod
+    @torch.no_grad()
+    def target(teacher, x, sigma, sigma_mid, sigma_next) -> torch.Tensor:
+        """The x0 whose one DDIM step lands where ``teacher``'s (an x0 predictor ``teacher(x, sigma)``) two land."""
+        x_mid = ddim_step(x, teacher(x, sigma), sigma, sigma_mid)
+        x_next = ddim_step(x_mid, teacher(x_mid, sigma_mid), sigma_mid, sigma_next)
+        return progressive_distillation_target(x, x_next, sigma, sigma_next)
+
+
 class ProgressiveRound(_GuidedModule):
     """Stage 2, one round: the student's single DDIM step over [t, t''] against the teacher's two over [t, t', t'']."""
 
     def __init__(self, pipe, student, teacher, config: GuidedConfig, schedule: DiscreteSchedule, steps: int):
         super().__init__(pipe, student, teacher, config, schedule)
-        self.steps = steps
-        # The teacher's 2N-step trailing grid; the student's N steps are every other point of it.
-        self.register_buffer("grid_sigmas", schedule.sigmas_for_timesteps(select_timesteps("trailing", 2 * steps)), persistent=False)
+        self.grid = RoundGrid(schedule, steps)
 
     def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        cfg_, z = self.config, batch["latents"]
+        z = batch["latents"]
         n = z.shape[0]
         cond = self.prompts(batch["captions"])
-        i = 2 * torch.randint(0, self.steps, (n,), generator=gen)
-        sig = self.grid_sigmas.to(z)
-        sigma, sigma_mid, sigma_next = sig[i], sig[i + 1], sig[i + 2]
-        x = z + append_dims(sigma, z.ndim) * torch.randn(z.shape, generator=gen).to(z)
-        w = w_condition(self._draw_w(n, gen), cfg_.embedding_dim, z, n)
+        x, sigma, sigma_mid, sigma_next = self.grid.draw(z, gen)
+        cond = {**cond, **w_condition(self._draw_w(n, gen), self.config.embedding_dim, z, n)}
         teacher = UNetDenoiser(self.teacher, self.schedule)
-        with torch.no_grad():
-            x_mid = ddim_step(x, teacher(x, sigma, **cond, **w), sigma, sigma_mid)
-            x_next = ddim_step(x_mid, teacher(x_mid, sigma_mid, **cond, **w), sigma_mid, sigma_next)
-            target = progressive_distillation_target(x, x_next, sigma, sigma_next)
-        student = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond, **w)
+        target = self.grid.target(lambda x_, s_: teacher(x_, s_, **cond), x, sigma, sigma_mid, sigma_next)
+        student = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond)
         return self._loss(student, target, sigma)
 
 
@@ -220,7 +248,7 @@ def build_stage1(pipe, config: GuidedConfig, seed: int = 0) -> GuidedStage1:
         student = add_w_embedding(teacher, config.embedding_dim).requires_grad_(True).train()
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
-    return GuidedStage1(pipe, student, teacher, config, _schedule_of(pipe))
+    return GuidedStage1(pipe, student, teacher, config, schedule_of(pipe))
 
 
 def export_guided_student(student, schedule: DiscreteSchedule, config: GuidedConfig, path: str | Path, base: str,
@@ -236,9 +264,6 @@ def export_guided_student(student, schedule: DiscreteSchedule, config: GuidedCon
     write_adapter(path, tensors, meta)
     return meta
 
-
-def _schedule_of(pipe) -> DiscreteSchedule:
-    return DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def train_guided(
@@ -306,48 +331,66 @@ def train_progressive(
     """Stage 2: halve the student's steps round by round down to ``target_steps``; None if stopped by ``stop_after``.
 
     A round whose student file exists is done; a resumed run continues the unfinished round from its checkpoint."""
-    import shutil
-
     from ..students import GuidedStudent
 
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
-    if not resume:
+    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    schedule = schedule_of(setup.pipe)
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
+    preview = setup.preview_captions()
+
+    def build_round(current, steps):
+        return ProgressiveRound(setup.pipe, copy.deepcopy(current).requires_grad_(True), current.requires_grad_(False).eval(),
+                                config, schedule, steps)
+
+    def sample(m, steps) -> torch.Tensor:
+        return m.sample(preview, list(range(len(preview))), steps, config.default_w)
+
+    def export(m, path, steps):
+        export_guided_student(m.student, schedule, config, path, setup.base, steps, 2,
+                              {**provenance("guided", teacher, config.round_steps, len(setup.captions), config, PROVENANCE_FIELDS),
+                               "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"})
+
+    return progressive_rounds(setup, GuidedStudent(setup.pipe, student).unet, lambda path: GuidedStudent(setup.pipe, path).unet,
+                              build_round, export, sample, config, run_dir, out, "guided_student.safetensors", "guided stage 2",
+                              run, stop_after)
+
+
+def progressive_rounds(setup, current, load, build_round, export, sample, config, run_dir: Path, out: Path, file_name: str,
+                       desc: str, run: dict, stop_after: Optional[int]) -> Optional[Path]:
+    """The rounds of progressive distillation (``config.rounds``, ``config.round_steps`` each), shared by guided
+    distillation and SnapFusion: round N trains ``build_round(current, N)`` (its student starts as, and its teacher is,
+    the previous round's student) and ``export``s it to ``run_dir/round-NNsteps/file_name``; ``load`` reads such a file
+    back. A round whose file exists is done; a resumed run continues the unfinished round from its checkpoint."""
+    import shutil
+
+    if not run["resume"]:
         for finished in sorted(run_dir.glob("round-*steps")):
             log.warning("starting over: removing %s", finished)
             shutil.rmtree(finished)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    schedule = _schedule_of(setup.pipe)
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
-    current = GuidedStudent(setup.pipe, student).unet
-    preview = setup.preview_captions()
     for index, steps in enumerate(config.rounds):
         round_stop = None if stop_after is None else stop_after - index * config.round_steps
         round_dir = run_dir / f"round-{steps:02d}steps"
-        round_file = round_dir / "guided_student.safetensors"
+        round_file = round_dir / file_name
         if round_file.exists():
-            current = GuidedStudent(setup.pipe, round_file).unet
+            current = load(round_file)
             continue
         if round_stop is not None and round_stop <= 0:
             return None
-        model = ProgressiveRound(setup.pipe, copy.deepcopy(current).requires_grad_(True), current.requires_grad_(False).eval(),
-                                 config, schedule, steps)
+        model = build_round(current, steps)
         if config.gradient_checkpointing:
             model.student.enable_gradient_checkpointing()
 
         def sample_fn(m, step, steps=steps, round_dir=round_dir):
-            setup.save_grid(m.sample(preview, list(range(len(preview))), steps, config.default_w),
-                            round_dir / "samples" / f"step-{step:08d}-w{config.default_w:g}.png")
+            setup.save_grid(sample(m, steps), round_dir / "samples" / f"step-{step:08d}.png")
 
-        model = fit(model, round_dir, setup.batch_fn(config.batch_size), config, f"guided stage 2: {2 * steps} -> {steps} steps",
+        model = fit(model, round_dir, setup.batch_fn(config.batch_size), config, f"{desc}: {2 * steps} -> {steps} steps",
                     run, total_steps=config.round_steps, stop_after=round_stop, sample_fn=sample_fn)
         if round_stop is not None and round_stop < config.round_steps:
             return None
-        on_main_process(lambda: export_guided_student(
-            model.student, schedule, config, round_file, setup.base, steps, 2,
-            {**provenance("guided", teacher, config.round_steps, len(setup.captions), config, PROVENANCE_FIELDS),
-             "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"}))
-        current = GuidedStudent(setup.pipe, round_file).unet
-    on_main_process(lambda: shutil.copyfile(run_dir / f"round-{config.target_steps:02d}steps" / "guided_student.safetensors", out))
+        on_main_process(lambda: export(model, round_file, steps))
+        current = load(round_file)
+    on_main_process(lambda: shutil.copyfile(run_dir / f"round-{config.target_steps:02d}steps" / file_name, out))
     return out

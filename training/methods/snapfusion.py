@@ -26,11 +26,14 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 from ...core.adapter_file import AdapterMetadata, write_adapter
+from ...core.guidance import cfg
 from ...core.parameterization import append_dims, distillation_weight
-from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
-from ..diffusers_sampling import UNetDenoiser
-from ..pipelines import PromptEncoder
-from .common import fit, load_options, load_teacher_data, on_main_process, replace_options
+from ...core.schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, DiscreteSchedule, select_timesteps
+from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
+from ..pipelines import PromptEncoder, cat_cond
+from ..students import sample_student
+from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from .guided import RoundGrid, halving_problems, halving_rounds, progressive_rounds
 from .snap_architecture import SlimArchitecture, build_slim_unet
 
 log = logging.getLogger("fewstep")
@@ -131,13 +134,23 @@ class SnapConfig:
     skip_probability: float = 0.1      # each block skipped independently per step during robust training (ours)
     distill_weight: float = 1.0        # the full teacher's prediction as a second target, next to the data (ours)
     caption_dropout: float = 0.1       # keeps the unconditional prediction (CFG) trained
-    steps: int = 10000
+    slim_prediction: str = "v_prediction"  # what the slim UNet learns to predict (SnapFusion fine-tunes to v before step distillation)
+    steps: int = 10000                 # robust and slim training
     lr: float = 1e-5
     warmup_steps: int = 100
     batch_size: int = 8
     ema_decay: Optional[float] = 0.999
     grad_clip: float = 1.0
     gradient_checkpointing: bool = False
+    # Step distillation: progressive rounds (two teacher DDIM steps -> one student step) from start_steps to target_steps.
+    start_steps: int = 32
+    target_steps: int = 8
+    round_steps: int = 2000
+    cfg_probability: float = 0.1       # p: the share of batches distilled CFG-aware (0: plain progressive distillation)
+    cfg_scale_min: float = 2.0         # their CFG scale, drawn per sample in [min, max] (diffusers' convention)
+    cfg_scale_max: float = 14.0
+    cfg_original_weight: float = 0.2   # gamma: the plain loss's weight next to the CFG-aware one
+    sample_cfg_scale: float = 7.5      # the CFG scale the exported student proposes
 
     def validate(self) -> None:
         problems = []
@@ -145,19 +158,31 @@ class SnapConfig:
             problems.append("skip_probability must lie in [0, 1)")
         if self.distill_weight < 0 or not 0.0 <= self.caption_dropout < 1.0:
             problems.append("distill_weight must not be negative and caption_dropout must lie in [0, 1)")
-        if min(self.steps, self.batch_size) < 1 or self.lr <= 0:
-            problems.append("steps, batch_size and lr must be positive")
+        if self.slim_prediction not in PREDICTIONS:
+            problems.append(f"slim_prediction must be one of {', '.join(PREDICTIONS)}; got {self.slim_prediction!r}")
+        if min(self.steps, self.batch_size, self.round_steps, self.target_steps) < 1 or self.lr <= 0:
+            problems.append("steps, batch_size, round_steps, target_steps and lr must be positive")
+        else:
+            problems += halving_problems(self.start_steps, self.target_steps)
+        if not 0.0 <= self.cfg_probability <= 1.0 or self.cfg_original_weight < 0:
+            problems.append("cfg_probability must lie in [0, 1] and cfg_original_weight must not be negative")
+        if not 1.0 <= self.cfg_scale_min <= self.cfg_scale_max or self.sample_cfg_scale < 1.0:
+            problems.append("need 1 <= cfg_scale_min <= cfg_scale_max and sample_cfg_scale >= 1")
         if problems:
             raise ValueError("invalid SnapFusion configuration: " + "; ".join(problems))
 
     def replace(self, **changes) -> "SnapConfig":
         return replace_options(self, "SnapFusion", **changes)
 
+    @property
+    def rounds(self) -> list[int]:
+        return halving_rounds(self.start_steps, self.target_steps)
+
 
 PRESETS = {
     "paper": SnapConfig(),
-    # The bundled proxy teacher on a 2-core CPU.
-    "proxy": SnapConfig(steps=1500, lr=5e-5, batch_size=32, warmup_steps=50),
+    # The bundled proxy teacher on a 2-core CPU; it samples with CFG 4.
+    "proxy": SnapConfig(steps=1500, lr=5e-5, batch_size=32, warmup_steps=50, round_steps=500, sample_cfg_scale=4.0),
 }
 
 
@@ -181,7 +206,8 @@ class RobustTraining(torch.nn.Module):
 
     has_unused_parameters = True   # a skipped block gets no gradient (the training loop tells DDP)
 
-    def __init__(self, pipe, config: SnapConfig, student: Optional[torch.nn.Module] = None):
+    def __init__(self, pipe, config: SnapConfig, student: Optional[torch.nn.Module] = None,
+                 student_prediction: Optional[str] = None):
         super().__init__()
         self.config = config
         self.teacher = pipe.unet.requires_grad_(False).eval()
@@ -189,7 +215,9 @@ class RobustTraining(torch.nn.Module):
         if config.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
         self.skipping = BlockSkipping(self.student)
-        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
+        self.schedule = schedule_of(pipe)
+        # The student may predict otherwise (v for the slim UNet): both are compared as x0, through their own schedules.
+        self.student_schedule = DiscreteSchedule.stable_diffusion(prediction_type=student_prediction or self.schedule.prediction_type)
         self.prompts = PromptEncoder(pipe)
 
     def train(self, mode: bool = True):
@@ -205,7 +233,7 @@ class RobustTraining(torch.nn.Module):
         x = z + append_dims(sigma, z.ndim) * torch.randn(z.shape, generator=gen).to(z)
         skipped = sample_skipped_blocks(self.skipping.blocks, self.config.skip_probability, gen)
         with self.skipping.skip(skipped):
-            student = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond).float()
+            student = UNetDenoiser(self.student, self.student_schedule)(x, sigma, **cond).float()
         weight = distillation_weight(sigma, "eps")
         terms = {"data": weight * (student - z.float()).pow(2).flatten(1).mean(1),
                  "skipped_blocks": torch.full((n,), float(len(skipped)))}
@@ -245,17 +273,17 @@ def train_slim(
     **run,
 ) -> Optional[Path]:
     """The slim UNet, initialised from the teacher's kept blocks, distilled from the full teacher (plus the data
-    loss); writes a pipeline folder whose UNet config is the slim one."""
+    loss) while it learns to predict ``config.slim_prediction``; writes a pipeline folder whose UNet config is the slim
+    one and whose scheduler says that prediction type."""
     return _train_student(teacher, data, run_dir, out, config, resolution, teacher_config,
                           lambda unet: build_slim_unet(unet, architecture), "slim",
-                          {"slim_of": str(teacher), "architecture": architecture.to_dict()}, **run)
+                          {"slim_of": str(teacher), "architecture": architecture.to_dict()}, config.slim_prediction, **run)
 
 
 def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, teacher_config, make_student, desc: str,
-                   made: dict, mixed_precision: str = "no", checkpoint_every: int = 250, sample_every: int = 500,
+                   made: dict, student_prediction: Optional[str] = None, mixed_precision: str = "no", checkpoint_every: int = 250, sample_every: int = 500,
                    log_every: int = 25, seed: int = 0, resume: bool = True, stop_after: Optional[int] = None,
                    progress: bool = True) -> Optional[Path]:
-    from ..students import sample_student
     from ..teacher import write_pipeline
 
     config.validate()
@@ -264,14 +292,14 @@ def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, 
     pipe = setup.pipe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = RobustTraining(pipe, config, None if make_student is None else make_student(pipe.unet))
+        model = RobustTraining(pipe, config, None if make_student is None else make_student(pipe.unet), student_prediction)
     log.info("%s training: %s student parameters (the teacher's: %s), %d blocks each skipped with probability %g", desc,
              f"{_parameters(model.student):,}", f"{_parameters(model.teacher):,}", len(model.skipping.blocks),
              config.skip_probability)
     preview = setup.preview_captions()
 
     def sample_fn(m, step):   # the whole student, 25 DDIM steps without CFG
-        setup.save_grid(sample_student(m.student, m.schedule, m.prompts(preview), list(range(len(preview))),
+        setup.save_grid(sample_student(m.student, m.student_schedule, m.prompts(preview), list(range(len(preview))),
                                        select_timesteps("trailing", 25), "ddim", consistency_boundary=False),
                         run_dir / "samples" / f"step-{step:08d}.png")
 
@@ -284,13 +312,117 @@ def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, 
         return None
     made = {**made, "steps": config.steps, "batch_size": config.batch_size, "images": len(setup.captions),
             "config": dataclasses.asdict(config)}
-    on_main_process(lambda: write_pipeline(pipe.__class__(**{**pipe.components, "unet": model.student.requires_grad_(False).eval()}),
-                                           out, made))
+    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=model.student_schedule.prediction_type)
+    components = {**pipe.components, "unet": model.student.requires_grad_(False).eval(), "scheduler": scheduler}
+    on_main_process(lambda: write_pipeline(pipe.__class__(**components), out, made))
     return out
 
 
 def _parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+class SnapRound(torch.nn.Module):
+    """One round of SnapFusion's step distillation: the student's single DDIM step against the teacher's two
+    (``guided.RoundGrid``), loss on x0 with the truncated-SNR weight max(SNR, 1). In a share ``cfg_probability`` of the
+    batches it is CFG-aware: both take CFG at a scale drawn per sample, the student's guided x0 is matched to the guided
+    teacher's two-step target, plus ``cfg_original_weight`` times the plain loss. Terms: ``original`` always, ``cfg``
+    and ``cfg_aware`` = 1 in CFG-aware batches (so its logged mean is ``cfg`` times the share of such batches)."""
+
+    def __init__(self, pipe, student, teacher, config: SnapConfig, schedule: DiscreteSchedule, steps: int):
+        super().__init__()
+        self.student, self.teacher, self.config, self.schedule = student, teacher, config, schedule
+        self.text_encoders = torch.nn.ModuleList(
+            [m.requires_grad_(False) for m in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None)) if m is not None])
+        self.prompts = PromptEncoder(pipe)
+        self.grid = RoundGrid(schedule, steps)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval(), self.text_encoders.eval()
+        return self
+
+    def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        c = self.config
+        z = batch["latents"]
+        n = len(z)
+        cond, uncond = self.prompts.with_unconditional(batch["captions"])
+        x, sigma, sigma_mid, sigma_next = self.grid.draw(z, gen)
+        weight = distillation_weight(sigma, "x")
+        teacher, student = UNetDenoiser(self.teacher, self.schedule), UNetDenoiser(self.student, self.schedule)
+
+        def error(x0, target):
+            return weight * (x0.float() - target.float()).pow(2).flatten(1).mean(1)
+
+        target = self.grid.target(lambda x_, s_: teacher(x_, s_, **cond), x, sigma, sigma_mid, sigma_next)
+        if torch.rand((), generator=gen) >= c.cfg_probability:
+            terms = {"original": error(student(x, sigma, **cond), target)}
+            return {"loss": terms["original"], **terms}
+        scale = (c.cfg_scale_min + (c.cfg_scale_max - c.cfg_scale_min) * torch.rand(n, generator=gen)).to(z)
+        guided_target = self.grid.target(CFGDenoiser(teacher, cond, uncond, scale), x, sigma, sigma_mid, sigma_next)
+        x0_cond, x0_uncond = student(torch.cat([x, x]), torch.cat([sigma, sigma]), **cat_cond(cond, uncond)).chunk(2)
+        student_guided, student_cond = cfg(x0_cond, x0_uncond, scale), x0_cond
+        terms = {"cfg": error(student_guided, guided_target), "original": error(student_cond, target),
+                 "cfg_aware": torch.ones(n, device=z.device)}
+        return {"loss": terms["cfg"] + c.cfg_original_weight * terms["original"], **terms}
+
+
+def train_step_distillation(
+    teacher: str | Path,                     # the slim pipeline (``fewstep snap slim``): its UNet is the first round's teacher
+    data,                                    # CaptionedImages, or a dataset spec for load_dataset
+    run_dir: str | Path,                     # one sub-folder per round: checkpoints, logs, previews, its student
+    out: str | Path,                         # the final (target_steps) snap_student file
+    config: SnapConfig = SnapConfig(),
+    resolution: Optional[int] = None,
+    teacher_config: Optional[str | Path] = None,
+    mixed_precision: str = "no",
+    checkpoint_every: int = 250,
+    sample_every: int = 500,
+    log_every: int = 25,
+    seed: int = 0,
+    resume: bool = True,
+    stop_after: Optional[int] = None,        # stop (as if killed) after this many steps, counted over all rounds
+    progress: bool = True,
+) -> Optional[Path]:
+    """SnapFusion's step distillation, start_steps -> ... -> target_steps, exporting each round as a snap_student
+    file (the last one to ``out``); None if stopped by ``stop_after``."""
+    from ..students import SnapStudent
+
+    config.validate()
+    run_dir, out = Path(run_dir), Path(out)
+    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    schedule = schedule_of(setup.pipe)
+    made_by = _pipeline_provenance(teacher)
+    architecture = made_by.get("architecture")
+    preview = setup.preview_captions()
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
+
+    def build_round(current, steps):
+        return SnapRound(setup.pipe, copy.deepcopy(current).requires_grad_(True), current.requires_grad_(False).eval(),
+                         config, schedule, steps)
+
+    def sample(m, steps) -> torch.Tensor:
+        cond, uncond = m.prompts.with_unconditional(preview)
+        return sample_student(m.student, schedule, cond, list(range(len(preview))), select_timesteps("trailing", steps), "ddim",
+                              consistency_boundary=False, uncond=uncond, cfg_scale=config.sample_cfg_scale)
+
+    def export(m, path, steps):
+        fields = ("cfg_probability", "cfg_scale_min", "cfg_scale_max", "cfg_original_weight", "start_steps", "target_steps")
+        export_snap_student(m.student, path, setup.base, schedule.prediction_type, steps, config.sample_cfg_scale,
+                            {**provenance("snapfusion", teacher, config.round_steps, len(setup.captions), config, fields),
+                             "round": f"{2 * steps} -> {steps} steps", "slim": made_by},
+                            SlimArchitecture.from_dict(architecture) if architecture else None)
+
+    return progressive_rounds(setup, setup.pipe.unet, lambda path: SnapStudent(setup.pipe, path).unet, build_round, export,
+                              sample, config, run_dir, out, "snap_student.safetensors", "SnapFusion step distillation",
+                              run, stop_after)
+
+
+def _pipeline_provenance(folder: str | Path) -> dict:
+    """What ``write_pipeline`` recorded about how a pipeline folder was made (empty for other teachers)."""
+    made = Path(folder) / "fewstep_teacher.json"
+    return json.loads(made.read_text()) if made.is_file() else {}
 
 
 def export_snap_student(unet, path: str | Path, base: str, prediction: str, steps: int, cfg_scale: float, provenance: dict,

@@ -40,7 +40,7 @@ from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder
 from ..students import sample_student
 from ..sun_attention import attach_sun, new_sun_adapter
-from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options
+from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
 
 log = logging.getLogger("fewstep")
 
@@ -253,9 +253,6 @@ def export_sun_adapter(adapter, schedule: DiscreteSchedule, config: SunConfig, p
     return meta
 
 
-def _schedule_of(pipe) -> DiscreteSchedule:
-    return DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
-
 
 PREVIEW_NEGATIVE_PICK = 7   # which preview caption also serves as a negative prompt in the preview grids
 
@@ -283,7 +280,7 @@ def train_sun(
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = SunTraining(setup.pipe, config, _schedule_of(setup.pipe), negative_pool(config, setup.captions))
+        model = SunTraining(setup.pipe, config, schedule_of(setup.pipe), negative_pool(config, setup.captions))
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
     log.info("SUN adapter (%s): %s trainable parameters in %d cross-attention layers", config.variant,
