@@ -59,8 +59,9 @@ class TeacherEntry:
 
 @dataclass(frozen=True)
 class StudentEntry:
-    """A distilled adapter file on the teacher, one pass per step without CFG: its own sampler and timesteps unless
-    ``sampler`` is given; ``w`` is a guided student's guidance input (None: the file's default)."""
+    """A distilled adapter file on the teacher, one pass per step without CFG (or with CFG at ``cfg_scale``, for
+    students distilled to sample with it: SnapFusion's): its own sampler and timesteps unless ``sampler`` is given;
+    ``w`` is a guided student's guidance input (None: the file's default)."""
 
     steps: int
     adapter: str | None = str(BUNDLED_FLASH)
@@ -71,11 +72,17 @@ class StudentEntry:
 
     @property
     def name(self) -> str:
-        return f"{self.label}-{self.steps}steps" + (f"-w{self.w:g}" if self.w is not None else "") + (f"-{self.sampler}" if self.sampler else "")
+        return (f"{self.label}-{self.steps}steps" + (f"-w{self.w:g}" if self.w is not None else "")
+                + (f"-cfg{self.cfg_scale:g}" if self.cfg_scale != 1.0 else "") + (f"-{self.sampler}" if self.sampler else ""))
 
     @property
     def nfe(self) -> int:
-        return self.steps
+        return self.steps * (2 if self.cfg_scale != 1.0 else 1)
+
+    @property
+    def guidance(self) -> float | None:
+        """The student's guidance input: ``w``, or for a CFG-sampled student its CFG scale as Imagen's w."""
+        return self.w if self.w is not None or self.cfg_scale == 1.0 else self.cfg_scale - 1.0
 
     def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str | None = None) -> np.ndarray:
         from .students import load_student
@@ -87,7 +94,7 @@ class StudentEntry:
             _LOADED.clear()
             _LOADED[key] = load_student(pipe, self.adapter)
         student = _LOADED[key]
-        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.w, self.sampler,
+        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.guidance, self.sampler,
                                               negative) for i in range(0, len(captions), batch_size)])
 
 
@@ -104,12 +111,22 @@ def _sun(steps: int, sampler: str | None = None) -> StudentEntry:
 
 
 GDD_LABELS = {"full": "gdd", "gdd_i": "gdd_i", "lora": "gdd_lora"}   # a gdd_student file's variant -> its rows' label
+SNAP_LABELS = ("snap", "snap_nocfg", "snap_slim")   # full-size UNet, the same without CFG-aware distillation, slim UNet
+
+
+def _snap(label: str) -> StudentEntry:
+    return StudentEntry(8, adapter=None, label=label, cfg_scale=DEFAULT_CFG_SCALE)
 
 
 def bench_label(metadata) -> str:
-    """The label of the bench rows an adapter file serves: its method (GDD: per variant)."""
+    """The label of the bench rows an adapter file serves: its method (GDD: per variant; SnapFusion: slim or full
+    UNet, with or without CFG-aware distillation)."""
     if metadata.kind == "gdd_student":
         return GDD_LABELS.get(metadata.extra.get("variant"), "gdd")
+    if metadata.kind == "snap_student":
+        if metadata.extra.get("slim"):
+            return "snap_slim"
+        return "snap_nocfg" if (metadata.provenance or {}).get("config", {}).get("cfg_probability") == 0 else "snap"
     return metadata.kind.split("_")[0]
 
 
@@ -125,6 +142,8 @@ BENCH_SETS = {
     # One step: the teacher (the generator's starting point, with CFG), Flash, and each GDD variant given (the ablation).
     "gdd": [TeacherEntry(50), TeacherEntry(1), StudentEntry(1),
             *[StudentEntry(1, adapter=None, label=label) for label in GDD_LABELS.values()]],
+    # Eight steps: the teacher (50 and 8), the guided student, SnapFusion's students with CFG (the ablation, the slim UNet).
+    "snapfusion": [TeacherEntry(50), TeacherEntry(8), _guided(8), *[_snap(label) for label in SNAP_LABELS]],
 }
 
 # The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.

@@ -668,7 +668,8 @@ def add_snap(subparsers) -> None:
         "random; `plan` measures what each block costs (latency, on this machine) and is worth (proxy FID and prompt "
         "accuracy when it alone is skipped) and proposes a slimmer architecture under a latency budget; `slim` builds "
         "that UNet from the teacher's weights and distils it from the full teacher (learning v-prediction); `distill` "
-        "halves its steps round by round with CFG-aware distillation and writes a snap_student file.")
+        "halves its steps round by round with CFG-aware distillation and writes a snap_student file; `decoder` "
+        "prunes the VAE decoder and distils it, to ship in the student file.")
     steps = snap.add_subparsers(title="step", metavar="STEP")
     p = steps.add_parser(
         "robust", help="fine-tune the teacher with cross-attention and ResNet blocks skipped at random",
@@ -744,8 +745,25 @@ def add_snap(subparsers) -> None:
     group.add_argument("--sample-cfg-scale", type=float, default=None, help="the CFG scale the exported student proposes")
     _add_optimiser_args(group, lr_help="learning rate (whole UNet)", warmup_help="linear learning-rate warm-up (per round)",
                         steps=False)
+    p.add_argument("--decoder", default=None, help="a pruned decoder file (`fewstep snap decoder`) to ship in the student files")
     _add_run_args(p, sample_help="steps between sample grids of the round's student with CFG (RUN_DIR/round-*/samples)")
     p.set_defaults(run=run_snap_distill)
+
+    p = steps.add_parser(
+        "decoder", help="prune the VAE decoder's channels and distil it from the original on teacher latents",
+        description="SnapFusion's efficient decoder: the VAE decoder with each level's channels cut to --keep (in whole "
+        "GroupNorm groups), initialised from the original's first channels, trained to match the original decoder's "
+        "images on latents the teacher samples from the dataset's captions (DDIM with CFG; no images needed). Writes a "
+        "decoder file for `fewstep snap distill --decoder`. Precedence: preset < --config FILE < flags.")
+    _add_teacher_args(p, "snap-decoder", "decoder.safetensors", "decoder", out_what="the pruned decoder file")
+    group = p.add_argument_group("method options (override preset and --config)")
+    group.add_argument("--keep", type=float, default=None, help="share of each level's channels kept (paper: 0.5)")
+    group.add_argument("--latents", type=int, default=None, help="teacher latents to distil on")
+    group.add_argument("--latent-steps", type=int, default=None, help="DDIM steps of the teacher's latents")
+    group.add_argument("--latent-cfg-scale", type=float, default=None, help="CFG scale of the teacher's latents")
+    _add_optimiser_args(group, lr_help="learning rate (the pruned decoder)")
+    _add_run_args(p, sample_help="unused: the decoder's run writes no sample grids")
+    p.set_defaults(run=run_snap_decoder)
 
 
 SNAP_FLAGS = ("skip_probability", "distill_weight", "caption_dropout", "steps", "lr", "warmup_steps", "batch_size",
@@ -759,7 +777,7 @@ def run_snap_distill(args: argparse.Namespace) -> int:
     from .methods import snapfusion
 
     return _run_distillation(args, "snapfusion", snapfusion.load_config, SNAP_DISTILL_FLAGS, "snap_student.safetensors",
-                             snapfusion.train_step_distillation,
+                             lambda **kw: snapfusion.train_step_distillation(decoder=args.decoder, **kw),
                              "snap_student written to {out}; sample it with FewStep KSampler (ComfyUI) or `fewstep eval`")
 
 
@@ -768,6 +786,14 @@ def run_snap_robust(args: argparse.Namespace) -> int:
 
     return _run_distillation(args, "snapfusion", snapfusion.load_config, SNAP_FLAGS, "pipeline", snapfusion.train_robust,
                              "robust teacher written to {out}; next: fewstep snap plan --teacher {out}")
+
+
+def run_snap_decoder(args: argparse.Namespace) -> int:
+    from .methods import snap_decoder
+
+    flags = ("keep", "latents", "latent_steps", "latent_cfg_scale", "steps", "lr", "warmup_steps", "batch_size", "ema_decay")
+    return _run_distillation(args, "decoder", snap_decoder.load_config, flags, "decoder.safetensors", snap_decoder.train_decoder,
+                             "pruned decoder written to {out}; ship it with `fewstep snap distill --decoder {out}`")
 
 
 def run_snap_slim(args: argparse.Namespace) -> int:

@@ -65,9 +65,13 @@ class _Student:
         if negative and not self.takes_negative:
             raise ValueError(f"{type(self).__name__} samples without CFG and has no negative-prompt input")
         latents = self.latents(captions, seeds, steps, w, sampler, **({"negative": negative} if negative is not None else {}))
-        vae = self.pipe.vae
         with torch.no_grad():
-            return to_uint8(vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample)
+            return to_uint8(self.decode(latents / self.pipe.vae.config.scaling_factor))
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from (unscaled) latents: the pipeline's VAE."""
+        vae = self.pipe.vae
+        return vae.decode(latents.to(vae.dtype)).sample
 
 
 class AdaptedTeacher(_Student):
@@ -150,8 +154,12 @@ class SunStudent(_Student):
                                   sampler or meta.sampler, consistency_boundary=False)
 
 
+DECODER_PREFIX = "vae."   # a snap_student file's pruned VAE decoder: AutoencoderKL keys under this prefix
+
+
 class SnapStudent(_Student):
     """A ``snap_student`` file: its own UNet, built from the architecture in its metadata (SnapFusion's slim UNet),
+    and its pruned VAE decoder if it has one,
     sampled with CFG against the empty prompt, as it was distilled: at guidance weight ``w`` (Imagen's: CFG scale 1 + w),
     by default the file's CFG scale."""
 
@@ -162,10 +170,25 @@ class SnapStudent(_Student):
         self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["snap_student"])
         meta = self.adapter.metadata
         self.unet = UNet2DConditionModel.from_config(meta.extra["unet_config"])
-        load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
+        unet = {k: v for k, v in self.adapter.tensors.items() if not k.startswith(DECODER_PREFIX)}
+        load_unet_weights(self.unet, unet, Path(adapter_path).name)
         self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
+        self.decoder = None
+        if "decoder_config" in meta.extra:   # SnapFusion's pruned VAE decoder
+            from .methods.snap_decoder import PrunedDecoder
+
+            self.decoder = PrunedDecoder(meta.extra["decoder_config"])
+            self.decoder.load_state_dict({k[len(DECODER_PREFIX):]: v.float() for k, v in self.adapter.tensors.items()
+                                          if k.startswith(DECODER_PREFIX)})
+            self.decoder.to(pipe.vae.device, pipe.vae.dtype).eval()
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
         self.prompts = PromptEncoder(pipe)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The file's pruned decoder when it has one, else the pipeline's VAE."""
+        if self.decoder is None:
+            return super().decode(latents)
+        return self.decoder(latents.to(self.pipe.vae.dtype))
 
     def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
                 w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:

@@ -102,29 +102,40 @@ def sample_skipped_blocks(blocks: Sequence[Block], probability: float, generator
 
 
 @torch.no_grad()
+def interleaved_medians(calls: dict, repeats: int = 10) -> dict:
+    """Seconds per call of each ``calls[key]()``: one warm-up each, then ``repeats`` rounds calling each in turn (so
+    drifts of clock or load hit all alike), the median per key; CUDA is synchronised around each call."""
+    def timed(call) -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for call in calls.values():
+        timed(call)
+    times = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            times[key].append(timed(call))
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
 def block_latencies(unet, skipping: BlockSkipping, inputs: dict, repeats: int = 10) -> dict:
     """Seconds per UNet pass on ``inputs`` with nothing skipped (``"unet"``) and the time each block saves when it
-    alone is skipped (``"saved"``: name -> seconds), from interleaved medians of ``repeats`` timed passes each.
-    Measured as the whole pass minus the pass without the block, so launch and memory effects count as they will."""
-    def timed(names) -> float:
-        with skipping.skip(names):
-            if torch.cuda.is_available() and inputs["sample"].is_cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            unet(**inputs)
-            if torch.cuda.is_available() and inputs["sample"].is_cuda:
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
+    alone is skipped (``"saved"``: name -> seconds). Measured as the whole pass minus the pass without the block, so
+    launch and memory effects count as they will."""
+    def skipped(names):
+        def call():
+            with skipping.skip(names):
+                unet(**inputs)
+        return call
 
-    configurations = [()] + [(b.name,) for b in skipping.blocks]
-    for names in configurations:   # warm-up
-        timed(names)
-    times = {names: [] for names in configurations}
-    for _ in range(repeats):
-        for names in configurations:
-            times[names].append(timed(names))
-    full = statistics.median(times[()])
-    return {"unet": full, "saved": {b.name: full - statistics.median(times[(b.name,)]) for b in skipping.blocks}}
+    seconds = interleaved_medians({(): skipped(())} | {(b.name,): skipped((b.name,)) for b in skipping.blocks}, repeats)
+    full = seconds[()]
+    return {"unet": full, "saved": {b.name: full - seconds[(b.name,)] for b in skipping.blocks}}
 
 
 @dataclass
@@ -258,7 +269,7 @@ def train_robust(
 ) -> Optional[Path]:
     """SnapFusion's robust training; writes the fine-tuned pipeline (same architecture, same keys) to ``out``."""
     return _train_student(teacher, data, run_dir, out, config, resolution, teacher_config, None, "robust",
-                          {"robust_training_of": str(teacher)}, **run)
+                          lambda unet: {"robust_training_of": str(teacher)}, **run)
 
 
 def train_slim(
@@ -275,13 +286,16 @@ def train_slim(
     """The slim UNet, initialised from the teacher's kept blocks, distilled from the full teacher (plus the data
     loss) while it learns to predict ``config.slim_prediction``; writes a pipeline folder whose UNet config is the slim
     one and whose scheduler says that prediction type."""
+    def made(unet) -> dict:
+        return {"slim_of": str(teacher), "architecture": architecture.to_dict(),
+                "slim": architecture != SlimArchitecture.of_teacher(unet.config)}
+
     return _train_student(teacher, data, run_dir, out, config, resolution, teacher_config,
-                          lambda unet: build_slim_unet(unet, architecture), "slim",
-                          {"slim_of": str(teacher), "architecture": architecture.to_dict()}, config.slim_prediction, **run)
+                          lambda unet: build_slim_unet(unet, architecture), "slim", made, config.slim_prediction, **run)
 
 
 def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, teacher_config, make_student, desc: str,
-                   made: dict, student_prediction: Optional[str] = None, mixed_precision: str = "no", checkpoint_every: int = 250, sample_every: int = 500,
+                   made, student_prediction: Optional[str] = None, mixed_precision: str = "no", checkpoint_every: int = 250, sample_every: int = 500,
                    log_every: int = 25, seed: int = 0, resume: bool = True, stop_after: Optional[int] = None,
                    progress: bool = True) -> Optional[Path]:
     from ..teacher import write_pipeline
@@ -310,7 +324,7 @@ def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, 
     model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, desc, run, stop_after=stop_after, sample_fn=sample_fn)
     if stop_after is not None and stop_after < config.steps:
         return None
-    made = {**made, "steps": config.steps, "batch_size": config.batch_size, "images": len(setup.captions),
+    made = {**made(pipe.unet), "steps": config.steps, "batch_size": config.batch_size, "images": len(setup.captions),
             "config": dataclasses.asdict(config)}
     scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=model.student_schedule.prediction_type)
     components = {**pipe.components, "unet": model.student.requires_grad_(False).eval(), "scheduler": scheduler}
@@ -383,12 +397,15 @@ def train_step_distillation(
     resume: bool = True,
     stop_after: Optional[int] = None,        # stop (as if killed) after this many steps, counted over all rounds
     progress: bool = True,
+    decoder: Optional[str | Path] = None,    # a pruned decoder file (``fewstep snap decoder``) to ship in each student file
 ) -> Optional[Path]:
     """SnapFusion's step distillation, start_steps -> ... -> target_steps, exporting each round as a snap_student
     file (the last one to ``out``); None if stopped by ``stop_after``."""
     from ..students import SnapStudent
+    from .snap_decoder import read_decoder
 
     config.validate()
+    pruned_decoder = read_decoder(decoder) if decoder is not None else None
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
     schedule = schedule_of(setup.pipe)
@@ -411,8 +428,9 @@ def train_step_distillation(
         fields = ("cfg_probability", "cfg_scale_min", "cfg_scale_max", "cfg_original_weight", "start_steps", "target_steps")
         export_snap_student(m.student, path, setup.base, schedule.prediction_type, steps, config.sample_cfg_scale,
                             {**provenance("snapfusion", teacher, config.round_steps, len(setup.captions), config, fields),
-                             "round": f"{2 * steps} -> {steps} steps", "slim": made_by},
-                            SlimArchitecture.from_dict(architecture) if architecture else None)
+                             "round": f"{2 * steps} -> {steps} steps", "made_from": made_by},
+                            SlimArchitecture.from_dict(architecture) if architecture else None, slim=made_by.get("slim", False),
+                            decoder=pruned_decoder)
 
     return progressive_rounds(setup, setup.pipe.unet, lambda path: SnapStudent(setup.pipe, path).unet, build_round, export,
                               sample, config, run_dir, out, "snap_student.safetensors", "SnapFusion step distillation",
@@ -426,16 +444,23 @@ def _pipeline_provenance(folder: str | Path) -> dict:
 
 
 def export_snap_student(unet, path: str | Path, base: str, prediction: str, steps: int, cfg_scale: float, provenance: dict,
-                        architecture: Optional[SlimArchitecture] = None) -> AdapterMetadata:
+                        architecture: Optional[SlimArchitecture] = None, slim: bool = False, decoder=None) -> AdapterMetadata:
     """A SnapFusion student as one adapter file: its UNet's weights (diffusers keys, fp16) and, in the metadata, the
     diffusers config that builds it (hosts construct the slim UNet from it), DDIM at ``steps`` trailing steps with
-    CFG ``cfg_scale`` (atomic write)."""
+    CFG ``cfg_scale`` (atomic write). ``slim``: blocks of the teacher were removed. ``decoder``: a pruned VAE decoder
+    (``snap_decoder.PrunedDecoder``), stored under ``vae.`` with its config."""
+    from ..students import DECODER_PREFIX
+
     meta = AdapterMetadata(
         kind="snap_student", base=base, prediction=prediction, sampler="ddim", steps=steps,
         timesteps=select_timesteps("trailing", steps), provenance=provenance,
         extra={"unet_config": {k: v for k, v in unet.config.items() if not k.startswith("_")}, "layout": "diffusers_unet",
-               "cfg_scale": cfg_scale, **({"architecture": architecture.to_dict()} if architecture is not None else {})})
-    write_adapter(path, {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}, meta)
+               "cfg_scale": cfg_scale, "slim": slim, **({"architecture": architecture.to_dict()} if architecture is not None else {}),
+               **({"decoder_config": decoder.config} if decoder is not None else {})})
+    tensors = dict(unet.state_dict())
+    if decoder is not None:
+        tensors.update({DECODER_PREFIX + k: v for k, v in decoder.state_dict().items()})
+    write_adapter(path, {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, meta)
     return meta
 
 

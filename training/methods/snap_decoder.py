@@ -1,0 +1,221 @@
+"""SnapFusion's efficient decoder: the VAE decoder with its channels pruned, distilled from the original decoder by
+MSE on latents the teacher generates (no images needed).
+
+The pruned decoder is diffusers' own ``Decoder`` with narrower ``block_out_channels`` (each level's width times
+``keep``, rounded to whole GroupNorm groups) next to the original ``post_quant_conv``; its state-dict keys are
+AutoencoderKL's (``decoder.…``, ``post_quant_conv.…``), so a host maps them as it maps a VAE's. It starts from the
+original weights sliced to the first channels of every layer: one consistent channel subset per layer, so residual
+additions still line up; the distillation then repairs what slicing broke.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ...core.adapter_file import atomic_write
+from ...core.schedule import select_timesteps
+from .common import fit, load_options, load_teacher_data, on_main_process, replace_options
+
+log = logging.getLogger("fewstep")
+
+DECODER_CONFIG_KEY = "fewstep.decoder_config"   # safetensors metadata of a decoder file: the Decoder's config (JSON)
+
+
+class PrunedDecoder(torch.nn.Module):
+    """latents (already divided by the VAE's scaling factor) -> images in [-1, 1], as ``AutoencoderKL.decode``."""
+
+    def __init__(self, config: dict):
+        from diffusers.models.autoencoders.vae import Decoder
+
+        super().__init__()
+        self.config = dict(config)
+        latent = config["in_channels"]
+        self.post_quant_conv = torch.nn.Conv2d(latent, latent, 1)
+        self.decoder = Decoder(**config)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(latents))
+
+
+def decoder_config(vae, keep: float = 1.0) -> dict:
+    """The ``Decoder`` config of ``vae``'s decoder with every level's width times ``keep``, in whole GroupNorm groups."""
+    c = vae.config
+    groups = c.norm_num_groups
+    widths = [max(groups, groups * round(w * keep / groups)) for w in c.block_out_channels]
+    return {"in_channels": c.latent_channels, "out_channels": c.out_channels, "up_block_types": list(c.up_block_types),
+            "block_out_channels": widths, "layers_per_block": c.layers_per_block, "norm_num_groups": groups,
+            "act_fn": c.act_fn, "mid_block_add_attention": c.get("mid_block_add_attention", True)}
+
+
+def prune_decoder(vae, keep: float) -> PrunedDecoder:
+    """``vae``'s decoder at ``keep`` of its width, every tensor the original's first channels along each axis."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep is the share of decoder channels kept, in (0, 1]; got {keep}")
+    if not getattr(vae.config, "use_post_quant_conv", True):
+        raise ValueError("this VAE has no post_quant_conv; fewstep's pruned decoder expects SD's VAE layout")
+    pruned = PrunedDecoder(decoder_config(vae, keep))
+    source = vae.state_dict()
+    state = {k: source[k][tuple(slice(0, n) for n in v.shape)].clone() for k, v in pruned.state_dict().items()}
+    pruned.load_state_dict(state)
+    return pruned.to(vae.device, vae.dtype)
+
+
+@dataclass
+class DecoderConfig:
+    """The efficient decoder's options (SnapFusion prunes half of the channels; the rest are ours)."""
+
+    keep: float = 0.5                  # share of each level's channels kept
+    latents: int = 2000                # teacher-generated latents to distil on
+    latent_steps: int = 25             # DDIM steps of those samples (with CFG ``latent_cfg_scale``)
+    latent_cfg_scale: float = 7.5
+    steps: int = 5000
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    batch_size: int = 8
+    ema_decay: Optional[float] = 0.999
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        problems = []
+        if not 0.0 < self.keep <= 1.0:
+            problems.append("keep must lie in (0, 1]")
+        if min(self.latents, self.latent_steps, self.steps, self.batch_size) < 1 or self.lr <= 0:
+            problems.append("latents, latent_steps, steps, batch_size and lr must be positive")
+        if problems:
+            raise ValueError("invalid decoder configuration: " + "; ".join(problems))
+
+    def replace(self, **changes) -> "DecoderConfig":
+        return replace_options(self, "decoder", **changes)
+
+
+PRESETS = {
+    "paper": DecoderConfig(),
+    "proxy": DecoderConfig(latents=1000, latent_cfg_scale=4.0, steps=1500, lr=1e-3, batch_size=32, warmup_steps=50),
+}
+
+
+def load_config(preset: str = "paper", config_file: Optional[str | Path] = None, **overrides) -> DecoderConfig:
+    return load_options(PRESETS, "decoder", preset, config_file, **overrides)
+
+
+class DecoderDistillation(torch.nn.Module):
+    """The pruned decoder against the frozen original on the same latents: per-sample pixel MSE."""
+
+    def __init__(self, vae, config: DecoderConfig):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval()
+        self.student = prune_decoder(vae, config.keep).requires_grad_(True)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.vae.eval()
+        return self
+
+    def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        z = batch["latents"] / self.vae.config.scaling_factor
+        with torch.no_grad():
+            target = self.vae.decode(z).sample
+        return {"loss": (self.student(z).float() - target.float()).pow(2).flatten(1).mean(1)}
+
+
+@torch.no_grad()
+def teacher_latents(pipe, captions, count: int, steps: int, cfg_scale: float, batch_size: int = 250,
+                    seed: int = 0, progress: bool = True) -> torch.Tensor:
+    """``count`` latents the teacher samples (DDIM with CFG) for captions drawn in turn from ``captions``."""
+    from tqdm.auto import tqdm
+
+    from ..pipelines import PromptEncoder
+    from ..students import sample_student
+    from .common import schedule_of
+
+    prompts, schedule = PromptEncoder(pipe), schedule_of(pipe)
+    chunks = []
+    for start in tqdm(range(0, count, batch_size), desc="teacher latents", disable=not progress):
+        n = min(batch_size, count - start)
+        chosen = [captions[(start + i) % len(captions)] for i in range(n)]
+        cond, uncond = prompts.with_unconditional(chosen)
+        chunks.append(sample_student(pipe.unet, schedule, cond, [seed + start + i for i in range(n)],
+                                     select_timesteps("trailing", steps), "ddim", consistency_boundary=False,
+                                     uncond=uncond, cfg_scale=cfg_scale).cpu())
+    return torch.cat(chunks)
+
+
+def write_decoder(decoder: PrunedDecoder, path: str | Path, provenance: dict) -> None:
+    """The pruned decoder as safetensors (fp16) with its config in the metadata; written atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in decoder.state_dict().items()}
+    metadata = {DECODER_CONFIG_KEY: json.dumps(decoder.config), "fewstep.provenance": json.dumps(provenance)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_decoder(path: str | Path) -> PrunedDecoder:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if DECODER_CONFIG_KEY not in metadata:
+            raise ValueError(f"{Path(path).name}: not a fewstep decoder file (no {DECODER_CONFIG_KEY} metadata)")
+        tensors = {k: f.get_tensor(k).float() for k in f.keys()}
+    decoder = PrunedDecoder(json.loads(metadata[DECODER_CONFIG_KEY]))
+    decoder.load_state_dict(tensors)
+    return decoder.eval()
+
+
+def train_decoder(
+    teacher: str | Path,                     # the pipeline whose VAE decoder is pruned and whose UNet makes the latents
+    run_dir: str | Path,                     # checkpoints, logs, the latents
+    out: str | Path,                         # the pruned decoder file
+    config: DecoderConfig = DecoderConfig(),
+    data="proxy",                            # only its captions are used: the prompts of the teacher's latents
+    resolution: Optional[int] = None,
+    teacher_config: Optional[str | Path] = None,
+    mixed_precision: str = "no",
+    checkpoint_every: int = 250,
+    sample_every: int = 500,
+    log_every: int = 25,
+    seed: int = 0,
+    resume: bool = True,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+) -> Optional[Path]:
+    """Prune the decoder to ``config.keep`` of its channels and distil it on teacher-generated latents."""
+    config.validate()
+    run_dir, out = Path(run_dir), Path(out)
+    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    pipe = setup.pipe
+    cached = run_dir / "teacher_latents.pt"
+    if cached.is_file():
+        latents = torch.load(cached)
+    else:
+        latents = teacher_latents(pipe, setup.captions, config.latents, config.latent_steps, config.latent_cfg_scale,
+                                  seed=seed, progress=progress)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(cached, lambda tmp: torch.save(latents, tmp))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DecoderDistillation(pipe.vae, config)
+    full, pruned = (sum(p.numel() for p in m.parameters()) for m in (pipe.vae.decoder, model.student.decoder))
+    log.info("pruned decoder: %s parameters (the original's %s)", f"{pruned:,}", f"{full:,}")
+
+    def batch_fn(gen):
+        return {"latents": latents[torch.randint(0, len(latents), (config.batch_size,), generator=gen)]}
+
+    (run_dir / "decoder_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
+               log_every=log_every, seed=seed, resume=resume, progress=progress)
+    model = fit(model, run_dir, lambda gen: batch_fn(gen), config, "decoder", run, stop_after=stop_after)
+    if stop_after is not None and stop_after < config.steps:
+        return None
+    made = {"method": "snapfusion_decoder", "teacher": str(teacher), "keep": config.keep, "train_steps": config.steps,
+            "latents": config.latents, "parameters": pruned, "original_parameters": full}
+    on_main_process(lambda: write_decoder(model.student, out, made))
+    return out
+
