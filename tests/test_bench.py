@@ -88,3 +88,33 @@ def test_eval_scores_a_model_and_a_folder_of_images(tiny_teacher, tmp_path, caps
     assert cli(["eval", "--images", str(tmp_path), "--json"]) == 0
     folder = _json.loads(capsys.readouterr().out)
     assert folder["images"] == 20 and folder["prompt_accuracy"] >= 0.9 and folder["fid"] < model["fid"]
+
+
+def test_the_snapfusion_set_routes_each_student_file_and_times_unets_and_decoders(tiny_teacher, tmp_path, monkeypatch):
+    from fewstep.core.adapter_file import describe, read_header
+    from fewstep.training.methods.snap_architecture import SlimArchitecture, build_slim_unet
+    from fewstep.training.methods.snap_decoder import prune_decoder
+    from fewstep.training.methods.snapfusion import export_snap_student
+
+    pipe = load_teacher(tiny_teacher)
+    full = SlimArchitecture.of_teacher(pipe.unet.config)
+    slim = SlimArchitecture(full.down_layers, full.up_layers, full.down_attention, full.up_attention, mid=False)
+    files = {"slim": tmp_path / "slim.safetensors", "nocfg": tmp_path / "nocfg.safetensors"}
+    export_snap_student(build_slim_unet(pipe.unet, slim), files["slim"], "sd15", "epsilon", 8, 4.0,
+                        {"config": {"cfg_probability": 0.1}}, slim, slim=True, decoder=prune_decoder(pipe.vae, 0.5))
+    export_snap_student(pipe.unet, files["nocfg"], "sd15", "epsilon", 8, 4.0, {"config": {"cfg_probability": 0.0}})
+    labels = {name: bench.bench_label(describe(read_header(path), path.name)[0]) for name, path in files.items()}
+    assert labels == {"slim": "snap_slim", "nocfg": "snap_nocfg"}
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"blocks": [{"block": "mid_block.attentions.0"}]}))
+    monkeypatch.setitem(bench.BENCH_SETS, "snapfusion", [bench.TeacherEntry(2), *[bench._snap(label) for label in bench.SNAP_LABELS]])
+    doc = bench.run_bench("snapfusion", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path / "out", progress=False,
+                          adapter=[str(files["slim"]), str(files["nocfg"])], plan=plan)
+    names = [r["name"] for r in doc["results"]]
+    assert names == ["teacher-2steps-cfg4", "snap_nocfg-8steps-cfg4", "snap_slim-8steps-cfg4"]   # no full-size file given
+    assert [r["nfe"] for r in doc["results"]] == [4, 16, 16]
+    assert set(doc["latency"]["unet"]) == {"teacher", "snap_nocfg-8steps-cfg4", "snap_slim-8steps-cfg4"}
+    assert set(doc["latency"]["decoder"]) == {"teacher", "snap_slim-8steps-cfg4"}
+    assert doc["latency"]["unet"]["teacher"]["ratio_to_teacher"] == 1.0
+    assert doc["block_table"]["blocks"] == [{"block": "mid_block.attentions.0"}]
+    assert "per-pass latency" in (tmp_path / "out" / "snapfusion.md").read_text()

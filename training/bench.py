@@ -171,6 +171,7 @@ def run_bench(
     progress: bool = True,                # progress bar over configurations
     adapter: str | Path | Sequence[str | Path] | None = None,  # student file(s): each student row takes the one made
                                                                 # for its step count, else the first (flash: the bundled one)
+    plan: str | Path | None = None,       # snapfusion: the `fewstep snap plan --out` file whose block table to include
 ) -> dict:
     """Run a bench set and write its results; returns the JSON document."""
     from tqdm.auto import tqdm
@@ -204,6 +205,8 @@ def run_bench(
                    f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
         "results": rows,
     }
+    if set_name == "snapfusion":
+        document.update(snapfusion_measurements(pipe, [e for e in entries if getattr(e, "label", None) in SNAP_LABELS], plan))
     if set_name == "sun":
         document["negative_prompt"] = negative_prompt_study(pipe, next(e.adapter for e in entries if isinstance(e, StudentEntry)),
                                                           per_class * 10, batch_size)
@@ -211,6 +214,18 @@ def run_bench(
     (out_dir / f"{set_name}.json").write_text(json.dumps(document, indent=2) + "\n")
     (out_dir / f"{set_name}.md").write_text(markdown_table(document))
     return document
+
+
+def snapfusion_measurements(pipe, entries: Sequence[StudentEntry], plan: str | Path | None) -> dict:
+    """Per-pass latency of each SnapFusion student's UNet and decoder as ratios to the teacher's (on this machine), and
+    the block table its architecture was planned from."""
+    from .methods.snapfusion import pass_latencies
+    from .students import SnapStudent
+
+    measured = {"latency": pass_latencies(pipe, {e.name: SnapStudent(pipe, e.adapter) for e in entries})}
+    if plan is not None:
+        measured["block_table"] = {"file": str(plan), **json.loads(Path(plan).read_text())}
+    return measured
 
 
 def _adapter_for(entry: StudentEntry, adapters: list[str]) -> str | None:
@@ -309,6 +324,12 @@ def markdown_table(document: dict) -> str:
     lines.append("")
     lines.append(f"{document['samples_per_configuration']} samples per configuration; {document['reference']}; "
                  f"classifier accuracy on real held-out images {document['classifier_heldout_accuracy']}; {document['machine']}.")
+    if "latency" in document:
+        lines += ["", "| per-pass latency, ratio to the teacher's | UNet (batch 2) | decoder |", "|---|---|---|"]
+        for name, unet in document["latency"]["unet"].items():
+            decoder = document["latency"]["decoder"].get(name)
+            lines.append(f"| {name} | {unet['ratio_to_teacher']:.3f} | {decoder['ratio_to_teacher']:.3f} |" if decoder else
+                         f"| {name} | {unet['ratio_to_teacher']:.3f} | – (the teacher's) |")
     if "negative_prompt" in document:
         study = document["negative_prompt"]
         lines += ["", f"Prompt {study['prompt']!r}, {study['samples']} samples: {study['measure']}.", "",

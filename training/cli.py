@@ -498,13 +498,15 @@ def add_bench(subparsers) -> None:
         "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
         "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
     )
-    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun", "gdd"],
+    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun", "gdd", "snapfusion"],
                    help="'teacher' (50/25/8/4/2 steps with CFG), 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 "
                    "steps), 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, 8/4/2/1 steps with DDIM and "
                    "stochastic sampling, and a sweep over w; needs --adapter) or 'sun' (teacher 50/8/4 steps with CFG vs a SUN "
                    "adapter at 4/8/2 steps, and how a class named as negative prompt disappears; needs --adapter) or 'gdd' "
                    "(one step: teacher 50 and 1 steps with CFG, the Flash student, and each GDD variant given: full, gdd_i, "
-                   "lora; needs --adapter)")
+                   "lora; needs --adapter) or 'snapfusion' (8 steps: teacher 50 and 8 steps with CFG, the guided student, "
+                   "SnapFusion students with CFG: full-size, without CFG-aware distillation, slim; per-pass latency of their "
+                   "UNets and decoders; needs --adapter, and --plan for the block table)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
@@ -513,6 +515,7 @@ def add_bench(subparsers) -> None:
                    help="a student file for the set's student rows; repeat it to give several (each row takes a file of its "
                    "method, GDD's of its variant: the one made for its step count, e.g. one per progressive round, else the "
                    "first; rows with none are left out); flash rows: default the bundled proxy LoRA")
+    p.add_argument("--plan", default=None, help="snapfusion: the `fewstep snap plan --out` file whose block table to include")
     p.set_defaults(run=run_bench_command)
 
 
@@ -524,7 +527,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.set in needs and not args.adapter:
         print(f"error: --set {args.set} needs --adapter: {needs[args.set]}", file=sys.stderr)
         return 2
-    document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter)
+    document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter,
+                         plan=args.plan)
     print(markdown_table(document), end="")
     return 0
 

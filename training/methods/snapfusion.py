@@ -474,6 +474,23 @@ def latency_inputs(pipe, batch_size: int = 2) -> dict:
             "timestep": torch.tensor([500] * batch_size, device=unet.device), **cond}
 
 
+@torch.no_grad()
+def pass_latencies(pipe, students: dict, repeats: int = 20) -> dict:
+    """Seconds per UNet pass (batch 2: one image with CFG) and per decoder pass (one latent) of the teacher and of each
+    SnapFusion student (name -> ``SnapStudent``), interleaved; and each student's as a ratio to the teacher's."""
+    inputs = latency_inputs(pipe, 2)
+    size = pipe.unet.config.sample_size
+    z = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(pipe.vae.device, pipe.vae.dtype)
+    calls = {("unet", "teacher"): lambda: pipe.unet(**inputs), ("decoder", "teacher"): lambda: pipe.vae.decode(z)}
+    for name, student in students.items():
+        calls[("unet", name)] = lambda unet=student.unet: unet(**{**inputs, "sample": inputs["sample"].to(unet.dtype)})
+        if student.decoder is not None:
+            calls[("decoder", name)] = lambda decoder=student.decoder: decoder(z)
+    seconds = interleaved_medians(calls, repeats)
+    return {part: {name: {"seconds": t, "ratio_to_teacher": t / seconds[(part, "teacher")]}
+                   for (p, name), t in seconds.items() if p == part} for part in ("unet", "decoder")}
+
+
 def block_table(pipe, per_class: int = 10, steps: int = 25, cfg_scale: float = 4.0, latency_batch: int = 2,
                 repeats: int = 10, quality: bool = True, progress: bool = True) -> dict:
     """SnapFusion's per-block measurements on ``pipe`` (the robust-trained teacher): for every block, the latency it
