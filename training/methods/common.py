@@ -126,16 +126,34 @@ def provenance(method: str, teacher: str | Path, train_steps: int, images: int, 
             "batch_size": config.batch_size, "fewstep_version": __version__, "config": {k: options[k] for k in fields}}
 
 
-def fit(model: torch.nn.Module, run_dir: Path, batch_fn, config, desc: str, run: dict, total_steps: Optional[int] = None,
-        stop_after: Optional[int] = None, sample_fn=None, lr_scales: Optional[dict[str, float]] = None) -> torch.nn.Module:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a training run runs, whatever it learns: the training loop's mechanics. Every ``train_*`` takes them as
+    keywords (``**run_options``) and the CLI's run flags set them."""
+
+    mixed_precision: str = "no"
+    checkpoint_every: int = 250
+    sample_every: int = 250
+    log_every: int = 25
+    seed: int = 0
+    resume: bool = True
+    progress: bool = True
+    stop_after: Optional[int] = None   # stop, as if killed, after this many steps (resume later)
+
+    def stops_before(self, total_steps: int) -> bool:
+        """Whether ``stop_after`` ends the run before ``total_steps``: then nothing is exported."""
+        return self.stop_after is not None and self.stop_after < total_steps
+
+
+def fit(model: torch.nn.Module, run_dir: Path, batch_fn, config, desc: str, run: RunOptions, total_steps: Optional[int] = None,
+        sample_fn=None, lr_scales: Optional[dict[str, float]] = None) -> torch.nn.Module:
     """The shared loop on ``model(batch, gen)`` with a method config's optimiser options (steps, lr, warmup_steps,
-    grad_clip, ema_decay) and the run mechanics in ``run`` (mixed_precision, checkpoint_every, sample_every,
-    log_every, seed, resume, progress)."""
+    grad_clip, ema_decay) and the run's mechanics."""
     from ..loop import training_loop
 
     return training_loop(run_dir, model, lambda m, b, g: m(b, g), batch_fn, total_steps or config.steps, lr=config.lr,
                          lr_scales=lr_scales, warmup_steps=config.warmup_steps, grad_clip=config.grad_clip,
-                         ema_decay=config.ema_decay, sample_fn=sample_fn, stop_after=stop_after, desc=desc, **run)
+                         ema_decay=config.ema_decay, sample_fn=sample_fn, desc=desc, **dataclasses.asdict(run))
 
 
 def on_main_process(export: Callable[[], object]) -> None:

@@ -38,8 +38,8 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import base_of
 from ..students import sample_student
-from .common import (add_student_lora, load_options, load_teacher_data, on_main_process, provenance, replace_options,
-                     schedule_of, student_lora_modules, teacher_dtype)
+from .common import (RunOptions, add_student_lora, load_options, load_teacher_data, on_main_process, provenance,
+                     replace_options, schedule_of, student_lora_modules, teacher_dtype)
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, teacher_features
 
 log = logging.getLogger("fewstep")
@@ -310,14 +310,7 @@ def train_flash(
     resolution: Optional[int] = None,        # image size for a dataset spec (default: the teacher's native size)
     teacher_config: Optional[str | Path] = None,  # diffusers folder with configs, for single-file teachers
     init_lora: Optional[str | Path] = None,  # a Flash LoRA file to continue from
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 250,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,
-    progress: bool = True,
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Distil ``teacher`` into a Flash LoRA and export it; returns ``out``, or None if stopped by ``stop_after``."""
     from ..loop import training_loop
@@ -325,7 +318,8 @@ def train_flash(
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    distillation = build_distillation(setup.pipe, config, init_lora, teacher_dtype=teacher_dtype(mixed_precision), seed=seed)
+    run = RunOptions(**run_options)
+    distillation = build_distillation(setup.pipe, config, init_lora, teacher_dtype=teacher_dtype(run.mixed_precision), seed=run.seed)
     log.info("Flash student: %s trainable LoRA parameters, discriminator head %s",
              f"{sum(p.numel() for p in distillation.student.parameters() if p.requires_grad):,}",
              f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")
@@ -341,9 +335,8 @@ def train_flash(
     model = training_loop(
         run_dir, distillation, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.total_steps, lr=config.lr,
         lr_scales={"discriminator.": config.disc_lr / config.lr}, grad_clip=config.grad_clip, ema_decay=config.ema_decay,
-        mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every, sample_fn=sample_fn, log_every=log_every,
-        seed=seed, resume=resume, stop_after=stop_after, progress=progress, desc="flash")
-    if stop_after is not None and stop_after < config.total_steps:
+        sample_fn=sample_fn, desc="flash", **dataclasses.asdict(run))
+    if run.stops_before(config.total_steps):
         return None
     on_main_process(lambda: export_flash_lora(model, out, setup.base, provenance(
         "flash", teacher, config.total_steps, len(setup.captions), config,

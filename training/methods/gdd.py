@@ -36,7 +36,7 @@ from ...core.lora import write_lora
 from ...core.parameterization import start_noise_scaling
 from ..diffusers_sampling import UNetDenoiser
 from ..students import sample_student
-from .common import (add_student_lora, fit, load_options, load_teacher_data, on_main_process, provenance,
+from .common import (RunOptions, add_student_lora, fit, load_options, load_teacher_data, on_main_process, provenance,
                      replace_options, schedule_of, student_lora_modules, teacher_dtype)
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, r1_penalty, teacher_features
 
@@ -198,20 +198,14 @@ def train_gdd(
     config: GDDConfig = GDDConfig(),
     resolution: Optional[int] = None,
     teacher_config: Optional[str | Path] = None,
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 250,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,
-    progress: bool = True,
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Train a one-step GDD generator from ``teacher`` and export it; returns ``out``, or None if stopped early."""
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    distillation = build_distillation(setup.pipe, config, teacher_dtype=teacher_dtype(mixed_precision), seed=seed)
+    run = RunOptions(**run_options)
+    distillation = build_distillation(setup.pipe, config, teacher_dtype=teacher_dtype(run.mixed_precision), seed=run.seed)
     log.info("GDD generator (%s): %.1f%% of its parameters trained; discriminator head %s parameters", config.variant,
              100 * trained_fraction(distillation.student), f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")
     preview = setup.preview_captions()
@@ -221,11 +215,9 @@ def train_gdd(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "gdd_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
-    model = fit(distillation, run_dir, setup.batch_fn(config.batch_size), config, "gdd", run, stop_after=stop_after,
+    model = fit(distillation, run_dir, setup.batch_fn(config.batch_size), config, "gdd", run,
                 sample_fn=sample_fn, lr_scales={"discriminator.": config.disc_lr / config.lr})
-    if stop_after is not None and stop_after < config.steps:
+    if run.stops_before(config.steps):
         return None
     on_main_process(lambda: export_gdd_student(model, out, setup.base, provenance(
         "gdd", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS)))

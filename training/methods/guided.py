@@ -40,7 +40,7 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from ..pipelines import PromptEncoder
 from ..students import sample_student
-from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
 
 log = logging.getLogger("fewstep")
 
@@ -274,20 +274,14 @@ def train_guided(
     config: GuidedConfig = GuidedConfig(),
     resolution: Optional[int] = None,        # image size for a dataset spec (default: the teacher's native size)
     teacher_config: Optional[str | Path] = None,  # diffusers folder with configs, for single-file teachers
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 500,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,
-    progress: bool = True,
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Stage 1: distil ``teacher`` into a w-conditioned student and export it; None if stopped by ``stop_after``."""
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    model = build_stage1(setup.pipe, config, seed=seed)
+    run = RunOptions(**run_options)
+    model = build_stage1(setup.pipe, config, seed=run.seed)
     log.info("guided student: %s trainable parameters", f"{sum(p.numel() for p in model.student.parameters()):,}")
     preview = setup.preview_captions()
 
@@ -298,11 +292,8 @@ def train_guided(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "guided_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
-    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "guided stage 1", run, stop_after=stop_after,
-                sample_fn=sample_fn)
-    if stop_after is not None and stop_after < config.steps:
+    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "guided stage 1", run, sample_fn=sample_fn)
+    if run.stops_before(config.steps):
         return None
     on_main_process(lambda: export_guided_student(model.student, model.schedule, config, out, setup.base, config.sample_steps, 1,
                                                   provenance("guided", teacher, config.steps, len(setup.captions), config,
@@ -319,14 +310,7 @@ def train_progressive(
     config: GuidedConfig = GuidedConfig(),
     resolution: Optional[int] = None,
     teacher_config: Optional[str | Path] = None,
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 500,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,        # stop (as if killed) after this many stage-2 steps, counted over all rounds
-    progress: bool = True,
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Stage 2: halve the student's steps round by round down to ``target_steps``; None if stopped by ``stop_after``.
 
@@ -337,8 +321,7 @@ def train_progressive(
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
     schedule = schedule_of(setup.pipe)
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
+    run = RunOptions(**run_options)
     preview = setup.preview_captions()
 
     def build_round(current, steps):
@@ -355,29 +338,31 @@ def train_progressive(
 
     return progressive_rounds(setup, GuidedStudent(setup.pipe, student).unet, lambda path: GuidedStudent(setup.pipe, path).unet,
                               build_round, export, sample, config, run_dir, out, "guided_student.safetensors", "guided stage 2",
-                              run, stop_after)
+                              run)
 
 
 def progressive_rounds(setup, current, load, build_round, export, sample, config, run_dir: Path, out: Path, file_name: str,
-                       desc: str, run: dict, stop_after: Optional[int]) -> Optional[Path]:
+                       desc: str, run: RunOptions) -> Optional[Path]:
     """The rounds of progressive distillation (``config.rounds``, ``config.round_steps`` each), shared by guided
     distillation and SnapFusion: round N trains ``build_round(current, N)`` (its student starts as, and its teacher is,
     the previous round's student) and ``export``s it to ``run_dir/round-NNsteps/file_name``; ``load`` reads such a file
-    back. A round whose file exists is done; a resumed run continues the unfinished round from its checkpoint."""
+    back. A round whose file exists is done; a resumed run continues the unfinished round from its checkpoint;
+    ``run.stop_after`` counts steps over all rounds."""
     import shutil
 
-    if not run["resume"]:
+    if not run.resume:
         for finished in sorted(run_dir.glob("round-*steps")):
             log.warning("starting over: removing %s", finished)
             shutil.rmtree(finished)
     for index, steps in enumerate(config.rounds):
-        round_stop = None if stop_after is None else stop_after - index * config.round_steps
+        done_before = index * config.round_steps
+        round_run = run if run.stop_after is None else dataclasses.replace(run, stop_after=run.stop_after - done_before)
         round_dir = run_dir / f"round-{steps:02d}steps"
         round_file = round_dir / file_name
         if round_file.exists():
             current = load(round_file)
             continue
-        if round_stop is not None and round_stop <= 0:
+        if round_run.stops_before(1):
             return None
         model = build_round(current, steps)
         if config.gradient_checkpointing:
@@ -387,8 +372,8 @@ def progressive_rounds(setup, current, load, build_round, export, sample, config
             setup.save_grid(sample(m, steps), round_dir / "samples" / f"step-{step:08d}.png")
 
         model = fit(model, round_dir, setup.batch_fn(config.batch_size), config, f"{desc}: {2 * steps} -> {steps} steps",
-                    run, total_steps=config.round_steps, stop_after=round_stop, sample_fn=sample_fn)
-        if round_stop is not None and round_stop < config.round_steps:
+                    round_run, total_steps=config.round_steps, sample_fn=sample_fn)
+        if round_run.stops_before(config.round_steps):
             return None
         on_main_process(lambda: export(model, round_file, steps))
         current = load(round_file)

@@ -21,7 +21,7 @@ import torch
 
 from ...core.adapter_file import atomic_write
 from ...core.schedule import select_timesteps
-from .common import fit, load_options, load_teacher_data, on_main_process, replace_options
+from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -177,17 +177,11 @@ def train_decoder(
     data="proxy",                            # only its captions are used: the prompts of the teacher's latents
     resolution: Optional[int] = None,
     teacher_config: Optional[str | Path] = None,
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 500,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,
-    progress: bool = True,
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Prune the decoder to ``config.keep`` of its channels and distil it on teacher-generated latents."""
     config.validate()
+    run = RunOptions(**run_options)
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
     pipe = setup.pipe
@@ -196,11 +190,11 @@ def train_decoder(
         latents = torch.load(cached)
     else:
         latents = teacher_latents(pipe, setup.captions, config.latents, config.latent_steps, config.latent_cfg_scale,
-                                  seed=seed, progress=progress)
+                                  seed=run.seed, progress=run.progress)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(cached, lambda tmp: torch.save(latents, tmp))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         model = DecoderDistillation(pipe.vae, config)
     full, pruned = (sum(p.numel() for p in m.parameters()) for m in (pipe.vae.decoder, model.student.decoder))
     log.info("pruned decoder: %s parameters (the original's %s)", f"{pruned:,}", f"{full:,}")
@@ -209,10 +203,8 @@ def train_decoder(
         return {"latents": latents[torch.randint(0, len(latents), (config.batch_size,), generator=gen)]}
 
     (run_dir / "decoder_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
-    model = fit(model, run_dir, lambda gen: batch_fn(gen), config, "decoder", run, stop_after=stop_after)
-    if stop_after is not None and stop_after < config.steps:
+    model = fit(model, run_dir, batch_fn, config, "decoder", run)
+    if run.stops_before(config.steps):
         return None
     made = {"method": "snapfusion_decoder", "teacher": str(teacher), "keep": config.keep, "train_steps": config.steps,
             "latents": config.latents, "parameters": pruned, "original_parameters": full}

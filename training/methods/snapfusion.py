@@ -32,7 +32,7 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, DiscreteSchedule,
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder, cat_cond
 from ..students import sample_student
-from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
 from .guided import RoundGrid, halving_problems, halving_rounds, progressive_rounds
 from .snap_architecture import SlimArchitecture, build_slim_unet
 
@@ -265,11 +265,11 @@ def train_robust(
     config: SnapConfig = SnapConfig(),
     resolution: Optional[int] = None,
     teacher_config: Optional[str | Path] = None,
-    **run,                                   # training_loop's run options (mixed_precision, checkpoint_every, ..., stop_after)
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """SnapFusion's robust training; writes the fine-tuned pipeline (same architecture, same keys) to ``out``."""
     return _train_student(teacher, data, run_dir, out, config, resolution, teacher_config, None, "robust",
-                          lambda unet: {"robust_training_of": str(teacher)}, **run)
+                          lambda unet: {"robust_training_of": str(teacher)}, **run_options)
 
 
 def train_slim(
@@ -281,7 +281,7 @@ def train_slim(
     config: SnapConfig = SnapConfig(),       # skip_probability applies to the slim UNet's own blocks (0: none skipped)
     resolution: Optional[int] = None,
     teacher_config: Optional[str | Path] = None,
-    **run,
+    **run_options,
 ) -> Optional[Path]:
     """The slim UNet, initialised from the teacher's kept blocks, distilled from the full teacher (plus the data
     loss) while it learns to predict ``config.slim_prediction``; writes a pipeline folder whose UNet config is the slim
@@ -291,21 +291,20 @@ def train_slim(
                 "slim": architecture != SlimArchitecture.of_teacher(unet.config)}
 
     return _train_student(teacher, data, run_dir, out, config, resolution, teacher_config,
-                          lambda unet: build_slim_unet(unet, architecture), "slim", made, config.slim_prediction, **run)
+                          lambda unet: build_slim_unet(unet, architecture), "slim", made, config.slim_prediction, **run_options)
 
 
 def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, teacher_config, make_student, desc: str,
-                   made, student_prediction: Optional[str] = None, mixed_precision: str = "no", checkpoint_every: int = 250, sample_every: int = 500,
-                   log_every: int = 25, seed: int = 0, resume: bool = True, stop_after: Optional[int] = None,
-                   progress: bool = True) -> Optional[Path]:
+                   made, student_prediction: Optional[str] = None, **run_options) -> Optional[Path]:
     from ..teacher import write_pipeline
 
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
     pipe = setup.pipe
+    run = RunOptions(**run_options)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         model = RobustTraining(pipe, config, None if make_student is None else make_student(pipe.unet), student_prediction)
     log.info("%s training: %s student parameters (the teacher's: %s), %d blocks each skipped with probability %g", desc,
              f"{_parameters(model.student):,}", f"{_parameters(model.teacher):,}", len(model.skipping.blocks),
@@ -319,10 +318,8 @@ def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, 
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "snapfusion_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
-    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, desc, run, stop_after=stop_after, sample_fn=sample_fn)
-    if stop_after is not None and stop_after < config.steps:
+    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, desc, run, sample_fn=sample_fn)
+    if run.stops_before(config.steps):
         return None
     made = {**made(pipe.unet), "steps": config.steps, "batch_size": config.batch_size, "images": len(setup.captions),
             "config": dataclasses.asdict(config)}
@@ -389,15 +386,8 @@ def train_step_distillation(
     config: SnapConfig = SnapConfig(),
     resolution: Optional[int] = None,
     teacher_config: Optional[str | Path] = None,
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 500,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,        # stop (as if killed) after this many steps, counted over all rounds
-    progress: bool = True,
     decoder: Optional[str | Path] = None,    # a pruned decoder file (``fewstep snap decoder``) to ship in each student file
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """SnapFusion's step distillation, start_steps -> ... -> target_steps, exporting each round as a snap_student
     file (the last one to ``out``); None if stopped by ``stop_after``."""
@@ -412,8 +402,6 @@ def train_step_distillation(
     made_by = _pipeline_provenance(teacher)
     architecture = made_by.get("architecture")
     preview = setup.preview_captions()
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
 
     def build_round(current, steps):
         return SnapRound(setup.pipe, copy.deepcopy(current).requires_grad_(True), current.requires_grad_(False).eval(),
@@ -434,7 +422,7 @@ def train_step_distillation(
 
     return progressive_rounds(setup, setup.pipe.unet, lambda path: SnapStudent(setup.pipe, path).unet, build_round, export,
                               sample, config, run_dir, out, "snap_student.safetensors", "SnapFusion step distillation",
-                              run, stop_after)
+                              RunOptions(**run_options))
 
 
 def _pipeline_provenance(folder: str | Path) -> dict:

@@ -40,7 +40,7 @@ from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder
 from ..students import sample_student
 from ..sun_attention import attach_sun, new_sun_adapter
-from .common import fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
 
 log = logging.getLogger("fewstep")
 
@@ -265,21 +265,15 @@ def train_sun(
     config: SunConfig = SunConfig(),
     resolution: Optional[int] = None,        # image size for a dataset spec (default: the teacher's native size)
     teacher_config: Optional[str | Path] = None,  # diffusers folder with configs, for single-file teachers
-    mixed_precision: str = "no",
-    checkpoint_every: int = 250,
-    sample_every: int = 500,
-    log_every: int = 25,
-    seed: int = 0,
-    resume: bool = True,
-    stop_after: Optional[int] = None,
-    progress: bool = True,
+    **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Train a SUN adapter for ``teacher`` and export it; None if stopped by ``stop_after``."""
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    run = RunOptions(**run_options)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(run.seed)
         model = SunTraining(setup.pipe, config, schedule_of(setup.pipe), negative_pool(config, setup.captions))
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -295,11 +289,9 @@ def train_sun(
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "sun_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    run = dict(mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, sample_every=sample_every,
-               log_every=log_every, seed=seed, resume=resume, progress=progress)
-    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "SUN", run, stop_after=stop_after,
+    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "SUN", run,
                 sample_fn=sample_fn, lr_scales=model.lr_scales())
-    if stop_after is not None and stop_after < config.steps:
+    if run.stops_before(config.steps):
         return None
     on_main_process(lambda: export_sun_adapter(model.adapter, model.schedule, config, out, setup.base, provenance(
         "sun", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS)))
