@@ -1,6 +1,7 @@
 """Flash Diffusion: the method's schedule, training on real teachers, resume, export through diffusers' and PEFT's loaders."""
 import copy
 import json
+import sys
 
 import pytest
 import torch
@@ -304,7 +305,6 @@ def test_comfyui_loads_every_module_of_our_file_with_its_alpha(base, tmp_path):
     covering every layer a Flash LoRA may adapt in a real-size UNet: every module becomes a patch, with our alpha."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     from .test_lora import real_unet
@@ -353,7 +353,6 @@ def test_a1111_maps_every_kohya_name_to_a_unet_layer(base):
     import ast
     import os
     import re
-    import sys
     from pathlib import Path
 
     from .test_lora import real_unet
@@ -417,3 +416,30 @@ def test_every_trainer_resumes_by_default():
         assert parser.parse_args(["train", kind]).no_resume is False
         assert parser.parse_args(["train", kind, "--resume"]).no_resume is False
         assert parser.parse_args(["train", kind, "--no-resume"]).no_resume is True
+
+
+def test_two_processes_train_stop_resume_and_export_once(tmp_path):
+    """``torchrun``/``accelerate launch`` with two processes (DDP on the CPU, gloo): the run stops, resumes from
+    the main process's checkpoint and exports one file, identical to the uninterrupted two-process run."""
+    import os
+    import subprocess
+
+    teacher = _tiny_teacher(tmp_path)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+    def launch(run_dir, *extra):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                               "fewstep.training.cli", "train", "flash", "--teacher", str(teacher), "--run-dir", str(run_dir),
+                               "--phase-steps", "1,1,1,1", "--batch-size", "2", "--lora-rank", "2", "--teacher-steps", "8",
+                               "--sample-every", "2", "--checkpoint-every", "1", *extra],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    assert "stopped after step 2" in launch(tmp_path / "cut", "--stop-after", "2")
+    assert launch(tmp_path / "cut").count("Flash LoRA written to") == 1
+    launch(tmp_path / "whole")
+    a, b = (load_file(tmp_path / run / "flash_lora.safetensors") for run in ("whole", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in (tmp_path / "whole" / "samples").glob("step-00000002-*.png")) == \
+        ["step-00000002-1steps.png", "step-00000002-2steps.png", "step-00000002-4steps.png"]

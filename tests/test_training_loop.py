@@ -103,3 +103,41 @@ def test_ema_warms_up_like_diffusers_ema_model():
         reference.step(model.parameters())
     for value, expected in zip(ours.shadow.values(), reference.shadow_params):
         torch.testing.assert_close(value, expected)
+
+
+def test_two_processes_draw_their_own_batches_and_train_one_model(tmp_path):
+    """DDP as ``accelerate launch``/``torchrun`` runs it, on the CPU (gloo): each process its own batch, one set of
+    weights, equal to one process stepping on both batches; only the main process writes metrics."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fewstep.training.loop import step_generator
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(Path(__file__).with_name("ddp_worker.py")), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert {r["distributed_type"] for r in ranks} == {"DistributedType.MULTI_CPU"} and ranks[0]["processes"] == 2
+    assert all(a != b for a, b in zip(ranks[0]["first_rows"], ranks[1]["first_rows"]))
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+
+    # The same six steps in one process on the two batches together (DDP averages the per-process mean gradients).
+    reference = Regression()
+    params = [p for p in reference.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    for step in range(6):
+        losses = []
+        for process in range(2):
+            gen = step_generator(0, step, process)
+            losses.append(loss_fn(reference, batch_fn(gen), gen).mean())
+        optimizer.zero_grad()
+        torch.stack(losses).mean().backward()
+        optimizer.step()
+    for name, p in reference.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(torch.tensor(ranks[0]["weights"][name]), p.detach(), atol=1e-6, rtol=1e-5)
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [3, 6]

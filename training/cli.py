@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -888,6 +889,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        # One report per run under accelerate launch / torchrun: the other processes keep only stderr (errors).
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return args.run(args)
     return args.run(args)
 
 

@@ -6,8 +6,10 @@ mixed precision, gradient clipping, EMA, atomic checkpoints and resume, logs, pr
 The loss callable may instead return a dict with the loss under ``"loss"`` and other per-sample terms
 (logged, not optimised); the batch it gets carries the optimiser step under ``"step"`` for phase schedules.
 
-Randomness is drawn from generators seeded by (seed, step), so a run killed and resumed from a checkpoint
-takes exactly the same batches and noise as one that never stopped.
+Randomness is drawn from generators seeded by (seed, step, process), so a run killed and resumed from a
+checkpoint takes exactly the same batches and noise as one that never stopped. Under ``accelerate launch`` (or
+``torchrun``) every process draws its own batch of ``batch_size``, DDP averages their gradients, and only the main
+process writes checkpoints, metrics (averaged over the processes) and previews.
 """
 
 from __future__ import annotations
@@ -32,9 +34,13 @@ BatchFn = Callable[[torch.Generator], dict]
 SampleFn = Callable[[torch.nn.Module, int], None]
 
 
-def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, salt): the source of all per-step randomness."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + salt)
+def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, process): the source of all per-step randomness.
+
+    Process 0 draws what a single-process run draws. Other processes are moved by multiples of the 32-bit golden
+    ratio constant, because the CPU generator keeps only the low 32 bits of its seed (2**40 apart is the same seed).
+    """
+    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 7 + process * 0x9E3779B9) & 0xFFFFFFFF)
 
 
 class EMA:
@@ -171,7 +177,7 @@ def training_loop(
     bar = tqdm(range(start, end), initial=start, total=total_steps, desc=desc, disable=not progress or not accelerator.is_main_process)
     model.train()
     for step in bar:
-        gen = step_generator(seed, step)
+        gen = step_generator(seed, step, accelerator.process_index)
         batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch_fn(gen).items()}
         batch["step"] = step
         for group in optimizer.param_groups:
@@ -193,7 +199,8 @@ def training_loop(
         done = step + 1
         if done % log_every == 0 or done == end:
             n = done % log_every or log_every
-            record = {"step": done, **{k: v / n for k, v in running.items()}, "lr": optimizer.param_groups[0]["lr"],
+            means = accelerator.reduce(torch.tensor(list(running.values()), device=accelerator.device) / n, "mean")
+            record = {"step": done, **dict(zip(running, means.tolist())), "lr": optimizer.param_groups[0]["lr"],
                       "seconds_per_step": (time.perf_counter() - t0) / n}
             running, t0 = {}, time.perf_counter()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
@@ -203,15 +210,19 @@ def training_loop(
             accelerator.log({k: v for k, v in record.items() if k not in ("step", "seconds_per_step")}, step=done)
         if done % checkpoint_every == 0 or done == end:
             checkpoint_now(done)
-        if sample_fn is not None and sample_every and done % sample_every == 0 and done != total_steps:
+        if sample_fn is not None and accelerator.is_main_process and sample_every and done % sample_every == 0 \
+                and done != total_steps:
             _with_ema(accelerator.unwrap_model(model), ema, lambda m: sample_fn(m, done))
     bar.close()
-    accelerator.end_training()
+    # Not accelerator.end_training(): it also destroys the process group, which the export after the loop and the
+    # next loop of a multi-round method still need.
+    for tracker in accelerator.trackers:
+        tracker.finish()
     final = accelerator.unwrap_model(model)
     final.eval()
     if ema is not None:
         ema.copy_to(final)
-    if sample_fn is not None and end == total_steps:
+    if sample_fn is not None and accelerator.is_main_process and end == total_steps:
         sample_fn(final, total_steps)
     return final
 

@@ -97,15 +97,17 @@ def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-class AutoencoderLoss:
-    """Reconstruction (MSE) plus a small KL to N(0, I), as SD's autoencoder (without its GAN term)."""
+class AutoencoderTraining(torch.nn.Module):
+    """The autoencoder with its loss as ``forward``: reconstruction (MSE) plus a small KL to N(0, I), as SD's
+    autoencoder (without its GAN term). In ``forward`` because DDP syncs only gradients of calls through its wrapper."""
 
-    def __init__(self, kl_weight: float = 1e-4):
-        self.kl_weight = kl_weight
+    def __init__(self, vae, kl_weight: float = 1e-4):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
 
-    def __call__(self, vae, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        posterior = vae.encode(batch["pixels"]).latent_dist
-        recon = vae.decode(posterior.sample(generator=gen)).sample
+    def forward(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
+        posterior = self.vae.encode(batch["pixels"]).latent_dist
+        recon = self.vae.decode(posterior.sample(generator=gen)).sample
         mse = (recon - batch["pixels"]).pow(2).flatten(1).mean(1)
         return mse + self.kl_weight * posterior.kl() / posterior.mean[0].numel()
 
@@ -222,9 +224,9 @@ def train_teacher(
     def pixel_batch(gen):
         return {"pixels": pixels[torch.randint(len(pixels), (batch_size,), generator=gen)]}
 
-    vae = training_loop(run_dir / "vae", vae, AutoencoderLoss(), pixel_batch, vae_steps, lr=vae_lr, ema_decay=None,
-                        mixed_precision=mixed_precision, checkpoint_every=checkpoint_every, seed=seed, resume=resume,
-                        progress=progress, desc="autoencoder")
+    vae = training_loop(run_dir / "vae", AutoencoderTraining(vae), lambda m, b, g: m(b, g), pixel_batch, vae_steps,
+                        lr=vae_lr, ema_decay=None, mixed_precision=mixed_precision, checkpoint_every=checkpoint_every,
+                        seed=seed, resume=resume, progress=progress, desc="autoencoder").vae
     vae.requires_grad_(False)
 
     # 2. Latents of the whole set, and SD's scaling factor measured on them (0.18215 for SD1.5's VAE).
@@ -260,7 +262,9 @@ def train_teacher(
     provenance = {"preset": preset, "preset_sizes": asdict(PRESETS[preset]), "vae_steps": vae_steps, "unet_steps": unet_steps,
                   "batch_size": batch_size, "caption_dropout": caption_dropout, "ema_decay": ema_decay,
                   "scaling_factor": scaling_factor, "seed": seed, "captions": len(captions), "images": len(data)}
-    save_pipeline(out, vae, text_encoder, tokenizer, unet, provenance)
+    from .methods.common import on_main_process
+
+    on_main_process(lambda: save_pipeline(out, vae, text_encoder, tokenizer, unet, provenance))
     return out
 
 
@@ -285,7 +289,7 @@ def finetune_teacher(
 ) -> Optional[Path]:
     """Fine-tune a teacher's UNet on a dataset (a style, a subject), as users fine-tune SD1.5 models; VAE and text
     encoder stay as they are. Returns ``out``, or None when stopped early by ``stop_after``."""
-    from .methods.common import load_teacher_data
+    from .methods.common import load_teacher_data, on_main_process
     from .pipelines import base_of
 
     setup = load_teacher_data(teacher, data, teacher_config=teacher_config)
@@ -316,5 +320,6 @@ def finetune_teacher(
         return None
     provenance = {"finetuned_from": str(teacher), "steps": steps, "batch_size": batch_size, "lr": lr,
                   "caption_dropout": caption_dropout, "ema_decay": ema_decay, "seed": seed, "images": len(setup.captions)}
-    save_pipeline(Path(out), pipe.vae, pipe.text_encoder, pipe.tokenizer, unet.requires_grad_(False).eval(), provenance)
+    on_main_process(lambda: save_pipeline(Path(out), pipe.vae, pipe.text_encoder, pipe.tokenizer,
+                                          unet.requires_grad_(False).eval(), provenance))
     return Path(out)
