@@ -34,6 +34,11 @@ FORMAT_VERSION = 1
 KINDS: tuple[str, ...] = ("flash_lora", "sun_adapter", "guided_student", "gdd_student", "snap_student")
 META_PREFIX = "fewstep."
 W_EMBEDDING_KEY = "time_embedding.cond_proj.weight"  # a guided student's w projection (diffusers' time_cond_proj_dim)
+
+
+def without_w_embedding(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A guided student's UNet weights or LoRA without its w projection (which hosts apply on their own)."""
+    return {k: v for k, v in tensors.items() if k != W_EMBEDDING_KEY}
 UNKNOWN_BASE = "unknown"
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -92,6 +97,12 @@ class AdapterMetadata:
         if self.timesteps is not None and steps == self.steps:
             return list(self.timesteps)
         return [int(t) for t in select_timesteps("lcm" if self.timesteps is None else "trailing", steps)]
+
+    @property
+    def lora_weights(self) -> bool:
+        """Whether the file's UNet weights are a LoRA on the base model (kohya keys) rather than whole UNet tensors:
+        Flash/LCM-style files, and guided or GDD students exported as a LoRA."""
+        return self.kind == "flash_lora" or (self.kind in ("guided_student", "gdd_student") and self.extra.get("format") == "lora")
 
     @property
     def consistency_boundary(self) -> bool:

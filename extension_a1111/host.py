@@ -9,8 +9,8 @@ What a run changes in A1111, and how each change is undone:
   negative prompt's features that ``on_cfg_denoiser`` delivers); the modules get their own forward back;
 - for a LoRA outside ``models/Lora``, an entry in the Lora extension's list of networks; removed again;
 - for a whole-UNet student (guided, GDD), the UNet's weights (moved towards the student's by the strength, after the Lora extension
-  has applied the prompt's networks, so that its own weight backups stay the base model's) and its time MLP (with
-  the w offset); the weights are copied back from a CPU copy and the time MLP put back.
+  has applied the prompt's networks, so that its own weight backups stay the base model's); for a guided student
+  (whole or LoRA) its time MLP (with the w offset); the weights are copied back from a CPU copy and the time MLP put back.
 A1111 calls no script hook when a run fails, so the undo list is also run at the start of the next request (every
 request passes through this always-on script). Host modules are imported inside functions.
 """
@@ -306,8 +306,8 @@ def student_keys(unet: torch.nn.Module, adapter: Adapter) -> dict[str, str]:
 
 
 def apply_student(sd_model, active: ActiveRun) -> None:
-    """Once per run, after the prompt's LoRAs are applied: the UNet's weights moved to the student's by the strength,
-    a guided student's w offset on its time MLP."""
+    """Once per run, after the prompt's LoRAs (and a LoRA student's own) are applied: a whole-UNet student's weights
+    moved to the student's by the strength, a guided student's w offset on its time MLP."""
     if active.student_applied:
         return
     active.student_applied = True
@@ -470,7 +470,7 @@ def after_networks(p) -> None:
     if active is None:
         return
     add_lora_to_hires(p)
-    if active.run.unet_weights and not forge.is_forge(p.sd_model):
+    if (active.run.unet_weights or active.run.plan.w is not None) and not forge.is_forge(p.sd_model):
         apply_student(p.sd_model, active)
     if active.run.lora_alias is None:
         return

@@ -116,9 +116,8 @@ def configure(settings: Settings, adapter: Adapter) -> A1111Run:
         infotext[INFOTEXT_NEGATIVE_STRENGTH] = settings.negative_strength
     if plan.w is not None:
         infotext[INFOTEXT_W] = plan.w
-    unet_weights = meta.kind == "guided_student" or (meta.kind == "gdd_student" and meta.extra.get("format") == "unet")
-    is_lora = meta.kind == "flash_lora" or (meta.kind == "gdd_student" and not unet_weights)
-    return A1111Run(settings.adapter, plan, sampler_label(plan.sampler), lora_alias(settings.adapter) if is_lora else None,
+    unet_weights = meta.kind in ("guided_student", "gdd_student") and not meta.lora_weights
+    return A1111Run(settings.adapter, plan, sampler_label(plan.sampler), lora_alias(settings.adapter) if meta.lora_weights else None,
                     skip_negative_pass=plan.model_passes_per_step == 1, infotext=infotext, unet_weights=unet_weights)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, read_adapter
+from ..core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, read_adapter, without_w_embedding
 from ..core.guidance import TimeEmbedWithW, cfg_scale_from_imagen_w, w_conditioning_offset
 from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, convert_lora, detect_layout
 from ..core.parameterization import consistency_boundary_denoised
@@ -87,10 +87,12 @@ def load_adapter(path: str, base: str) -> Adapter:
 
 
 def kohya_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
-    """The LoRA in the kohya layout ComfyUI's loader maps (it ignores PEFT/diffusers keys with a log line)."""
-    if detect_layout(adapter.tensors) == "kohya":
-        return adapter.tensors
-    return convert_lora(adapter.tensors, "kohya", alpha=adapter.metadata.extra.get("alpha"))
+    """The LoRA in the kohya layout ComfyUI's loader maps (it ignores PEFT/diffusers keys with a log line); a guided
+    LoRA's w projection is not part of it."""
+    tensors = without_w_embedding(adapter.tensors)
+    if detect_layout(tensors) == "kohya":
+        return tensors
+    return convert_lora(tensors, "kohya", alpha=adapter.metadata.extra.get("alpha"))
 
 
 def lora_module_names(keys) -> set[str]:
@@ -131,36 +133,39 @@ def add_lora(model, clip, adapter: Adapter, strength: float, notes: list[str]):
 
 
 def add_unet_weights(model, adapter: Adapter, strength: float):
-    """A clone carrying a student's whole UNet (guided, GDD) as weight differences from the model's weights, times
-    ``strength`` (so 0 is the loaded model, 1 the student); every tensor must fit."""
+    """A clone carrying a student's whole UNet (guided, GDD): each weight becomes (1 - strength) of the model's plus
+    ``strength`` of the student's (0: the loaded model, 1: the student); every tensor must fit. The student's weights
+    go in as they are, never as differences from the model's: ComfyUI patches a loaded model's weights in place, so
+    the weights read here may already carry an earlier run's patches."""
     import comfy.utils
 
     name = os.path.basename(adapter.path)
     ldm_of = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)   # diffusers name -> LDM name
-    base = model.model.state_dict()
+    base = model.model.state_dict()   # names, shapes and dtypes only
     patches, unmatched = {}, []
-    for key, value in adapter.tensors.items():
+    for key, value in without_w_embedding(adapter.tensors).items():
         target = "diffusion_model." + ldm_of.get(key, "")
-        if key == W_EMBEDDING_KEY:
-            continue
         if key not in ldm_of or target not in base or base[target].shape != value.shape:
             unmatched.append(key)
             continue
-        patches[target] = ("diff", ((value.float() - base[target].float()).to(base[target].dtype),))
+        patches[target] = ("diff", (value.to(base[target].dtype),))
     if unmatched:
         raise AdapterFileError(f"{name}: {len(unmatched)} UNet tensors do not fit this model (e.g. {unmatched[0]}): "
                                "the student was made for a different model")
     model = model.clone()
-    model.add_patches(patches, strength)
+    model.add_patches(patches, strength_patch=strength, strength_model=1.0 - strength)
     return model
 
 
-def add_guided_student(model, adapter: Adapter, strength: float, w: float):
-    """A clone carrying a guided student's UNet and its w projection at guidance weight ``w``."""
-    model = add_unet_weights(model, adapter, strength)
+def add_guided_student(model, clip, adapter: Adapter, strength: float, w: float, notes: list[str]):
+    """A clone carrying a guided student's UNet (whole weights or a LoRA) and its w projection at guidance weight ``w``."""
+    if adapter.metadata.lora_weights:
+        model, clip = add_lora(model, clip, adapter, strength, notes)
+    else:
+        model = add_unet_weights(model, adapter, strength)
     offset = w_conditioning_offset(adapter.tensors[W_EMBEDDING_KEY].float(), w)
     model.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(model.get_model_object("diffusion_model.time_embed"), offset))
-    return model
+    return model, clip
 
 
 def comfy_unet_config(base: dict, config: dict) -> dict:
@@ -308,8 +313,8 @@ def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: fl
     if plan.kind == "sun_adapter":
         model, sun_patches = add_sun(model, adapter, strength)
     elif plan.kind == "guided_student":
-        model = add_guided_student(model, adapter, strength, plan.w)
-    elif plan.kind == "gdd_student" and adapter.metadata.extra.get("format") == "unet":
+        model, clip = add_guided_student(model, clip, adapter, strength, plan.w, notes)
+    elif plan.kind == "gdd_student" and not adapter.metadata.lora_weights:
         model = add_unet_weights(model, adapter, strength)
     elif plan.kind == "snap_student":
         model = build_snap_model(model, adapter)

@@ -69,6 +69,9 @@ def test_a_guided_student_takes_w_as_input_at_one_pass_per_step():
     assert run.plan.w == 20.0 and "outside the trained range" in run.summary
     with pytest.raises(AdapterFileError, match="is a snap_student; the A1111 extension runs flash_lora, sun_adapter"):
         configure(Settings(enabled=True, adapter="g.safetensors"), _adapter("snap_student"))
+    assert run.unet_weights
+    lora = configure(Settings(enabled=True, adapter="sub/g_lora.safetensors"), _adapter("guided_student", extra={"format": "lora"}))
+    assert lora.lora_tag == "<lora:g_lora:1>" and not lora.unet_weights and lora.plan.w == 6.0   # the host's LoRA loader + w
 
 
 @pytest.mark.parametrize("file_format", ["unet", "lora"])

@@ -28,6 +28,7 @@ from .a1111_host import (A1111Server, ForgeServer, a1111, build_checkpoint, buil
 pytestmark = [pytest.mark.host, pytest.mark.slow]
 
 FLASH, SUN, GUIDED, GDD = "tiny_flash.safetensors", "tiny_sun.safetensors", "tiny_guided.safetensors", "tiny_gdd.safetensors"
+GUIDED_LORA = "tiny_guided_lora.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
 SUN_LAYERS = 4   # the tiny UNet's cross-attention layers: input block 1, the middle block, output blocks 0 and 1
 
@@ -57,6 +58,9 @@ def webui(request, tmp_path_factory):
     assert main(["train", "guided", *teacher, "--run-dir", str(root / "guided"), "--steps", "4", "--batch-size", "2",
                  "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4",
                  "--out", str(work / "models" / "fewstep" / GUIDED)]) == 0
+    assert main(["train", "guided", *teacher, "--run-dir", str(root / "guided-lora"), "--steps", "4", "--batch-size", "2",
+                 "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4", "--lora-rank", "4",
+                 "--out", str(work / "models" / "fewstep" / GUIDED_LORA)]) == 0
     assert main(["train", "gdd", *teacher, "--run-dir", str(root / "gdd"), "--steps", "2", "--batch-size", "2",
                  "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--variant", "gdd_i",
                  "--out", str(work / "models" / "fewstep" / GDD)]) == 0
@@ -140,11 +144,16 @@ def test_sun_adapter_reads_the_negative_prompt_in_one_pass(webui):
     assert (image.astype(int) - weak.astype(int)).any()     # the negative prompt, through the adapter, changes the image
 
 
-def test_a_guided_student_takes_w_and_leaves_the_weights_as_they_were(webui):
+@pytest.mark.parametrize("name", [GUIDED, GUIDED_LORA])
+def test_a_guided_student_takes_w_and_leaves_the_weights_as_they_were(webui, name):
     before, before_info, _, _ = _run(webui, _payload(seed=5))
-    low, info, passes, _ = _run(webui, _payload(seed=5, fewstep=[True, GUIDED, 1.0, 0, 1.0, 2.0]))
-    high, _, _, _ = _run(webui, _payload(seed=5, fewstep=[True, GUIDED, 1.0, 0, 1.0, 8.0]))
-    meta = read_adapter(webui.workdir / "models" / "fewstep" / GUIDED).metadata
+    low, info, passes, log = _run(webui, _payload(seed=5, fewstep=[True, name, 1.0, 0, 1.0, 2.0]))
+    high, _, _, _ = _run(webui, _payload(seed=5, fewstep=[True, name, 1.0, 0, 1.0, 8.0]))
+    adapter = read_adapter(webui.workdir / "models" / "fewstep" / name)
+    meta = adapter.metadata
+    if meta.lora_weights:   # the host's own LoRA loader applies every module; the w projection is ours
+        count = lora_module_count(adapter)
+        assert f"fewstep: LoRA {name[:-12]}: {count} of {count} modules applied" in log
     assert [p["timesteps"] for p in passes] == [[t] for t in meta.timesteps_for(meta.steps)]
     assert all(p["batch"] == 1 for p in passes)
     assert "fewstep w: 2.0" in info and f"Sampler: FewStep {meta.sampler}" in info

@@ -29,7 +29,7 @@ FLASH = "tiny_flash.safetensors"
 FLASH_INFERRED = "tiny_flash_diffusers_layout.safetensors"
 FLASH_WITH_TEXT = "tiny_flash_text_encoder.safetensors"
 WRONG_BASE = "sdxl_flash.safetensors"
-GUIDED = "tiny_guided.safetensors"
+GUIDED, GUIDED_LORA = "tiny_guided.safetensors", "tiny_guided_lora.safetensors"
 SUN = "tiny_sun.safetensors"
 GDD, GDD_LORA = "tiny_gdd.safetensors", "tiny_gdd_lora.safetensors"
 SNAP = "tiny_snap.safetensors"
@@ -68,6 +68,10 @@ def comfy(tmp_path_factory):
     assert main(["train", "guided", "--teacher", str(teacher), "--run-dir", str(root / "guided"), "--steps", "4",
                  "--batch-size", "2", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4",
                  "--out", str(models / "fewstep" / GUIDED)]) == 0
+    # The same as a LoRA with the w projection (--lora-rank).
+    assert main(["train", "guided", "--teacher", str(teacher), "--run-dir", str(root / "guided-lora"), "--steps", "4",
+                 "--batch-size", "2", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0", "--sample-steps", "4",
+                 "--lora-rank", "4", "--out", str(models / "fewstep" / GUIDED_LORA)]) == 0
     # A SUN adapter of the same teacher, in our layout and as the official release lays it out (processor indices).
     assert main(["train", "sun", "--teacher", str(teacher), "--run-dir", str(root / "sun"), "--steps", "3", "--batch-size", "2",
                  "--msc-batch-size", "1", "--msc-teacher-steps", "4", "--sample-every", "0", "--lr", "1e-2", "--ema-decay", "0",
@@ -281,6 +285,26 @@ def test_guided_student_takes_w_as_input(comfy):
                                        ["sample", 0], "guided_ksampler"))
     _assert_success(one_node)
     assert "guidance w = 6.5" in one_node["outputs"]["sample"]["text"][0]   # the file's default w (paper preset)
+
+
+def test_guided_students_whole_and_lora_sample_as_the_training_code_does(comfy):
+    """FewStep KSampler with a whole-UNet guided student and with a LoRA one: the latent our diffusers sampler gives for
+    the same seed, prompt and w (the LoRA through ComfyUI's own LoRA loader, w through the time MLP). The whole student
+    runs again last, on a model ComfyUI still holds patched from the runs before."""
+    from fewstep.training.pipelines import load_teacher
+    from fewstep.training.students import GuidedStudent
+
+    teacher = load_teacher(comfy.teacher)
+    teacher.text_encoder.half().float()   # the checkpoint's text encoder is fp16
+    for name, w in ((GUIDED, 3.0), (GUIDED_LORA, 3.0), (GUIDED, 5.0)):
+        graph = {**_base_graph(), "sample": _ksampler(["empty", 0], seed=3, adapter=name)}
+        graph["sample"]["inputs"]["w"] = w
+        entry, _ = _run(comfy, _outputs(graph, ["sample", 0], f"guided_exact_{name}_{w:g}"))
+        _assert_success(entry)
+        assert f"guidance w = {w:g}" in entry["outputs"]["sample"]["text"][0]
+        ours = GuidedStudent(teacher, comfy.workdir / "models" / "fewstep" / name).latents(["a silhouette of a cat"], [3], w=w)
+        # The random tiny teacher's latents run to the hundreds: the tolerance is relative to their scale.
+        torch.testing.assert_close(_latent(comfy, entry) * 0.18215, ours, rtol=0, atol=1e-3 * float(ours.abs().max()))
 
 
 # The tiny UNet's cross-attention layers as ComfyUI addresses them: one input block, the middle block, two output blocks.

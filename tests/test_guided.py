@@ -261,3 +261,45 @@ def test_stage2_config_and_cli_errors(tiny_teacher, capsys):
     assert G.load_config("paper").rounds == [8, 4, 2, 1]
     assert main(["train", "guided", "--stage", "2", "--teacher", str(tiny_teacher)]) == 2
     assert "--stage 2 needs --student" in capsys.readouterr().err
+
+
+def test_a_lora_student_trains_only_its_lora_and_w_projection_and_stays_a_lora_through_stage_2(tiny_teacher, proxy_data,
+                                                                                                 tmp_path, capsys):
+    """--lora-rank: stage 1 trains a LoRA plus the w projection; the file holds kohya LoRA keys and the projection,
+    samples like the trained module, and stage 2 trains the same LoRA further (one LoRA on the base model at the end)."""
+    config = G.load_config("proxy", **{**TINY, "lora_rank": 4, "start_steps": 4, "target_steps": 2, "round_steps": 2})
+    pipe = load_teacher(tiny_teacher)
+    model = G.build_stage1(pipe, config)
+    trained = {n for n, p in model.student.named_parameters() if p.requires_grad}
+    assert "time_embedding.cond_proj.weight" in trained and all(".lora_" in n for n in trained - {"time_embedding.cond_proj.weight"})
+    assert len(trained) > 1 and not any(p.requires_grad for p in model.teacher.parameters())
+
+    out = G.train_guided(tiny_teacher, proxy_data, tmp_path / "run", tmp_path / "lora.safetensors", config, sample_every=0,
+                         progress=False)
+    adapter = read_adapter(out, expected_base="sd15", expected_kinds=["guided_student"])
+    meta = adapter.metadata
+    assert meta.lora_weights and meta.extra["rank"] == 4 and meta.extra["targets"] == ["to_k", "to_out.0", "to_q", "to_v"]
+    assert all(k.startswith("lora_unet_") for k in adapter.tensors if k != "time_embedding.cond_proj.weight")
+    assert adapter.tensors["time_embedding.cond_proj.weight"].abs().max() > 0   # the projection learnt
+    whole = G.load_config("proxy", **TINY)
+    full_file = G.export_guided_student(G.build_stage1(pipe, whole).student, G.schedule_of(pipe), whole, tmp_path / "f.safetensors",
+                                        "sd15", 4, 1, {})
+    assert not full_file.lora_weights
+    assert out.stat().st_size < 0.5 * (tmp_path / "f.safetensors").stat().st_size
+
+    # The file samples what the module it was exported from samples (LoRA merged into the teacher's UNet).
+    trained_unet = G.load_guided_unet(pipe, out, config)
+    captions, seeds = ["a handwritten digit three", "a silhouette of a cat"], [0, 1]
+    student = load_student(pipe, out)
+    module = G.GuidedStage1(pipe, trained_unet.eval(), pipe.unet, config, G.schedule_of(pipe))
+    torch.testing.assert_close(student.latents(captions, seeds, 2, w=2.0), module.sample(captions, seeds, 2, 2.0),
+                               atol=2e-3, rtol=1e-3)   # the file is fp16
+
+    final = G.train_progressive(tiny_teacher, out, proxy_data, tmp_path / "rounds", tmp_path / "final.safetensors", config,
+                                sample_every=0, progress=False)
+    rounded = read_adapter(final)
+    assert rounded.metadata.lora_weights and rounded.metadata.steps == 2 and rounded.tensors.keys() == adapter.tensors.keys()
+    assert any(not torch.equal(rounded.tensors[k], adapter.tensors[k]) for k in adapter.tensors)
+    assert main(["train", "guided", "--stage", "2", "--teacher", str(tiny_teacher), "--student", str(out),
+                 "--lora-rank", "8", "--run-dir", str(tmp_path / "x")]) == 2
+    assert "--lora-rank is a stage-1 option" in capsys.readouterr().err

@@ -251,7 +251,7 @@ def add_train_guided(methods) -> None:
         "convention: CFG scale s = 1 + w). Stage 2: progressive distillation, the student of each round takes one DDIM step "
         "where the previous one takes two, halving the steps from --start-steps to --target-steps with w kept as an input; "
         "each round writes RUN_DIR/round-NNsteps/guided_student.safetensors. Writes one adapter file (kind guided_student: "
-        "the UNet with its w-embedding + fewstep metadata). Precedence: preset < --config FILE < flags. Rerun the same "
+        "the UNet, or with --lora-rank a LoRA, with its w-embedding + fewstep metadata). Precedence: preset < --config FILE < flags. Rerun the same "
         "command to resume.",
     )
     p.add_argument("--stage", type=int, default=1, choices=[1, 2],
@@ -265,7 +265,13 @@ def add_train_guided(methods) -> None:
     group.add_argument("--default-w", type=float, default=None, help="the w the exported file proposes (paper preset: 6.5)")
     group.add_argument("--loss-space", default=None, choices=["x", "eps"],
                        help="x: x0 error weighted by max(SNR, 1), the paper's; eps: the implied noise's MSE")
-    _add_optimiser_args(group, lr_help="learning rate (whole UNet)", warmup_help="linear learning-rate warm-up (per stage-2 round)")
+    group.add_argument("--lora-rank", type=int, default=None,
+                       help="stage 1: train a LoRA of this rank plus the w projection instead of the whole UNet (0, the "
+                       "default: whole UNet); the file is a few MB and loads onto the base model. Stage 2 keeps the "
+                       "student file's own form")
+    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    group.add_argument("--lora-targets", type=_str_list, default=None, help="comma-separated module names (default: to_q,to_k,to_v,to_out.0)")
+    _add_optimiser_args(group, lr_help="learning rate", warmup_help="linear learning-rate warm-up (per stage-2 round)")
     group.add_argument("--start-steps", type=int, default=None, help="stage 2: the step count the first round halves (default 16)")
     group.add_argument("--target-steps", type=int, default=None, help="stage 2: the last round's step count (default 1)")
     group.add_argument("--round-steps", type=int, default=None, help="stage 2: optimiser steps per round")
@@ -365,7 +371,7 @@ FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phas
                "batch_size", "gradient_checkpointing")
 
 
-GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "steps", "lr", "warmup_steps", "batch_size", "ema_decay", "start_steps",
+GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "lora_rank", "lora_alpha", "lora_targets", "steps", "lr", "warmup_steps", "batch_size", "ema_decay", "start_steps",
                 "target_steps", "round_steps", "sampler", "sample_steps", "gradient_checkpointing")
 
 
@@ -394,6 +400,10 @@ def run_train_guided(args: argparse.Namespace) -> int:
                                  guided.train_guided, "guided student written to {out}; try: fewstep bench --set guided --adapter {out}")
     if not args.student:
         print("error: --stage 2 needs --student: the guided_student file of stage 1 (or of a later round)", file=sys.stderr)
+        return 2
+    if args.lora_rank is not None:
+        print("error: --lora-rank is a stage-1 option; stage 2 keeps the form of the --student file (whole UNet or LoRA)",
+              file=sys.stderr)
         return 2
     return _run_distillation(args, "guided", guided.load_config, GUIDED_FLAGS, "guided_student.safetensors",
                              lambda **kw: guided.train_progressive(student=args.student, **kw),

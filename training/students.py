@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.adapter_file import Adapter, AdapterFileError, describe, read_adapter, read_header
+from ..core.adapter_file import (W_EMBEDDING_KEY, Adapter, AdapterFileError, describe, read_adapter, read_header,
+                                 without_w_embedding)
 from ..core.guidance import cfg_scale_from_imagen_w
 from ..core.lora import merge_lora, read_lora
 from ..core.parameterization import start_noise_scaling
@@ -98,7 +99,8 @@ class AdaptedTeacher(_Student):
 
 
 class GuidedStudent(_Student):
-    """A ``guided_student`` file: the teacher's UNet architecture plus a w-embedding, one pass per step with w as input."""
+    """A ``guided_student`` file: the teacher's UNet architecture plus a w-embedding, one pass per step with w as input.
+    The file holds the whole UNet, or a LoRA merged into the teacher's."""
 
     def __init__(self, pipe, adapter_path: str | Path):
         from diffusers import UNet2DConditionModel
@@ -108,7 +110,12 @@ class GuidedStudent(_Student):
         meta = self.adapter.metadata
         self.embedding_dim = int(meta.extra["embedding_dim"])
         self.unet = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=self.embedding_dim)
-        load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
+        if meta.lora_weights:
+            load_unet_weights(self.unet, {**pipe.unet.state_dict(), W_EMBEDDING_KEY: self.adapter.tensors[W_EMBEDDING_KEY]},
+                              Path(adapter_path).name)
+            merge_lora(self.unet, read_lora(without_w_embedding(self.adapter.tensors))[0])
+        else:
+            load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
         self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
         self.prompts = PromptEncoder(pipe)

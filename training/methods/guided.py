@@ -33,14 +33,16 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...core.adapter_file import AdapterMetadata, write_adapter
+from ...core.adapter_file import W_EMBEDDING_KEY, AdapterMetadata, without_w_embedding, write_adapter
+from ...core.lora import write_lora
 from ...core.guidance import cfg_scale_from_imagen_w
 from ...core.parameterization import append_dims, ddim_step, distillation_weight, progressive_distillation_target
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from ..pipelines import PromptEncoder
 from ..students import sample_student
-from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from .common import (RunOptions, add_student_lora, fit, load_options, load_teacher_data, on_main_process, provenance,
+                     replace_options, schedule_of, student_lora_modules)
 
 log = logging.getLogger("fewstep")
 
@@ -59,7 +61,12 @@ class GuidedConfig:
     default_w: float = 6.5                          # what the exported file proposes (CFG scale 7.5)
     embedding_dim: int = 256                        # width of w's sinusoidal features (time_cond_proj_dim)
     loss_space: str = "x"                           # x: truncated-SNR-weighted x0 error (paper) | eps: noise MSE
-    # Stage 1 optimisation: the whole UNet is trained.
+    # The student: the whole UNet (lora_rank 0), or a LoRA on the teacher plus the w projection: a file of a few MB
+    # that loads onto the base model. Stage 2 continues the student file's own LoRA.
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None              # default: the rank
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # Stage 1 optimisation.
     steps: int = 10000
     lr: float = 1e-5
     warmup_steps: int = 0                           # linear learning-rate warm-up (each stage-2 round starts near its optimum)
@@ -87,6 +94,8 @@ class GuidedConfig:
             problems.append(f"sampler {self.sampler!r} is not one of {', '.join(GUIDED_SAMPLERS)}")
         if self.warmup_steps < 0:
             problems.append("warmup_steps must not be negative")
+        if self.lora_rank < 0:
+            problems.append("lora_rank must be 0 (the whole UNet) or positive")
         if min(self.steps, self.batch_size, self.embedding_dim, self.sample_steps, self.round_steps, self.target_steps) < 1:
             problems.append("steps, batch_size, embedding_dim, sample_steps, round_steps and target_steps must be positive")
         else:
@@ -100,6 +109,10 @@ class GuidedConfig:
     @property
     def rounds(self) -> list[int]:
         return halving_rounds(self.start_steps, self.target_steps)
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
 
 def halving_problems(start_steps: int, target_steps: int) -> list[str]:
@@ -145,6 +158,17 @@ def add_w_embedding(unet, embedding_dim: int):
                          f"unexpected {result.unexpected_keys[:3]}")
     torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
     return student.to(unet.device, unet.dtype)
+
+
+def trainable(student, lora: bool):
+    """The student with ``requires_grad`` where it learns: everywhere, or (a LoRA student) the LoRA and the w projection."""
+    if not lora:
+        return student.requires_grad_(True).train()
+    student.requires_grad_(False)
+    for name, param in student.named_parameters():
+        if ".lora_" in name or name == W_EMBEDDING_KEY:
+            param.requires_grad_(True)
+    return student.train()
 
 
 class _GuidedModule(torch.nn.Module):
@@ -245,7 +269,10 @@ def build_stage1(pipe, config: GuidedConfig, seed: int = 0) -> GuidedStage1:
     teacher = pipe.unet.requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        student = add_w_embedding(teacher, config.embedding_dim).requires_grad_(True).train()
+        student = add_w_embedding(teacher, config.embedding_dim)
+        if config.lora_rank:
+            student = add_student_lora(student, config)
+        student = trainable(student, bool(config.lora_rank))
     if config.gradient_checkpointing:
         student.enable_gradient_checkpointing()
     return GuidedStage1(pipe, student, teacher, config, schedule_of(pipe))
@@ -253,16 +280,49 @@ def build_stage1(pipe, config: GuidedConfig, seed: int = 0) -> GuidedStage1:
 
 def export_guided_student(student, schedule: DiscreteSchedule, config: GuidedConfig, path: str | Path, base: str,
                           steps: int, stage: int, provenance: dict) -> AdapterMetadata:
-    """A w-conditioned student UNet (diffusers keys, fp16) + metadata as one fewstep adapter file (atomic write)."""
+    """A w-conditioned student as one fewstep adapter file (atomic write): its whole UNet (diffusers keys, fp16), or
+    for a LoRA student its LoRA (kohya keys, which the UIs' LoRA loaders map) and the w projection."""
+    extra = {"embedding_dim": config.embedding_dim, "stage": stage, "cfg_scale": 1.0}
+    if is_lora_student(student):
+        modules = student_lora_modules(student, config)
+        tensors = {**write_lora(modules, "kohya"), W_EMBEDDING_KEY: student.get_parameter(W_EMBEDDING_KEY).detach()}
+        extra.update(format="lora", rank=max(m.rank for m in modules.values()), alpha=next(iter(modules.values())).alpha,
+                     targets=sorted({"to_out.0" if name.endswith(".to_out.0") else name.rsplit(".", 1)[-1] for name in modules}))
+    else:
+        tensors = student.state_dict()
+        extra.update(format="unet", layout="diffusers_unet")
     meta = AdapterMetadata(
         kind="guided_student", base=base, prediction=schedule.prediction_type, sampler=config.sampler,
         steps=steps, timesteps=select_timesteps("trailing", steps), provenance=provenance,
         guidance={"convention": "imagen", "w_min": config.w_min, "w_max": config.w_max, "default_w": config.default_w},
-        extra={"embedding_dim": config.embedding_dim, "layout": "diffusers_unet", "stage": stage, "cfg_scale": 1.0},
+        extra=extra,
     )
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in student.state_dict().items()}
-    write_adapter(path, tensors, meta)
+    write_adapter(path, {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, meta)
     return meta
+
+
+def is_lora_student(unet) -> bool:
+    return any(".lora_" in name for name, _ in unet.named_parameters())
+
+
+def load_guided_unet(pipe, path: str | Path, config: GuidedConfig):
+    """The w-conditioned UNet of a guided_student file, to train further: its whole weights, or the teacher's UNet
+    with the file's LoRA as a live (PEFT) adapter, so that a round continues the same LoRA."""
+    from ...core.adapter_file import read_adapter
+    from ...core.lora import read_lora
+    from ..pipelines import base_of
+    from ..students import GuidedStudent
+
+    adapter = read_adapter(path, expected_base=base_of(pipe), expected_kinds=["guided_student"])
+    if not adapter.metadata.lora_weights:
+        return GuidedStudent(pipe, path).unet
+    extra = adapter.metadata.extra
+    unet = add_w_embedding(pipe.unet, int(extra["embedding_dim"]))
+    modules, _ = read_lora(without_w_embedding(adapter.tensors))
+    unet = add_student_lora(unet, config.replace(lora_rank=int(extra["rank"]), lora_alpha=float(extra["alpha"])), init=modules)
+    with torch.no_grad():
+        unet.get_parameter(W_EMBEDDING_KEY).copy_(adapter.tensors[W_EMBEDDING_KEY])
+    return unet
 
 
 
@@ -313,10 +373,9 @@ def train_progressive(
     **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Stage 2: halve the student's steps round by round down to ``target_steps``; None if stopped by ``stop_after``.
+    A LoRA student stays one: each round trains the same LoRA further.
 
     A round whose student file exists is done; a resumed run continues the unfinished round from its checkpoint."""
-    from ..students import GuidedStudent
-
     config.validate()
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
@@ -325,8 +384,8 @@ def train_progressive(
     preview = setup.preview_captions()
 
     def build_round(current, steps):
-        return ProgressiveRound(setup.pipe, copy.deepcopy(current).requires_grad_(True), current.requires_grad_(False).eval(),
-                                config, schedule, steps)
+        return ProgressiveRound(setup.pipe, trainable(copy.deepcopy(current), is_lora_student(current)),
+                                current.requires_grad_(False).eval(), config, schedule, steps)
 
     def sample(m, steps) -> torch.Tensor:
         return m.sample(preview, list(range(len(preview))), steps, config.default_w)
@@ -336,8 +395,10 @@ def train_progressive(
                               {**provenance("guided", teacher, config.round_steps, len(setup.captions), config, PROVENANCE_FIELDS),
                                "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"})
 
-    return progressive_rounds(setup, GuidedStudent(setup.pipe, student).unet, lambda path: GuidedStudent(setup.pipe, path).unet,
-                              build_round, export, sample, config, run_dir, out, "guided_student.safetensors", "guided stage 2",
+    def load(path):
+        return load_guided_unet(setup.pipe, path, config)
+
+    return progressive_rounds(setup, load(student), load, build_round, export, sample, config, run_dir, out, "guided_student.safetensors", "guided stage 2",
                               run)
 
 
