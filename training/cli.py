@@ -217,9 +217,17 @@ def _add_teacher_args(p, method: str, out_name: str, label: str, out_what: str =
                    help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
     p.add_argument("--teacher-config", default=None,
                    help="for a single-file teacher: a diffusers folder of the same base model to take configs and tokenizer from")
-    p.add_argument("--data", default="proxy",
-                   help="'proxy' (bundled digits + animals), a folder of images with .txt captions / metadata.jsonl, "
-                   "or webdataset shards ('shards/*.tar')")
+    p.add_argument("--data", default=None,
+                   help="'proxy' (bundled digits + animals, the default), a folder of images with .txt captions / "
+                   "metadata.jsonl (a `fewstep synth` folder too, images or latents), or webdataset shards ('shards/*.tar')")
+    p.add_argument("--data-free", default=None, metavar="PROMPTS",
+                   help="no dataset: the teacher first writes its own (latents) into RUN_DIR/synth from these prompts "
+                   "(a text file, one per line, or a built-in set: proxy, proxy-classes), then the method trains on it; "
+                   "a rerun continues both")
+    p.add_argument("--synth-count", type=int, default=10000, help="--data-free: samples in the set")
+    p.add_argument("--synth-steps", type=int, default=25, help="--data-free: teacher sampling steps (DDIM)")
+    p.add_argument("--synth-cfg", type=float, default=None,
+                   help="--data-free: the teacher's CFG scale (default: 4 for the bundled teacher, 7.5 otherwise)")
     p.add_argument("--resolution", type=int, default=None, help="training image size (default: the teacher's native size)")
     p.add_argument("--run-dir", default=f"runs/{method}", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
     p.add_argument("--out", default=None, help=f"{out_what} to write (default: RUN_DIR/{out_name})")
@@ -442,6 +450,7 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
     from ..core.adapter_file import AdapterFileError
     from .bench import BUNDLED_TEACHER
     from .pipelines import TeacherError
+    from .synth import SynthError
 
     teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
     preset = args.preset or ("proxy" if teacher.resolve() == BUNDLED_TEACHER.resolve() else "paper")
@@ -453,21 +462,53 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.data_free and args.data:
+        print("error: --data and --data-free exclude each other: train on a dataset, or on one the teacher writes", file=sys.stderr)
+        return 2
     out = args.out or str(Path(args.run_dir) / out_name)
-    options = {"teacher": str(teacher), "data": args.data, "preset": preset, "run_dir": args.run_dir, "out": out,
+    data = str(Path(args.run_dir) / "synth") if args.data_free else args.data or "proxy"
+    options = {"teacher": str(teacher), "data": data, "preset": preset, "run_dir": args.run_dir, "out": out,
                "mixed_precision": _mixed_precision(args.mixed_precision), method: dataclasses.asdict(config)}
+    if args.data_free:
+        options["synth"] = {"prompts": args.data_free, "count": args.synth_count, "steps": args.synth_steps,
+                            "cfg_scale": _synth_cfg(args.synth_cfg, teacher)}
     if _announce(args.run_dir, options, args.dry_run):
         return 0
     try:
-        result = train(teacher=teacher, data=args.data, run_dir=args.run_dir, out=out, config=config, resolution=args.resolution,
+        if args.data_free:
+            _synthesize(teacher, args.teacher_config, args.data_free, data, args.synth_count, args.synth_steps,
+                        options["synth"]["cfg_scale"], layout="latents", seed=args.seed)
+        result = train(teacher=teacher, data=data, run_dir=args.run_dir, out=out, config=config, resolution=args.resolution,
                        teacher_config=args.teacher_config, mixed_precision=options["mixed_precision"],
                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, seed=args.seed,
                        resume=not args.no_resume, stop_after=args.stop_after)
-    except (TeacherError, AdapterFileError) as exc:
+    except (TeacherError, AdapterFileError, SynthError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(done.format(out=result) if result else f"stopped after step {args.stop_after}; rerun to continue")
     return 0
+
+
+def _synth_cfg(cfg: Optional[float], teacher) -> float:
+    from pathlib import Path
+
+    from .bench import BUNDLED_TEACHER, DEFAULT_CFG_SCALE
+
+    if cfg is not None:
+        return cfg
+    return DEFAULT_CFG_SCALE if Path(teacher).resolve() == Path(BUNDLED_TEACHER).resolve() else 7.5
+
+
+def _synthesize(teacher, teacher_config, prompts: str, out: str, count: int, steps: int, cfg_scale: float, layout: str,
+                seed: int = 0, negative: str = "", batch_size: int = 16) -> dict:
+    """Load the teacher and write (or finish) a synthesized set; problems with the prompts or the folder raise SynthError."""
+    from .pipelines import base_of, load_teacher
+    from .synth import SynthSettings, read_prompts, synthesize
+
+    pipe = load_teacher(teacher, config=teacher_config)
+    settings = SynthSettings(teacher=str(teacher), base=base_of(pipe), prompts=prompts, count=count, steps=steps,
+                             cfg_scale=cfg_scale, negative=negative, seed=seed, layout=layout)
+    return synthesize(pipe, settings, read_prompts(prompts), out, batch_size=batch_size)
 
 
 def run_train_teacher(args: argparse.Namespace) -> int:
@@ -876,6 +917,56 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def add_synth(subparsers) -> None:
+    p = subparsers.add_parser(
+        "synth", help="let the teacher write a training set from prompts alone (no dataset needed)",
+        description="Sample the teacher (DDIM with CFG) and write a dataset that every `fewstep train` method reads with "
+        "--data OUT: images with same-name .txt captions and .json records (seed and settings), or with --latents the "
+        "latents only (no VAE round trip). Sample i takes prompt i (the list repeats) and seed --seed + i, so a set is "
+        "reproducible; rerun the same command to continue a stopped run (nothing is written twice or skipped). Runs on "
+        "several GPUs under `accelerate launch`.")
+    p.add_argument("--teacher", default=None,
+                   help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
+    p.add_argument("--teacher-config", default=None,
+                   help="for a single-file teacher: a diffusers folder of the same base model to take configs and tokenizer from")
+    p.add_argument("--prompts", required=True,
+                   help="a text file with one prompt per line (# comments and blank lines skipped), or a built-in set: "
+                   "proxy (the bundled training captions), proxy-classes (its 20 classes)")
+    p.add_argument("--count", "--n", dest="count", type=int, required=True,
+                   help="samples in the set (spell it --count under torchrun / accelerate launch: they take --n for theirs)")
+    p.add_argument("--steps", type=int, default=25, help="teacher sampling steps (DDIM, trailing timesteps)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 4 for the bundled teacher, 7.5 otherwise)")
+    p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
+    p.add_argument("--seed", type=int, default=0, help="sample i has seed SEED + i")
+    p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch")
+    p.add_argument("--latents", action="store_true", help="write the latents only (for training; no images to look at)")
+    p.add_argument("--out", required=True, help="the dataset folder (new, or one this command wrote with the same settings)")
+    p.set_defaults(run=run_synth)
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import BUNDLED_TEACHER
+    from .pipelines import TeacherError
+    from .synth import SynthError
+
+    teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
+    if args.count < 1 or args.steps < 1 or args.batch_size < 1:
+        print("error: --count, --steps and --batch-size must be positive", file=sys.stderr)
+        return 2
+    try:
+        report = _synthesize(teacher, args.teacher_config, args.prompts, args.out, args.count, args.steps,
+                             _synth_cfg(args.cfg, teacher), "latents" if args.latents else "images", args.seed, args.negative,
+                             args.batch_size)
+    except (TeacherError, SynthError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{report['count']} samples in {args.out} ({report['written']} written now, {report['already_there']} were there, "
+          f"{report['seconds']} s); train on them with: fewstep train <method> --data {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fewstep",
@@ -890,6 +981,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export(subparsers)
     add_quickstart(subparsers)
     add_snap(subparsers)
+    add_synth(subparsers)
     return parser
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
@@ -15,6 +16,7 @@ import torch
 from ...core.lora import read_lora, write_lora
 from ...core.schedule import DiscreteSchedule
 
+log = logging.getLogger("fewstep")
 Config = TypeVar("Config")
 
 
@@ -94,17 +96,39 @@ class TeacherData:
 
 def load_teacher_data(teacher: str | Path, data, resolution: Optional[int] = None,
                       teacher_config: Optional[str | Path] = None) -> TeacherData:
-    """The teacher (diffusers folder or single file) and a dataset (object or spec) encoded by its VAE."""
+    """The teacher (diffusers folder or single file) and a dataset (object or spec) encoded by its VAE; a latents
+    set from ``fewstep synth`` is taken as it is (no VAE round trip)."""
     from ..pipelines import base_of, load_teacher
+    from ..synth import is_latent_set
     from ..teacher import encode_dataset, to_pixels
 
     pipe = load_teacher(teacher, config=teacher_config)
+    if isinstance(data, (str, Path)) and is_latent_set(data):
+        return _latent_teacher_data(pipe, data, teacher, resolution)
     if isinstance(data, str):
         from ..data import load_dataset
 
         data = load_dataset(data, size=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     mean, std = encode_dataset(pipe.vae, to_pixels(data.images))
     return TeacherData(pipe, base_of(pipe), mean, std, list(data.captions))
+
+
+def _latent_teacher_data(pipe, path, teacher, resolution: Optional[int]) -> TeacherData:
+    """A ``fewstep synth --latents`` set as training data: its latents are exact (no posterior spread)."""
+    from ..pipelines import base_of
+    from ..synth import SynthError, read_latent_set
+
+    synth = read_latent_set(path)
+    base, unet = base_of(pipe), pipe.unet.config
+    shape = (unet.in_channels, unet.sample_size, unet.sample_size)
+    size = unet.sample_size * pipe.vae_scale_factor
+    if synth.settings.base != base or tuple(synth.latents.shape[1:]) != shape or resolution not in (None, size):
+        raise SynthError(f"{path}: latents of a {synth.settings.base} teacher, shaped {tuple(synth.latents.shape[1:])}; this "
+                         f"run needs {base} latents shaped {shape} ({size} px): synthesize the set with this teacher")
+    if Path(synth.settings.teacher).resolve() != Path(teacher).resolve():
+        log.warning("%s was synthesized by %s, not by the teacher of this run (%s)", path, synth.settings.teacher, teacher)
+    mean = synth.latents.float() / pipe.vae.config.scaling_factor
+    return TeacherData(pipe, base, mean, torch.zeros_like(mean), synth.captions)
 
 
 def teacher_dtype(mixed_precision: str) -> torch.dtype:

@@ -1,0 +1,225 @@
+"""A training set written by the teacher itself, from prompts alone (``fewstep synth``, ``train <method> --data-free``).
+
+Sample i takes prompt i (the prompt list repeats when it is shorter than the set) and seed ``seed + i``, so a set is
+reproducible and a killed run continues where it stopped: a sample exists once its caption file is written, which
+happens last and atomically. Under ``accelerate launch`` process k of P writes the chunks k, k + P, ... of the
+missing samples.
+
+Two layouts, both read by every method through ``methods.common.load_teacher_data``:
+
+- ``images``: ``000000.png`` with ``000000.txt`` (its caption; the folder-with-captions layout any trainer reads) and
+  ``000000.json`` (its seed and settings);
+- ``latents``: the teacher's latents without the VAE round trip, ``latents-<first index>.safetensors`` per chunk
+  (tensor ``latents``, scaled as the UNet sees them; metadata: the samples' indices, captions and seeds).
+
+``fewstep_synth.json`` records the settings; a rerun with other settings into the same folder is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+log = logging.getLogger("fewstep")
+
+SETTINGS_FILE = "fewstep_synth.json"
+LAYOUTS = ("images", "latents")
+BUILTIN_PROMPTS = ("proxy", "proxy-classes")
+
+
+class SynthError(ValueError):
+    """A synthesized set cannot be written or read as asked (prompts, folder, settings)."""
+
+
+@dataclass(frozen=True)
+class SynthSettings:
+    """What a synthesized set is made with; two runs into one folder must agree on all of it but ``count``."""
+
+    teacher: str
+    base: str
+    prompts: str            # the prompt file or built-in set the captions came from
+    count: int              # samples in the set
+    steps: int = 25         # teacher sampling steps (DDIM, trailing timesteps)
+    cfg_scale: float = 7.5  # diffusers convention (1: no guidance)
+    negative: str = ""      # the unconditional prompt of CFG
+    seed: int = 0           # sample i has seed seed + i
+    layout: str = "images"  # images | latents
+
+    def differences(self, other: "SynthSettings") -> list[str]:
+        mine, theirs = asdict(self), asdict(other)
+        return [f"{k} {theirs[k]!r} (now {mine[k]!r})" for k in mine if k != "count" and mine[k] != theirs[k]]
+
+
+def read_prompts(source: str) -> list[str]:
+    """A text file with one prompt per line (blank lines and lines starting with # skipped), or a built-in set:
+    ``proxy`` (the bundled training set's captions, in its order and class mix), ``proxy-classes`` (its 20 classes)."""
+    from .data import PROXY_CLASSES, load_proxy_dataset
+
+    if source == "proxy":
+        return list(load_proxy_dataset("train").captions)
+    if source == "proxy-classes":
+        return list(PROXY_CLASSES)
+    path = Path(source)
+    if not path.is_file():
+        raise SynthError(f"prompts {source!r}: no such file and not a built-in set ({', '.join(BUILTIN_PROMPTS)}); "
+                         "pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise SynthError(f"{path}: holds no prompts (one per line; blank lines and # comments are skipped)")
+    return prompts
+
+
+def done_indices(out: Path) -> set[int]:
+    """The samples already in ``out`` (complete ones only)."""
+    done = {int(p.stem) for p in out.glob("[0-9]*.txt") if p.with_suffix(".png").is_file()}
+    for chunk in out.glob("latents-*.safetensors"):
+        done.update(_chunk_metadata(chunk)["indices"])
+    return done
+
+
+def _chunk_metadata(path: Path) -> dict:
+    from ..core.adapter_file import read_header
+
+    return json.loads(read_header(path).metadata["fewstep.synth"])
+
+
+def synthesize(pipe, settings: SynthSettings, prompts: Sequence[str], out: str | Path, batch_size: int = 16,
+               progress: bool = True) -> dict:
+    """Write the samples of ``settings.count`` that ``out`` lacks; returns a report (written, already there, seconds)."""
+    import time
+
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from ..core.adapter_file import atomic_write
+
+    if settings.layout not in LAYOUTS:
+        raise SynthError(f"layout {settings.layout!r} is not one of {', '.join(LAYOUTS)}")
+    out, state = Path(out), PartialState()
+    _check_settings(out, settings)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / SETTINGS_FILE, lambda tmp: Path(tmp).write_text(json.dumps(asdict(settings), indent=2) + "\n"))
+    state.wait_for_everyone()
+    done = done_indices(out)
+    missing = [i for i in range(settings.count) if i not in done]
+    chunks = [missing[k:k + batch_size] for k in range(0, len(missing), batch_size)][state.process_index::state.num_processes]
+    pipe.to(state.device)
+    started = time.perf_counter()
+    for chunk in tqdm(chunks, desc="synth", disable=not progress or not state.is_main_process):
+        captions = [prompts[i % len(prompts)] for i in chunk]
+        seeds = [settings.seed + i for i in chunk]
+        latents = teacher_latents(pipe, captions, seeds, settings.steps, settings.cfg_scale, settings.negative)
+        if settings.layout == "latents":
+            _write_chunk(out, chunk, captions, seeds, latents)
+        else:
+            _write_images(out, chunk, captions, seeds, pipe, latents, settings)
+    state.wait_for_everyone()
+    report = {"written": len(missing), "already_there": len(done), "count": settings.count,
+              "seconds": round(time.perf_counter() - started, 1)}
+    log.info("synth: %(written)d samples written, %(already_there)d already there, in %(seconds)s s", report)
+    return report
+
+
+def _check_settings(out: Path, settings: SynthSettings) -> None:
+    path = out / SETTINGS_FILE
+    if not path.is_file():
+        if out.is_dir() and any(out.iterdir()):
+            raise SynthError(f"{out} holds files but no {SETTINGS_FILE}: write the synthesized set into a new folder")
+        return
+    before = SynthSettings(**json.loads(path.read_text()))
+    differences = settings.differences(before)
+    if differences:
+        raise SynthError(f"{out} was written with {', '.join(differences)}; continue it with the same settings or "
+                         "write into another folder")
+
+
+@torch.no_grad()
+def teacher_latents(pipe, captions: Sequence[str], seeds: Sequence[int], steps: int, cfg_scale: float,
+                    negative: str = "") -> torch.Tensor:
+    """The teacher's latents (as its UNet sees them) for ``captions``, DDIM with CFG at trailing timesteps."""
+    from ..core.schedule import select_timesteps
+    from .methods.common import schedule_of
+    from .pipelines import PromptEncoder
+    from .students import sample_student
+
+    prompts = PromptEncoder(pipe)
+    cond, uncond = prompts.with_unconditional(list(captions))
+    if negative:
+        uncond = prompts(list([negative] * len(captions)))
+    return sample_student(pipe.unet, schedule_of(pipe), cond, seeds, select_timesteps("trailing", steps), "ddim",
+                          consistency_boundary=False, uncond=uncond, cfg_scale=cfg_scale).cpu()
+
+
+def _write_chunk(out: Path, indices: list[int], captions: list[str], seeds: list[int], latents: torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    from ..core.adapter_file import atomic_write
+
+    metadata = {"fewstep.synth": json.dumps({"indices": indices, "captions": captions, "seeds": seeds})}
+    atomic_write(out / f"latents-{indices[0]:06d}.safetensors",
+                 lambda tmp: save_file({"latents": latents.float().contiguous()}, tmp, metadata=metadata))
+
+
+def _write_images(out: Path, indices: list[int], captions: list[str], seeds: list[int], pipe, latents: torch.Tensor,
+                  settings: SynthSettings) -> None:
+    from PIL import Image
+
+    from ..core.adapter_file import atomic_write
+    from .teacher import to_uint8
+
+    vae = pipe.vae
+    with torch.no_grad():
+        images = to_uint8(vae.decode(latents.to(vae.device, vae.dtype) / vae.config.scaling_factor).sample)
+    for index, caption, seed, image in zip(indices, captions, seeds, images):
+        stem = out / f"{index:06d}"
+        record = {"index": index, "caption": caption, "seed": seed, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+                  "negative": settings.negative, "teacher": settings.teacher}
+        atomic_write(stem.with_suffix(".png"), lambda tmp, image=image: Image.fromarray(image).save(tmp, format="PNG"))
+        atomic_write(stem.with_suffix(".json"), lambda tmp, record=record: Path(tmp).write_text(json.dumps(record) + "\n"))
+        # The caption last: a sample counts as written (for readers and for resuming) once its .txt exists.
+        atomic_write(stem.with_suffix(".txt"), lambda tmp, caption=caption: Path(tmp).write_text(caption + "\n", encoding="utf-8"))
+
+
+@dataclass
+class SynthLatents:
+    """A synthesized set in the latents layout: ``latents`` (N, C, H, W) as the UNet sees them, one caption each."""
+
+    latents: torch.Tensor
+    captions: list[str]
+    settings: SynthSettings
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def is_latent_set(path: str | Path) -> bool:
+    settings = Path(path) / SETTINGS_FILE
+    return settings.is_file() and json.loads(settings.read_text()).get("layout") == "latents"
+
+
+def read_latent_set(path: str | Path) -> SynthLatents:
+    """Every chunk of a latents-layout folder, in sample order; a gap (an unfinished run) is named, not skipped."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    settings = SynthSettings(**json.loads((path / SETTINGS_FILE).read_text()))
+    by_index: dict[int, tuple[torch.Tensor, str]] = {}
+    for chunk in sorted(path.glob("latents-*.safetensors")):
+        meta = _chunk_metadata(chunk)
+        latents = load_file(str(chunk))["latents"]
+        by_index.update({i: (z, c) for i, z, c in zip(meta["indices"], latents, meta["captions"])})
+    missing = settings.count - len(by_index)
+    if missing:
+        raise SynthError(f"{path}: {missing} of {settings.count} samples are not written yet: rerun the same "
+                         "`fewstep synth` command to finish the set")
+    order = sorted(by_index)
+    return SynthLatents(torch.stack([by_index[i][0] for i in order]), [by_index[i][1] for i in order], settings)
+
