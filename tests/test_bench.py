@@ -118,3 +118,38 @@ def test_the_snapfusion_set_routes_each_student_file_and_times_unets_and_decoder
     assert doc["latency"]["unet"]["teacher"]["ratio_to_teacher"] == 1.0
     assert doc["block_table"]["blocks"] == [{"block": "mid_block.attentions.0"}]
     assert "per-pass latency" in (tmp_path / "out" / "snapfusion.md").read_text()
+
+
+def test_the_data_free_set_puts_the_synthesized_data_student_beside_the_real_data_one(tiny_teacher, tmp_path, monkeypatch):
+    """A Flash file whose provenance says its data was synthesized takes the flash_synth rows; the document carries
+    what synthesizing that set cost, from the set's own log."""
+    import torch
+
+    from fewstep.core.adapter_file import AdapterMetadata, describe, read_header, write_adapter
+    from fewstep.core.lora import LoraModule, write_lora
+
+    pipe = load_teacher(tiny_teacher)
+    name = next(n for n, m in pipe.unet.named_modules() if n.endswith("attn1.to_q"))
+    out_features, in_features = pipe.unet.get_submodule(name).weight.shape
+    lora = write_lora({name: LoraModule(torch.zeros(2, in_features), torch.zeros(out_features, 2), 2.0)})
+    synth_dir = tmp_path / "synth"
+    synth_dir.mkdir()
+    (synth_dir / "synth_log.jsonl").write_text(json.dumps({"written": 30, "seconds": 6.0, "processes": 1, "device": "cpu"}) + "\n"
+                                               + json.dumps({"written": 10, "seconds": 2.0, "processes": 1, "device": "cpu"}) + "\n")
+    settings = {"teacher": str(tiny_teacher), "base": "sd15", "prompts": "proxy", "count": 40, "steps": 2, "cfg_scale": 4.0,
+                "negative": "", "seed": 0, "layout": "latents", "path": str(synth_dir)}
+    files = {}
+    for label, made in (("real", {"images": 100}), ("synth", {"images": 40, "synthesized": settings})):
+        files[label] = tmp_path / f"{label}.safetensors"
+        write_adapter(files[label], lora, AdapterMetadata(kind="flash_lora", base="sd15", timesteps=[999, 749, 499, 249],
+                                                          provenance={"method": "flash", **made}))
+    assert [bench.bench_label(describe(read_header(p), p.name)[0]) for p in files.values()] == ["flash", "flash_synth"]
+    monkeypatch.setitem(bench.BENCH_SETS, "data_free", [bench.TeacherEntry(2), bench.StudentEntry(2, adapter=str(files["real"])),
+                                                        bench.StudentEntry(2, label="flash_synth", adapter=None)])
+    doc = bench.run_bench("data_free", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path / "out", progress=False,
+                          adapter=[str(files["synth"])])
+    assert [r["name"] for r in doc["results"]] == ["teacher-2steps-cfg4", "flash-2steps", "flash_synth-2steps"]
+    assert [r["training"]["dataset_images"] for r in doc["results"][1:]] == [100, 40]
+    cost = doc["synth"][str(files["synth"])]["cost"]
+    assert (cost["samples"], cost["seconds"], cost["seconds_per_sample"]) == (40, 8.0, 0.2)
+    assert "8 s to synthesize, 0.2 s per sample" in (tmp_path / "out" / "data_free.md").read_text()

@@ -145,7 +145,10 @@ def test_cli_synth_and_data_free_training(tiny_teacher, tmp_path, capsys):
     assert "exclude each other" in capsys.readouterr().err
     assert main(flash + ["--data-free", str(prompts), "--synth-count", "6", "--synth-steps", "2"]) == 0
     assert S.read_latent_set(tmp_path / "run" / "synth").captions == [PROMPTS[i % 3] for i in range(6)]
-    assert read_adapter(tmp_path / "run" / "flash_lora.safetensors").metadata.provenance["images"] == 6
+    made = read_adapter(tmp_path / "run" / "flash_lora.safetensors").metadata.provenance
+    assert made["images"] == 6 and made["synthesized"]["path"] == str(tmp_path / "run" / "synth")
+    assert made["synthesized"]["prompts"] == str(prompts) and made["synthesized"]["layout"] == "latents"
+    assert S.synth_cost(tmp_path / "run" / "synth")["samples"] == 6
     options = json.loads((tmp_path / "run" / "training_options.json").read_text())
     assert options["synth"] == {"prompts": str(prompts), "count": 6, "steps": 2, "cfg_scale": 7.5}
 

@@ -127,7 +127,8 @@ def bench_label(metadata) -> str:
         if metadata.extra.get("slim"):
             return "snap_slim"
         return "snap_nocfg" if (metadata.provenance or {}).get("config", {}).get("cfg_probability") == 0 else "snap"
-    return metadata.kind.split("_")[0]
+    method = metadata.kind.split("_")[0]
+    return f"{method}_synth" if "synthesized" in (metadata.provenance or {}) else method
 
 
 BENCH_SETS = {
@@ -144,6 +145,9 @@ BENCH_SETS = {
             *[StudentEntry(1, adapter=None, label=label) for label in GDD_LABELS.values()]],
     # Eight steps: the teacher (50 and 8), the guided student, SnapFusion's students with CFG (the ablation, the slim UNet).
     "snapfusion": [TeacherEntry(50), TeacherEntry(8), _guided(8), *[_snap(label) for label in SNAP_LABELS]],
+    # Flash on the real training images (the bundled LoRA) next to Flash on a set the teacher synthesized.
+    "data_free": [TeacherEntry(50), TeacherEntry(4), *[StudentEntry(n, label=label, adapter=adapter) for n in (4, 2, 1)
+                                                       for label, adapter in (("flash", str(BUNDLED_FLASH)), ("flash_synth", None))]],
 }
 
 # The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.
@@ -207,6 +211,8 @@ def run_bench(
     }
     if set_name == "snapfusion":
         document.update(snapfusion_measurements(pipe, [e for e in entries if getattr(e, "label", None) in SNAP_LABELS], plan))
+    if set_name == "data_free":
+        document["synth"] = data_free_cost(entries)
     if set_name == "sun":
         document["negative_prompt"] = negative_prompt_study(pipe, next(e.adapter for e in entries if isinstance(e, StudentEntry)),
                                                           per_class * 10, batch_size)
@@ -226,6 +232,20 @@ def snapfusion_measurements(pipe, entries: Sequence[StudentEntry], plan: str | P
     if plan is not None:
         measured["block_table"] = {"file": str(plan), **json.loads(Path(plan).read_text())}
     return measured
+
+
+def data_free_cost(entries: Sequence[TeacherEntry | StudentEntry]) -> dict:
+    """How each synthesized-data student's set was made and what synthesizing it cost (its ``synth_log.jsonl``)."""
+    from ..core.adapter_file import describe, read_header
+    from .synth import synth_cost
+
+    sets = {}
+    for entry in entries:
+        made = describe(read_header(entry.adapter), Path(entry.adapter).name)[0].provenance if isinstance(entry, StudentEntry) else {}
+        if "synthesized" in (made or {}):
+            settings = made["synthesized"]
+            sets[entry.adapter] = {"settings": settings, "cost": synth_cost(settings["path"])}
+    return sets
 
 
 def _adapter_for(entry: StudentEntry, adapters: list[str]) -> str | None:
@@ -330,6 +350,12 @@ def markdown_table(document: dict) -> str:
             decoder = document["latency"]["decoder"].get(name)
             lines.append(f"| {name} | {unet['ratio_to_teacher']:.3f} | {decoder['ratio_to_teacher']:.3f} |" if decoder else
                          f"| {name} | {unet['ratio_to_teacher']:.3f} | – (the teacher's) |")
+    for file, made in document.get("synth", {}).items():
+        settings, cost = made["settings"], made["cost"]
+        lines += ["", f"{Path(file).name}: trained on {settings['count']} samples the teacher synthesized from the prompts "
+                  f"{settings['prompts']!r} ({settings['steps']} DDIM steps, CFG {settings['cfg_scale']:g}, {settings['layout']}): "
+                  f"{cost['seconds']:.0f} s to synthesize, {cost['seconds_per_sample']} s per sample"
+                  f" ({', '.join(sorted({r['device'] for r in cost['runs']}))})."]
     if "negative_prompt" in document:
         study = document["negative_prompt"]
         lines += ["", f"Prompt {study['prompt']!r}, {study['samples']} samples: {study['measure']}.", "",

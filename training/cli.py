@@ -550,7 +550,7 @@ def add_bench(subparsers) -> None:
         "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
         "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
     )
-    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun", "gdd", "snapfusion"],
+    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun", "gdd", "snapfusion", "data_free"],
                    help="'teacher' (50/25/8/4/2 steps with CFG), 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 "
                    "steps), 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, 8/4/2/1 steps with DDIM and "
                    "stochastic sampling, and a sweep over w; needs --adapter) or 'sun' (teacher 50/8/4 steps with CFG vs a SUN "
@@ -558,7 +558,9 @@ def add_bench(subparsers) -> None:
                    "(one step: teacher 50 and 1 steps with CFG, the Flash student, and each GDD variant given: full, gdd_i, "
                    "lora; needs --adapter) or 'snapfusion' (8 steps: teacher 50 and 8 steps with CFG, the guided student, "
                    "SnapFusion students with CFG: full-size, without CFG-aware distillation, slim; per-pass latency of their "
-                   "UNets and decoders; needs --adapter, and --plan for the block table)")
+                   "UNets and decoders; needs --adapter, and --plan for the block table) or 'data_free' (teacher 50 and 4 steps with "
+                   "CFG, the Flash student trained on the real images and one trained on a `fewstep synth` set, at 4/2/1 "
+                   "steps, and what synthesizing the set cost; needs --adapter)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
     p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
     p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
@@ -575,7 +577,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from .bench import BUNDLED_TEACHER, markdown_table, run_bench
 
     needs = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`",
-             "gdd": "gdd_student files from `fewstep train gdd` (one per --variant to compare)"}
+             "gdd": "gdd_student files from `fewstep train gdd` (one per --variant to compare)",
+             "data_free": "a flash_lora file trained on a `fewstep synth` set (`fewstep train flash --data-free` or --data)"}
     if args.set in needs and not args.adapter:
         print(f"error: --set {args.set} needs --adapter: {needs[args.set]}", file=sys.stderr)
         return 2

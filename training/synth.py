@@ -28,6 +28,7 @@ import torch
 log = logging.getLogger("fewstep")
 
 SETTINGS_FILE = "fewstep_synth.json"
+COST_LOG = "synth_log.jsonl"
 LAYOUTS = ("images", "latents")
 BUILTIN_PROMPTS = ("proxy", "proxy-classes")
 
@@ -123,9 +124,20 @@ def synthesize(pipe, settings: SynthSettings, prompts: Sequence[str], out: str |
             _write_images(out, chunk, captions, seeds, pipe, latents, settings)
     state.wait_for_everyone()
     report = {"written": len(missing), "already_there": len(done), "count": settings.count,
-              "seconds": round(time.perf_counter() - started, 1)}
+              "seconds": round(time.perf_counter() - started, 1), "processes": state.num_processes, "device": str(state.device)}
+    if state.is_main_process and missing:
+        with open(out / COST_LOG, "a") as fh:   # what each run cost, for `fewstep bench --set data_free`
+            fh.write(json.dumps(report) + "\n")
     log.info("synth: %(written)d samples written, %(already_there)d already there, in %(seconds)s s", report)
     return report
+
+
+def synth_cost(path: str | Path) -> dict:
+    """Samples written and seconds spent over every run that wrote the set at ``path`` (its cost log)."""
+    runs = [json.loads(line) for line in (Path(path) / COST_LOG).read_text().splitlines() if line.strip()]
+    written, seconds = sum(r["written"] for r in runs), sum(r["seconds"] for r in runs)
+    return {"samples": written, "seconds": round(seconds, 1), "seconds_per_sample": round(seconds / written, 4) if written else None,
+            "runs": runs}
 
 
 def _check_settings(out: Path, settings: SynthSettings) -> None:
@@ -200,9 +212,14 @@ class SynthLatents:
         return len(self.captions)
 
 
-def is_latent_set(path: str | Path) -> bool:
+def synth_settings(path: str | Path) -> dict | None:
+    """The settings of a ``fewstep synth`` folder and the folder itself (``path``); None for any other dataset."""
     settings = Path(path) / SETTINGS_FILE
-    return settings.is_file() and json.loads(settings.read_text()).get("layout") == "latents"
+    return {**json.loads(settings.read_text()), "path": str(path)} if settings.is_file() else None
+
+
+def is_latent_set(path: str | Path) -> bool:
+    return (synth_settings(path) or {}).get("layout") == "latents"
 
 
 def read_latent_set(path: str | Path) -> SynthLatents:

@@ -64,6 +64,7 @@ class TeacherData:
     mean: torch.Tensor
     std: torch.Tensor
     captions: list[str]
+    synth: Optional[dict] = None   # the settings of a `fewstep synth` set (None: real data)
 
     @property
     def scaling(self) -> float:
@@ -99,18 +100,19 @@ def load_teacher_data(teacher: str | Path, data, resolution: Optional[int] = Non
     """The teacher (diffusers folder or single file) and a dataset (object or spec) encoded by its VAE; a latents
     set from ``fewstep synth`` is taken as it is (no VAE round trip)."""
     from ..pipelines import base_of, load_teacher
-    from ..synth import is_latent_set
+    from ..synth import is_latent_set, synth_settings
     from ..teacher import encode_dataset, to_pixels
 
     pipe = load_teacher(teacher, config=teacher_config)
     if isinstance(data, (str, Path)) and is_latent_set(data):
         return _latent_teacher_data(pipe, data, teacher, resolution)
-    if isinstance(data, str):
+    synth = synth_settings(data) if isinstance(data, (str, Path)) else None
+    if isinstance(data, (str, Path)):
         from ..data import load_dataset
 
-        data = load_dataset(data, size=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        data = load_dataset(str(data), size=resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor)
     mean, std = encode_dataset(pipe.vae, to_pixels(data.images))
-    return TeacherData(pipe, base_of(pipe), mean, std, list(data.captions))
+    return TeacherData(pipe, base_of(pipe), mean, std, list(data.captions), synth)
 
 
 def _latent_teacher_data(pipe, path, teacher, resolution: Optional[int]) -> TeacherData:
@@ -128,7 +130,7 @@ def _latent_teacher_data(pipe, path, teacher, resolution: Optional[int]) -> Teac
     if Path(synth.settings.teacher).resolve() != Path(teacher).resolve():
         log.warning("%s was synthesized by %s, not by the teacher of this run (%s)", path, synth.settings.teacher, teacher)
     mean = synth.latents.float() / pipe.vae.config.scaling_factor
-    return TeacherData(pipe, base, mean, torch.zeros_like(mean), synth.captions)
+    return TeacherData(pipe, base, mean, torch.zeros_like(mean), synth.captions, {**dataclasses.asdict(synth.settings), "path": str(path)})
 
 
 def teacher_dtype(mixed_precision: str) -> torch.dtype:
@@ -141,13 +143,17 @@ def schedule_of(pipe) -> DiscreteSchedule:
     return DiscreteSchedule.stable_diffusion(prediction_type=pipe.scheduler.config.get("prediction_type", "epsilon"))
 
 
-def provenance(method: str, teacher: str | Path, train_steps: int, images: int, config, fields: Sequence[str]) -> dict:
-    """How an adapter was made, for its metadata: ``images`` in the dataset, ``batch_size`` per step."""
+def provenance(method: str, teacher: str | Path, train_steps: int, data: TeacherData, config, fields: Sequence[str]) -> dict:
+    """How an adapter was made, for its metadata: ``images`` in the dataset (and the settings it was synthesized with,
+    for a ``fewstep synth`` set), ``batch_size`` per step."""
     from ... import __version__
 
     options = dataclasses.asdict(config)
-    return {"method": method, "teacher": str(teacher), "train_steps": train_steps, "images": images,
+    made = {"method": method, "teacher": str(teacher), "train_steps": train_steps, "images": len(data.captions),
             "batch_size": config.batch_size, "fewstep_version": __version__, "config": {k: options[k] for k in fields}}
+    if data.synth is not None:
+        made["synthesized"] = data.synth
+    return made
 
 
 @dataclass(frozen=True)

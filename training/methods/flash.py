@@ -339,7 +339,7 @@ def train_flash(
     if run.stops_before(config.total_steps):
         return None
     on_main_process(lambda: export_flash_lora(model, out, setup.base, provenance(
-        "flash", teacher, config.total_steps, len(setup.captions), config,
+        "flash", teacher, config.total_steps, setup, config,
         ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss"))))
     return out
 

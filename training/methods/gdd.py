@@ -220,7 +220,7 @@ def train_gdd(
     if run.stops_before(config.steps):
         return None
     on_main_process(lambda: export_gdd_student(model, out, setup.base, provenance(
-        "gdd", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS)))
+        "gdd", teacher, config.steps, setup, config, PROVENANCE_FIELDS)))
     return out
 
 

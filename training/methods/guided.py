@@ -356,7 +356,7 @@ def train_guided(
     if run.stops_before(config.steps):
         return None
     on_main_process(lambda: export_guided_student(model.student, model.schedule, config, out, setup.base, config.sample_steps, 1,
-                                                  provenance("guided", teacher, config.steps, len(setup.captions), config,
+                                                  provenance("guided", teacher, config.steps, setup, config,
                                                              PROVENANCE_FIELDS)))
     return out
 
@@ -392,7 +392,7 @@ def train_progressive(
 
     def export(m, path, steps):
         export_guided_student(m.student, schedule, config, path, setup.base, steps, 2,
-                              {**provenance("guided", teacher, config.round_steps, len(setup.captions), config, PROVENANCE_FIELDS),
+                              {**provenance("guided", teacher, config.round_steps, setup, config, PROVENANCE_FIELDS),
                                "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"})
 
     def load(path):

@@ -415,7 +415,7 @@ def train_step_distillation(
     def export(m, path, steps):
         fields = ("cfg_probability", "cfg_scale_min", "cfg_scale_max", "cfg_original_weight", "start_steps", "target_steps")
         export_snap_student(m.student, path, setup.base, schedule.prediction_type, steps, config.sample_cfg_scale,
-                            {**provenance("snapfusion", teacher, config.round_steps, len(setup.captions), config, fields),
+                            {**provenance("snapfusion", teacher, config.round_steps, setup, config, fields),
                              "round": f"{2 * steps} -> {steps} steps", "made_from": made_by},
                             SlimArchitecture.from_dict(architecture) if architecture else None, slim=made_by.get("slim", False),
                             decoder=pruned_decoder)

@@ -294,5 +294,5 @@ def train_sun(
     if run.stops_before(config.steps):
         return None
     on_main_process(lambda: export_sun_adapter(model.adapter, model.schedule, config, out, setup.base, provenance(
-        "sun", teacher, config.steps, len(setup.captions), config, PROVENANCE_FIELDS)))
+        "sun", teacher, config.steps, setup, config, PROVENANCE_FIELDS)))
     return out
