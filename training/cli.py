@@ -211,12 +211,16 @@ def add_train_flash(methods) -> None:
     p.set_defaults(run=run_train_flash)
 
 
-def _add_teacher_args(p, method: str, out_name: str, label: str, out_what: str = "the adapter file") -> None:
-    """What every distillation command takes: teacher, data, where to write, preset and config file."""
+def _add_teacher_source(p) -> None:
     p.add_argument("--teacher", default=None,
                    help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
     p.add_argument("--teacher-config", default=None,
                    help="for a single-file teacher: a diffusers folder of the same base model to take configs and tokenizer from")
+
+
+def _add_teacher_args(p, method: str, out_name: str, label: str, out_what: str = "the adapter file") -> None:
+    """What every distillation command takes: teacher, data, where to write, preset and config file."""
+    _add_teacher_source(p)
     p.add_argument("--data", default=None,
                    help="'proxy' (bundled digits + animals, the default), a folder of images with .txt captions / "
                    "metadata.jsonl (a `fewstep synth` folder too, images or latents), or webdataset shards ('shards/*.tar')")
@@ -928,10 +932,7 @@ def add_synth(subparsers) -> None:
         "latents only (no VAE round trip). Sample i takes prompt i (the list repeats) and seed --seed + i, so a set is "
         "reproducible; rerun the same command to continue a stopped run (nothing is written twice or skipped). Runs on "
         "several GPUs under `accelerate launch`.")
-    p.add_argument("--teacher", default=None,
-                   help="diffusers pipeline folder or single-file checkpoint, SD1.5 or SDXL (default: the bundled proxy teacher)")
-    p.add_argument("--teacher-config", default=None,
-                   help="for a single-file teacher: a diffusers folder of the same base model to take configs and tokenizer from")
+    _add_teacher_source(p)
     p.add_argument("--prompts", required=True,
                    help="a text file with one prompt per line (# comments and blank lines skipped), or a built-in set: "
                    "proxy (the bundled training captions), proxy-classes (its 20 classes)")
