@@ -134,8 +134,8 @@ def test_the_data_free_set_puts_the_synthesized_data_student_beside_the_real_dat
     lora = write_lora({name: LoraModule(torch.zeros(2, in_features), torch.zeros(out_features, 2), 2.0)})
     synth_dir = tmp_path / "synth"
     synth_dir.mkdir()
-    (synth_dir / "synth_log.jsonl").write_text(json.dumps({"written": 30, "seconds": 6.0, "processes": 1, "device": "cpu"}) + "\n"
-                                               + json.dumps({"written": 10, "seconds": 2.0, "processes": 1, "device": "cpu"}) + "\n")
+    (synth_dir / "synth_log.jsonl").write_text(json.dumps({"written": 30, "seconds": 6.0, "device": "cpu"}) + "\n"
+                                               + json.dumps({"written": 10, "seconds": 2.0, "device": "cpu"}) + "\n")
     settings = {"teacher": str(tiny_teacher), "base": "sd15", "prompts": "proxy", "count": 40, "steps": 2, "cfg_scale": 4.0,
                 "negative": "", "seed": 0, "layout": "latents", "path": str(synth_dir)}
     files = {}

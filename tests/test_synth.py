@@ -63,6 +63,7 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(tiny_teacher, tmp_path,
         (tmp_path / "killed" / "000001.txt").unlink()
     report = S.synthesize(pipe, settings, PROMPTS, tmp_path / "killed", batch_size=2, progress=False)
     assert report["written"] == (5 if layout == "images" else 4) and report["count"] == 7
+    assert S.synth_cost(tmp_path / "killed")["samples"] == 3 + report["written"]   # the chunks written, redone ones too
 
     if layout == "images":
         straight, killed = read_image_folder(tmp_path / "straight"), read_image_folder(tmp_path / "killed")

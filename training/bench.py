@@ -355,7 +355,7 @@ def markdown_table(document: dict) -> str:
         lines += ["", f"{Path(file).name}: trained on {settings['count']} samples the teacher synthesized from the prompts "
                   f"{settings['prompts']!r} ({settings['steps']} DDIM steps, CFG {settings['cfg_scale']:g}, {settings['layout']}): "
                   f"{cost['seconds']:.0f} s to synthesize, {cost['seconds_per_sample']} s per sample"
-                  f" ({', '.join(sorted({r['device'] for r in cost['runs']}))})."]
+                  f" ({', '.join(cost['devices'])})."]
     if "negative_prompt" in document:
         study = document["negative_prompt"]
         lines += ["", f"Prompt {study['prompt']!r}, {study['samples']} samples: {study['measure']}.", "",

@@ -115,6 +115,7 @@ def synthesize(pipe, settings: SynthSettings, prompts: Sequence[str], out: str |
     pipe.to(state.device)
     started = time.perf_counter()
     for chunk in tqdm(chunks, desc="synth", disable=not progress or not state.is_main_process):
+        chunk_started = time.perf_counter()
         captions = [prompts[i % len(prompts)] for i in chunk]
         seeds = [settings.seed + i for i in chunk]
         latents = teacher_latents(pipe, captions, seeds, settings.steps, settings.cfg_scale, settings.negative)
@@ -122,22 +123,24 @@ def synthesize(pipe, settings: SynthSettings, prompts: Sequence[str], out: str |
             _write_chunk(out, chunk, captions, seeds, latents)
         else:
             _write_images(out, chunk, captions, seeds, pipe, latents, settings)
+        # What each chunk cost (a killed run keeps its share), for `fewstep bench --set data_free`; one line per
+        # chunk, appended by whichever process wrote it.
+        with open(out / COST_LOG, "a") as fh:
+            fh.write(json.dumps({"written": len(chunk), "seconds": round(time.perf_counter() - chunk_started, 2),
+                                 "device": str(state.device)}) + "\n")
     state.wait_for_everyone()
     report = {"written": len(missing), "already_there": len(done), "count": settings.count,
-              "seconds": round(time.perf_counter() - started, 1), "processes": state.num_processes, "device": str(state.device)}
-    if state.is_main_process and missing:
-        with open(out / COST_LOG, "a") as fh:   # what each run cost, for `fewstep bench --set data_free`
-            fh.write(json.dumps(report) + "\n")
+              "seconds": round(time.perf_counter() - started, 1)}
     log.info("synth: %(written)d samples written, %(already_there)d already there, in %(seconds)s s", report)
     return report
 
 
 def synth_cost(path: str | Path) -> dict:
-    """Samples written and seconds spent over every run that wrote the set at ``path`` (its cost log)."""
-    runs = [json.loads(line) for line in (Path(path) / COST_LOG).read_text().splitlines() if line.strip()]
-    written, seconds = sum(r["written"] for r in runs), sum(r["seconds"] for r in runs)
+    """Samples written and device-seconds spent on them, over every chunk that went into the set at ``path``."""
+    chunks = [json.loads(line) for line in (Path(path) / COST_LOG).read_text().splitlines() if line.strip()]
+    written, seconds = sum(c["written"] for c in chunks), sum(c["seconds"] for c in chunks)
     return {"samples": written, "seconds": round(seconds, 1), "seconds_per_sample": round(seconds / written, 4) if written else None,
-            "runs": runs}
+            "devices": sorted({c["device"] for c in chunks})}
 
 
 def _check_settings(out: Path, settings: SynthSettings) -> None:
