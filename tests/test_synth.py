@@ -164,4 +164,7 @@ def test_two_processes_split_the_set_and_write_each_sample_once(tiny_teacher, tm
     assert done.stdout.count("9 samples in") == 1
     indices = [i for chunk in sorted((tmp_path / "set").glob("latents-*.safetensors")) for i in S._chunk_metadata(chunk)["indices"]]
     assert sorted(indices) == list(range(9))
+    # Each process wrote its own share: 5 chunks of at most 2, split 3/2, and no chunk twice.
+    cost = [json.loads(line) for line in (tmp_path / "set" / S.COST_LOG).read_text().splitlines()]
+    assert sum(c["written"] for c in cost) == 9 and len(cost) == 5
     assert S.read_latent_set(tmp_path / "set").captions == [PROXY_CLASSES[i] for i in range(9)]

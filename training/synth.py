@@ -96,13 +96,16 @@ def synthesize(pipe, settings: SynthSettings, prompts: Sequence[str], out: str |
     import time
 
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
     from ..core.adapter_file import atomic_write
 
     if settings.layout not in LAYOUTS:
         raise SynthError(f"layout {settings.layout!r} is not one of {', '.join(LAYOUTS)}")
-    out, state = Path(out), PartialState()
+    # PartialState only reads ACCELERATE_USE_CPU through an Accelerator; without it, CPU processes would each write
+    # the whole set.
+    out, state = Path(out), PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     _check_settings(out, settings)
     state.wait_for_everyone()
     if state.is_main_process:
