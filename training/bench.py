@@ -291,13 +291,17 @@ def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, bat
     row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "fid": fid_to_heldout(images),
            "prompt_accuracy": prompt_accuracy(images, labels), "seconds_per_image": seconds / len(images)}
     if grid_path is not None:
-        shown = min(GRID_SEEDS, per_class)
-        grid_idx = np.concatenate([np.flatnonzero(labels == c)[:shown] for c in range(len(PROXY_CLASSES))])
-        # One column per class, one row per seed.
-        grid = images[grid_idx].reshape(len(PROXY_CLASSES), shown, 32, 32, 3).transpose(1, 0, 2, 3, 4).reshape(-1, 32, 32, 3)
-        save_grid(grid, grid_path, columns=len(PROXY_CLASSES))
+        save_class_grid(images, labels, grid_path)
         row["grid"] = str(grid_path)
     return row
+
+
+def save_class_grid(images: np.ndarray, labels: np.ndarray, path: Path, seeds: int = GRID_SEEDS) -> None:
+    """One column per class, one row per seed (the first ``seeds`` samples of each class)."""
+    shown = min(seeds, int(np.bincount(labels).min()))
+    grid_idx = np.concatenate([np.flatnonzero(labels == c)[:shown] for c in range(len(PROXY_CLASSES))])
+    grid = images[grid_idx].reshape(len(PROXY_CLASSES), shown, *images.shape[1:]).transpose(1, 0, 2, 3, 4)
+    save_grid(grid.reshape(-1, *images.shape[1:]), path, columns=len(PROXY_CLASSES))
 
 
 def negative_prompt_study(pipe, adapter: str, samples: int, batch_size: int, steps: int = 4,

@@ -169,9 +169,10 @@ def teacher_latents(pipe, captions: Sequence[str], seeds: Sequence[int], steps: 
     from .students import sample_student
 
     prompts = PromptEncoder(pipe)
-    cond, uncond = prompts.with_unconditional(list(captions))
     if negative:
-        uncond = prompts(list([negative] * len(captions)))
+        cond, uncond = prompts(list(captions)), prompts([negative] * len(captions))
+    else:
+        cond, uncond = prompts.with_unconditional(list(captions))
     return sample_student(pipe.unet, schedule_of(pipe), cond, seeds, select_timesteps("trailing", steps), "ddim",
                           consistency_boundary=False, uncond=uncond, cfg_scale=cfg_scale).cpu()
 
@@ -222,10 +223,6 @@ def synth_settings(path: str | Path) -> dict | None:
     """The settings of a ``fewstep synth`` folder and the folder itself (``path``); None for any other dataset."""
     settings = Path(path) / SETTINGS_FILE
     return {**json.loads(settings.read_text()), "path": str(path)} if settings.is_file() else None
-
-
-def is_latent_set(path: str | Path) -> bool:
-    return (synth_settings(path) or {}).get("layout") == "latents"
 
 
 def read_latent_set(path: str | Path) -> SynthLatents:

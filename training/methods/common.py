@@ -100,13 +100,13 @@ def load_teacher_data(teacher: str | Path, data, resolution: Optional[int] = Non
     """The teacher (diffusers folder or single file) and a dataset (object or spec) encoded by its VAE; a latents
     set from ``fewstep synth`` is taken as it is (no VAE round trip)."""
     from ..pipelines import base_of, load_teacher
-    from ..synth import is_latent_set, synth_settings
+    from ..synth import synth_settings
     from ..teacher import encode_dataset, to_pixels
 
     pipe = load_teacher(teacher, config=teacher_config)
-    if isinstance(data, (str, Path)) and is_latent_set(data):
-        return _latent_teacher_data(pipe, data, teacher, resolution)
     synth = synth_settings(data) if isinstance(data, (str, Path)) else None
+    if (synth or {}).get("layout") == "latents":
+        return _latent_teacher_data(pipe, data, teacher, resolution)
     if isinstance(data, (str, Path)):
         from ..data import load_dataset
 

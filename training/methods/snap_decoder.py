@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 
 from ...core.adapter_file import atomic_write
-from ...core.schedule import select_timesteps
 from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, replace_options
 
 log = logging.getLogger("fewstep")
@@ -128,22 +127,17 @@ class DecoderDistillation(torch.nn.Module):
 @torch.no_grad()
 def teacher_latents(pipe, captions, count: int, steps: int, cfg_scale: float, batch_size: int = 250,
                     seed: int = 0, progress: bool = True) -> torch.Tensor:
-    """``count`` latents the teacher samples (DDIM with CFG) for captions drawn in turn from ``captions``."""
+    """``count`` latents the teacher samples (DDIM with CFG) for captions drawn in turn from ``captions``: sample i
+    takes caption i (the list repeats) and seed ``seed`` + i, as `fewstep synth` does."""
     from tqdm.auto import tqdm
 
-    from ..pipelines import PromptEncoder
-    from ..students import sample_student
-    from .common import schedule_of
+    from .. import synth
 
-    prompts, schedule = PromptEncoder(pipe), schedule_of(pipe)
     chunks = []
     for start in tqdm(range(0, count, batch_size), desc="teacher latents", disable=not progress):
-        n = min(batch_size, count - start)
-        chosen = [captions[(start + i) % len(captions)] for i in range(n)]
-        cond, uncond = prompts.with_unconditional(chosen)
-        chunks.append(sample_student(pipe.unet, schedule, cond, [seed + start + i for i in range(n)],
-                                     select_timesteps("trailing", steps), "ddim", consistency_boundary=False,
-                                     uncond=uncond, cfg_scale=cfg_scale).cpu())
+        chosen = range(start, min(start + batch_size, count))
+        chunks.append(synth.teacher_latents(pipe, [captions[i % len(captions)] for i in chosen], [seed + i for i in chosen],
+                                            steps, cfg_scale))
     return torch.cat(chunks)
 
 

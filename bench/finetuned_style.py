@@ -1,12 +1,16 @@
-"""SUN as a plug-in: an adapter trained on the base teacher, attached without training to a fine-tune of it.
+"""Students on a fine-tuned teacher: do they keep the fine-tune's style?
 
-The fine-tune is a style: the proxy teacher fine-tuned on the proxy images mirrored (or in inverted colours, which
-the proxy VAE reconstructs badly), made by ``fewstep train finetune`` unless --finetuned names one. Every
-configuration samples the bench's prompt set; the style is measured as the share of samples in it (mirrored: digits
-the classifier reads only once flipped back; inverted: a light background), quality as FID against the held-out
-images in each style, content as the prompt accuracy of the classifier on samples brought back to the normal style.
-Usage: python bench/sun_plugin.py --adapter runs/sun/sun_adapter.safetensors [--style mirrored]
-       [--finetuned runs/finetune/pipeline] [--finetune-steps 1000] [--per-class 50] [--out bench/results/sun_plugin.json]
+Two questions, one measurement. A plug-in adapter (SUN, or the Flash LoRA) trained on the base teacher and attached
+without training to a fine-tune of it; and a student distilled from the fine-tune itself with no dataset (`fewstep
+synth` from the caption list, then `fewstep train flash --teacher FINETUNE --data SET`). The fine-tune is a style:
+the proxy teacher fine-tuned on the proxy images mirrored or in inverted colours, made by ``fewstep train finetune``
+unless --finetuned names one. Every configuration samples the bench's prompt set; the style is measured as the share
+of samples in it (mirrored: digits the classifier reads only once flipped back; inverted: a light background),
+quality as FID against the held-out images in each style, content as the prompt accuracy of the classifier on samples
+brought back to the normal style. Each adapter is sampled on the fine-tune at its own step count, and on the base
+teacher too unless it was distilled from the fine-tune.
+Usage: python bench/finetuned_style.py --adapter FILE [--adapter FILE ...] [--style mirrored|inverted]
+       [--finetuned runs/finetune/pipeline] [--finetune-steps 1000] [--per-class 50] [--out bench/results/STYLE.json]
 """
 
 from __future__ import annotations
@@ -20,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fewstep.training.bench import BUNDLED_TEACHER, StudentEntry, TeacherEntry, prompt_set
+from fewstep.core.adapter_file import describe, read_header
+from fewstep.training.bench import BUNDLED_TEACHER, StudentEntry, TeacherEntry, bench_label, prompt_set, save_class_grid, training_data
 from fewstep.training.data import PROXY_STYLES, load_proxy_dataset
 from fewstep.training.metrics import (FeatureStatistics, classify_proxy_images, frechet_distance,
                                       get_feature_extractor)
 from fewstep.training.pipelines import load_teacher
-from fewstep.training.teacher import save_grid
 
 def in_style(style: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per image: is it in the fine-tune's style?"""
@@ -50,14 +54,15 @@ def evaluate(style: str, images: np.ndarray, labels: np.ndarray, references: dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--adapter", required=True, help="a sun_adapter file trained on the bundled teacher")
+    parser.add_argument("--adapter", required=True, action="append",
+                        help="a student file (SUN, Flash, ...) trained on the bundled teacher or on the fine-tune; repeat it for several")
     parser.add_argument("--style", choices=sorted(PROXY_STYLES), default="mirrored", help="the fine-tune's style")
     parser.add_argument("--finetuned", type=Path, default=None, help="the fine-tuned pipeline (default: make one in --run-dir)")
     parser.add_argument("--run-dir", type=Path, default=None, help="where the fine-tune is made (default: runs/finetune-STYLE)")
     parser.add_argument("--finetune-steps", type=int, default=1000, help="fine-tuning steps when it is made here")
     parser.add_argument("--per-class", type=int, default=50, help="samples per class (20 classes)")
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/sun_plugin.json"))
+    parser.add_argument("--out", type=Path, required=True, help="the JSON to write (grids go beside it)")
     args = parser.parse_args()
 
     finetuned, run_dir = args.finetuned, args.run_dir or Path(f"runs/finetune-{args.style}")
@@ -72,10 +77,18 @@ def main() -> None:
                   f"heldout_{args.style}": FeatureStatistics.from_features(extractor(PROXY_STYLES[args.style](heldout)))}
     captions, labels, seeds = prompt_set(args.per_class)
     pipes = {"base": load_teacher(BUNDLED_TEACHER), "finetuned": load_teacher(finetuned)}
-    sun = StudentEntry(4, adapter=str(args.adapter), label="sun")
+    configurations = [("base", TeacherEntry(50)), ("finetuned", TeacherEntry(50)), ("finetuned", TeacherEntry(4))]
+    adapters = {}
+    for adapter in args.adapter:
+        metadata = describe(read_header(adapter), Path(adapter).name)[0]
+        entry = StudentEntry(metadata.steps, adapter=str(adapter), label=bench_label(metadata))
+        distilled_from = Path((metadata.provenance or {}).get("teacher", BUNDLED_TEACHER))
+        mine = distilled_from.resolve() == Path(finetuned).resolve()
+        configurations += [("finetuned", entry)] if mine else [("base", entry), ("finetuned", entry)]
+        adapters[str(adapter)] = {"label": entry.label, "distilled_from": "finetuned" if mine else "base",
+                                  "training": training_data(adapter)}
     rows = []
-    for model, entry in [("base", TeacherEntry(50)), ("finetuned", TeacherEntry(50)), ("finetuned", TeacherEntry(4)),
-                         ("base", sun), ("finetuned", sun)]:
+    for model, entry in configurations:
         start = time.perf_counter()
         with torch.no_grad():
             images = entry.generate(pipes[model], captions, seeds, args.batch_size)
@@ -83,11 +96,9 @@ def main() -> None:
         name = f"{model}/{entry.name}"
         rows.append({"name": name, "model": model, "nfe": entry.nfe, "seconds_per_image": seconds / len(images),
                      **evaluate(args.style, images, labels, references, extractor)})
-        grid = np.concatenate([images[labels == c][:2] for c in range(20)])
-        save_grid(grid.reshape(20, 2, 32, 32, 3).transpose(1, 0, 2, 3, 4).reshape(-1, 32, 32, 3),
-                  args.out.parent / "sun_plugin-grids" / f"{name.replace('/', '_')}.png", columns=20)
+        save_class_grid(images, labels, args.out.parent / f"{args.out.stem}-grids" / f"{name.replace('/', '_')}.png", seeds=2)
         print(json.dumps(rows[-1]), flush=True)
-    document = {"adapter": str(args.adapter), "finetuned": str(finetuned), "fine-tune": f"proxy teacher on proxy-{args.style}",
+    document = {"adapters": adapters, "finetuned": str(finetuned), "fine-tune": f"proxy teacher on proxy-{args.style}",
                 "samples_per_configuration": len(captions),
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
