@@ -154,6 +154,19 @@ def test_cli_synth_and_data_free_training(tiny_teacher, tmp_path, capsys):
     assert options["synth"] == {"prompts": str(prompts), "count": 6, "steps": 2, "cfg_scale": 7.5}
 
 
+def test_a_fine_tune_of_the_bundled_teacher_takes_its_cfg_default(tiny_teacher, tmp_path):
+    from fewstep.training.bench import BUNDLED_TEACHER, DEFAULT_CFG_SCALE
+    from fewstep.training.cli import _synth_cfg
+
+    child, grandchild, loop = tmp_path / "ft", tmp_path / "ft-of-ft", tmp_path / "loop"
+    for folder, parent in ((child, BUNDLED_TEACHER), (grandchild, child), (loop, loop)):
+        folder.mkdir()
+        (folder / "fewstep_teacher.json").write_text(json.dumps({"finetuned_from": str(parent)}))
+    assert DEFAULT_CFG_SCALE != 7.5
+    assert _synth_cfg(None, BUNDLED_TEACHER) == _synth_cfg(None, child) == _synth_cfg(None, grandchild) == DEFAULT_CFG_SCALE
+    assert _synth_cfg(None, tiny_teacher) == _synth_cfg(None, loop) == 7.5 and _synth_cfg(2.0, child) == 2.0
+
+
 def test_two_processes_split_the_set_and_write_each_sample_once(tiny_teacher, tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",

@@ -33,6 +33,22 @@ DEFAULT_CFG_SCALE = 4.0
 GRID_SEEDS = 4
 
 
+def is_bundled_lineage(teacher: str | Path) -> bool:
+    """Is ``teacher`` the bundled proxy teacher or a fine-tune of it, however many deep (each `fewstep train finetune`
+    pipeline names its parent in fewstep_teacher.json)? Such teachers take the proxy's defaults, e.g. CFG 4."""
+    path, bundled, seen = Path(teacher).resolve(), BUNDLED_TEACHER.resolve(), set()
+    while path != bundled:
+        record = path / "fewstep_teacher.json"
+        if path in seen or not record.is_file():
+            return False
+        seen.add(path)
+        parent = json.loads(record.read_text()).get("finetuned_from")
+        if not parent:
+            return False
+        path = Path(parent).resolve()
+    return True
+
+
 @dataclass(frozen=True)
 class TeacherEntry:
     """The teacher with CFG and DDIM (trailing timesteps: the stronger choice at few steps) at a step count."""

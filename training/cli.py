@@ -231,7 +231,7 @@ def _add_teacher_args(p, method: str, out_name: str, label: str, out_what: str =
     p.add_argument("--synth-count", type=int, default=10000, help="--data-free: samples in the set")
     p.add_argument("--synth-steps", type=int, default=25, help="--data-free: teacher sampling steps (DDIM)")
     p.add_argument("--synth-cfg", type=float, default=None,
-                   help="--data-free: the teacher's CFG scale (default: 4 for the bundled teacher, 7.5 otherwise)")
+                   help="--data-free: the teacher's CFG scale (default: 4 for the bundled teacher and fine-tunes of it, 7.5 otherwise)")
     p.add_argument("--resolution", type=int, default=None, help="training image size (default: the teacher's native size)")
     p.add_argument("--run-dir", default=f"runs/{method}", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
     p.add_argument("--out", default=None, help=f"{out_what} to write (default: RUN_DIR/{out_name})")
@@ -494,13 +494,11 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
 
 
 def _synth_cfg(cfg: Optional[float], teacher) -> float:
-    from pathlib import Path
-
-    from .bench import BUNDLED_TEACHER, DEFAULT_CFG_SCALE
+    from .bench import DEFAULT_CFG_SCALE, is_bundled_lineage
 
     if cfg is not None:
         return cfg
-    return DEFAULT_CFG_SCALE if Path(teacher).resolve() == Path(BUNDLED_TEACHER).resolve() else 7.5
+    return DEFAULT_CFG_SCALE if is_bundled_lineage(teacher) else 7.5
 
 
 def _synthesize(teacher, teacher_config, prompts: str, out: str, count: int, steps: int, cfg_scale: float, layout: str,
@@ -939,7 +937,7 @@ def add_synth(subparsers) -> None:
     p.add_argument("--count", "--n", dest="count", type=int, required=True,
                    help="samples in the set (spell it --count under torchrun / accelerate launch: they take --n for theirs)")
     p.add_argument("--steps", type=int, default=25, help="teacher sampling steps (DDIM, trailing timesteps)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 4 for the bundled teacher, 7.5 otherwise)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 4 for the bundled teacher and fine-tunes of it, 7.5 otherwise)")
     p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
     p.add_argument("--seed", type=int, default=0, help="sample i has seed SEED + i")
     p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch")
