@@ -5,7 +5,8 @@ without training to a fine-tune of it; and a student distilled from the fine-tun
 synth` from the caption list, then `fewstep train flash --teacher FINETUNE --data SET`). The fine-tune is a style:
 the proxy teacher fine-tuned on the proxy images mirrored or in inverted colours, made by ``fewstep train finetune``
 unless --finetuned names one. Every configuration samples the bench's prompt set; the style is measured as the share
-of samples in it (mirrored: digits the classifier reads only once flipped back; inverted: a light background),
+of samples in it (mirrored: digits the classifier reads only once flipped back; inverted: a light background), next to
+the share the held-out images score once put in the style (roughly what a model fully in the style scores),
 quality as FID against the held-out images in each style, content as the prompt accuracy of the classifier on samples
 brought back to the normal style. Each adapter is sampled on the fine-tune at its own step count, and on the base
 teacher too unless it was distilled from the fine-tune.
@@ -71,10 +72,13 @@ def main() -> None:
 
         finetuned = finetune_teacher(BUNDLED_TEACHER, f"proxy-{args.style}", run_dir, run_dir / "pipeline",
                                      steps=args.finetune_steps)
-    heldout = load_proxy_dataset("heldout").images
+    heldout = load_proxy_dataset("heldout")
     extractor = get_feature_extractor()
-    references = {"heldout": FeatureStatistics.from_features(extractor(heldout)),
-                  f"heldout_{args.style}": FeatureStatistics.from_features(extractor(PROXY_STYLES[args.style](heldout)))}
+    references = {"heldout": FeatureStatistics.from_features(extractor(heldout.images)),
+                  f"heldout_{args.style}": FeatureStatistics.from_features(extractor(PROXY_STYLES[args.style](heldout.images)))}
+    # Roughly what a model fully in the style scores: the held-out images in the style, weighted per class as the prompts.
+    styled = in_style(args.style, PROXY_STYLES[args.style](heldout.images), heldout.labels)
+    ceiling = float(np.mean([styled[heldout.labels == c].mean() for c in np.unique(heldout.labels)]))
     captions, labels, seeds = prompt_set(args.per_class)
     pipes = {"base": load_teacher(BUNDLED_TEACHER), "finetuned": load_teacher(finetuned)}
     configurations = [("base", TeacherEntry(50)), ("finetuned", TeacherEntry(50)), ("finetuned", TeacherEntry(4))]
@@ -99,6 +103,7 @@ def main() -> None:
         save_class_grid(images, labels, args.out.parent / f"{args.out.stem}-grids" / f"{name.replace('/', '_')}.png", seeds=2)
         print(json.dumps(rows[-1]), flush=True)
     document = {"adapters": adapters, "finetuned": str(finetuned), "fine-tune": f"proxy teacher on proxy-{args.style}",
+                f"{args.style}_fraction_of_heldout_in_style": ceiling,
                 "samples_per_configuration": len(captions),
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
