@@ -22,7 +22,7 @@ import torch
 
 from .data import PROXY_CLASSES
 from .pipelines import load_teacher
-from .teacher import sample_images, save_grid
+from .teacher import pipeline_provenance, sample_images, save_grid
 
 log = logging.getLogger("fewstep")
 
@@ -35,16 +35,13 @@ GRID_SEEDS = 4
 
 def is_bundled_lineage(teacher: str | Path) -> bool:
     """Is ``teacher`` the bundled proxy teacher or a fine-tune of it, however many deep (each `fewstep train finetune`
-    pipeline names its parent in fewstep_teacher.json)? Such teachers take the proxy's defaults, e.g. CFG 4."""
+    pipeline records its parent as ``finetuned_from``)? Such teachers take the proxy's defaults, e.g. CFG 4."""
     path, bundled, seen = Path(teacher).resolve(), BUNDLED_TEACHER.resolve(), set()
     while path != bundled:
-        record = path / "fewstep_teacher.json"
-        if path in seen or not record.is_file():
+        parent = pipeline_provenance(path).get("finetuned_from")
+        if path in seen or not parent:
             return False
         seen.add(path)
-        parent = json.loads(record.read_text()).get("finetuned_from")
-        if not parent:
-            return False
         path = Path(parent).resolve()
     return True
 

@@ -181,15 +181,24 @@ def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, provenance: dic
     write_pipeline(pipe, out, provenance)
 
 
+PROVENANCE_FILE = "fewstep_teacher.json"
+
+
+def pipeline_provenance(folder: str | Path) -> dict:
+    """What ``write_pipeline`` recorded about how a pipeline folder was made (empty for other teachers)."""
+    made = Path(folder) / PROVENANCE_FILE
+    return json.loads(made.read_text()) if made.is_file() else {}
+
+
 def write_pipeline(pipe, out: Path, provenance: dict) -> None:
-    """Save a diffusers pipeline folder with ``fewstep_teacher.json``, written to a temp folder then renamed (a
+    """Save a diffusers pipeline folder with its provenance (PROVENANCE_FILE), written to a temp folder then renamed (a
     killed run leaves the old folder or none, never half of one)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tmp-pipeline-"))
     tmp.chmod(0o755)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / "fewstep_teacher.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

@@ -392,6 +392,7 @@ def train_step_distillation(
     """SnapFusion's step distillation, start_steps -> ... -> target_steps, exporting each round as a snap_student
     file (the last one to ``out``); None if stopped by ``stop_after``."""
     from ..students import SnapStudent
+    from ..teacher import pipeline_provenance
     from .snap_decoder import read_decoder
 
     config.validate()
@@ -399,7 +400,7 @@ def train_step_distillation(
     run_dir, out = Path(run_dir), Path(out)
     setup = load_teacher_data(teacher, data, resolution, teacher_config)
     schedule = schedule_of(setup.pipe)
-    made_by = _pipeline_provenance(teacher)
+    made_by = pipeline_provenance(teacher)
     architecture = made_by.get("architecture")
     preview = setup.preview_captions()
 
@@ -423,12 +424,6 @@ def train_step_distillation(
     return progressive_rounds(setup, setup.pipe.unet, lambda path: SnapStudent(setup.pipe, path).unet, build_round, export,
                               sample, config, run_dir, out, "snap_student.safetensors", "SnapFusion step distillation",
                               RunOptions(**run_options))
-
-
-def _pipeline_provenance(folder: str | Path) -> dict:
-    """What ``write_pipeline`` recorded about how a pipeline folder was made (empty for other teachers)."""
-    made = Path(folder) / "fewstep_teacher.json"
-    return json.loads(made.read_text()) if made.is_file() else {}
 
 
 def export_snap_student(unet, path: str | Path, base: str, prediction: str, steps: int, cfg_scale: float, provenance: dict,
