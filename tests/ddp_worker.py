@@ -6,7 +6,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from fewstep.training.loop import training_loop
+from fewstep.training.loop import end_process_group, training_loop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_training_loop import Regression, batch_fn, loss_fn  # noqa: E402
@@ -32,6 +32,7 @@ def main(out: str) -> None:
     weights = {n: p.tolist() for n, p in model.named_parameters() if p.requires_grad}
     (Path(out) / f"rank{state.process_index}.json").write_text(json.dumps(
         {"distributed_type": str(state.distributed_type), "processes": state.num_processes, "first_rows": seen, "weights": weights}))
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -996,8 +996,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         # One report per run under accelerate launch / torchrun: the other processes keep only stderr (errors).
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
-            return args.run(args)
-    return args.run(args)
+            code = args.run(args)
+    else:
+        code = args.run(args)
+    from .loop import end_process_group
+
+    end_process_group()
+    return code
 
 
 if __name__ == "__main__":

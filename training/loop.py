@@ -227,6 +227,20 @@ def training_loop(
     return final
 
 
+def end_process_group() -> None:
+    """Destroy the process group of a distributed run before the interpreter exits (a no-op otherwise).
+
+    Left to interpreter teardown, gloo's worker threads can still hold tensors whose release needs the GIL, and
+    the process aborts ("terminate called without an active exception") after its work is done. The barrier
+    keeps one process from tearing down while another is still in a collective.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _release_accelerator_state(mixed_precision: str) -> None:
     """accelerate keeps one process-wide state and refuses a second Accelerator with another precision; runs in one
     process (the quickstart, tests, notebooks) may differ in it. The process group (PartialState) is kept."""
