@@ -146,7 +146,9 @@ def bench_label(metadata) -> str:
 
 BENCH_SETS = {
     "teacher": [TeacherEntry(s) for s in (50, 25, 8, 4, 2)],
-    "flash": [TeacherEntry(50), TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1)],
+    # The student at its file's sampler, and at 4 and 2 steps also with the paper's LCM re-noising (consistency).
+    "flash": [TeacherEntry(50), TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1),
+              StudentEntry(4, sampler="consistency"), StudentEntry(2, sampler="consistency")],
     # Stage 1 at the teacher's step count (half the NFE), the few-step rows both samplers, and w as a control.
     "guided": [TeacherEntry(50), _guided(50), TeacherEntry(8), TeacherEntry(4),
                *[_guided(n, sampler=s) for n in (8, 4, 2, 1) for s in ("ddim", "stochastic")],

@@ -207,6 +207,8 @@ def add_train_flash(methods) -> None:
     group.add_argument("--disc-lr", type=float, default=None, help="discriminator head learning rate (paper: 1e-5)")
     group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU (paper: 4)")
     group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
+    group.add_argument("--sampler", default=None, choices=["consistency", "ddim"],
+                       help="the sampler the file names: consistency = LCM re-noising (paper), ddim = deterministic (proxy preset)")
     _add_run_args(p, sample_help="steps between 1/2/4-step sample grids (RUN_DIR/samples)")
     p.set_defaults(run=run_train_flash)
 
@@ -380,7 +382,7 @@ def _float_list(text: str) -> list[float]:
 
 FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phase_steps", "guidance_min", "guidance_max",
                "distill_loss", "lpips_weights", "distill_weights", "dmd_weights", "adversarial_weights", "gan_loss", "real_from", "lr", "disc_lr",
-               "batch_size", "gradient_checkpointing")
+               "batch_size", "gradient_checkpointing", "sampler")
 
 
 GUIDED_FLAGS = ("w_min", "w_max", "default_w", "loss_space", "lora_rank", "lora_alpha", "lora_targets", "steps", "lr", "warmup_steps", "batch_size", "ema_decay", "start_steps",
