@@ -46,8 +46,8 @@ log = logging.getLogger("fewstep")
 
 DISTILL_LOSSES = ("l2", "l1", "huber", "lpips")
 REAL_SOURCES = ("data", "teacher")
-# How the exported student steps: the paper's LCM re-noising, or DDIM (keeps the noise of the trajectory; the student
-# was trained to land on the end of the teacher's ODE trajectory from any point of it).
+# How the exported student steps: the paper's LCM re-noising, or DDIM, which keeps the step on one deterministic
+# trajectory (the student learnt where the teacher's DPM-Solver++ trajectory ends from points on it).
 FLASH_SAMPLERS = ("consistency", "ddim")
 
 
@@ -266,7 +266,7 @@ class FlashDistillation(AdversarialDistillation):
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str], seeds: Sequence[int], steps: int) -> torch.Tensor:
-        """Student latents at ``steps`` consistency steps on trailing timesteps (the exported ones at 4 steps)."""
+        """Student latents at ``steps`` trailing timesteps (the exported ones at 4 steps) with the file's sampler."""
         return sample_student(self.student, self.schedule, self.prompts(captions), seeds, select_timesteps("trailing", steps),
                               self.config.sampler)
 
