@@ -135,7 +135,7 @@ def test_cli_dry_run_prints_the_options_and_a_bad_variant_is_named(tiny_teacher,
 @pytest.mark.parametrize("variant", ["gdd_i", "lora"])
 def test_the_exported_file_samples_as_the_training_code_does(pipe, tmp_path, variant):
     """`fewstep bench` / `eval` sample the file (whole UNet or LoRA) to the generator's own one-step latents."""
-    from fewstep.training.bench import StudentEntry, _adapter_for, bench_label
+    from fewstep.training.bench import StudentEntry, _with_adapters, bench_label
     from fewstep.training.students import AdaptedTeacher, load_student
 
     model = G.build_distillation(pipe, G.load_config("proxy", variant=variant, **TINY))
@@ -154,12 +154,27 @@ def test_the_exported_file_samples_as_the_training_code_does(pipe, tmp_path, var
 
     label = bench_label(meta)
     assert label == {"gdd_i": "gdd_i", "lora": "gdd_lora"}[variant]
-    other = tmp_path / "full.safetensors"
-    G.export_gdd_student(G.build_distillation(pipe, G.load_config("proxy", variant="full", **TINY)), other, "sd15", {})
+    full = G.build_distillation(pipe, G.load_config("proxy", variant="full", **TINY))
+    other, longer, unnamed = tmp_path / "full.safetensors", tmp_path / "full_long.safetensors", tmp_path / "full_b.safetensors"
+    G.export_gdd_student(full, other, "sd15", {"train_steps": 3})
     files = [str(other), str(path)]
-    assert _adapter_for(StudentEntry(1, adapter=None, label=label), files) == str(path)
-    assert _adapter_for(StudentEntry(1, adapter=None, label="gdd"), files) == str(other)
-    assert _adapter_for(StudentEntry(1, adapter=None, label="guided"), files) is None
+
+    def rows(entry_label, files):
+        return [(e.label, e.adapter) for e in _with_adapters(StudentEntry(1, adapter=None, label=entry_label), files)]
+
+    assert rows(label, files) == [(label, str(path))]
+    assert rows("gdd", files) == [("gdd", str(other))]
+    assert rows("guided", files) == [("guided", None)]
+    # One variant trained for two lengths: a row each, told apart by training steps, else by file name.
+    G.export_gdd_student(full, longer, "sd15", {"train_steps": 9})
+    assert rows("gdd", [str(other), str(path), str(longer)]) == [("gdd@3", str(other)), ("gdd@9", str(longer))]
+    G.export_gdd_student(full, unnamed, "sd15", {"train_steps": 3})
+    assert rows("gdd", [str(other), str(unnamed)]) == [("gdd@full", str(other)), ("gdd@full_b", str(unnamed))]
+    # Trained on the teacher's samples: rows of their own, beside the real-data ones.
+    synth = tmp_path / "full_synth.safetensors"
+    assert bench_label(G.export_gdd_student(full, synth, "sd15", {"train_steps": 3, "synthesized": {"prompts": "proxy"}})) == "gdd_synth"
+    assert rows("gdd_synth", [str(other), str(synth)]) == [("gdd_synth", str(synth))]
+    assert rows("gdd", [str(other), str(synth)]) == [("gdd", str(other))]
 
 
 def test_the_head_judges_image_and_prompt_together_with_the_text_projection(pipe):

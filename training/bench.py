@@ -97,7 +97,8 @@ class StudentEntry:
         """The student's guidance input: ``w``, or for a CFG-sampled student its CFG scale as Imagen's w."""
         return self.w if self.w is not None or self.cfg_scale == 1.0 else self.cfg_scale - 1.0
 
-    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str | None = None) -> np.ndarray:
+    def load(self, pipe):
+        """The student on ``pipe``, loaded once (the last one loaded is kept)."""
         from .students import load_student
 
         if self.adapter is None:
@@ -106,7 +107,10 @@ class StudentEntry:
         if key not in _LOADED:
             _LOADED.clear()
             _LOADED[key] = load_student(pipe, self.adapter)
-        student = _LOADED[key]
+        return _LOADED[key]
+
+    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str | None = None) -> np.ndarray:
+        student = self.load(pipe)
         return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.guidance, self.sampler,
                                               negative) for i in range(0, len(captions), batch_size)])
 
@@ -134,14 +138,15 @@ def _snap(label: str) -> StudentEntry:
 def bench_label(metadata) -> str:
     """The label of the bench rows an adapter file serves: its method (GDD: per variant; SnapFusion: slim or full
     UNet, with or without CFG-aware distillation)."""
-    if metadata.kind == "gdd_student":
-        return GDD_LABELS.get(metadata.extra.get("variant"), "gdd")
     if metadata.kind == "snap_student":
         if metadata.extra.get("slim"):
             return "snap_slim"
         return "snap_nocfg" if (metadata.provenance or {}).get("config", {}).get("cfg_probability") == 0 else "snap"
-    method = metadata.kind.split("_")[0]
-    return f"{method}_synth" if "synthesized" in (metadata.provenance or {}) else method
+    if metadata.kind == "gdd_student":
+        label = GDD_LABELS.get(metadata.extra.get("variant"), "gdd")
+    else:
+        label = metadata.kind.split("_")[0]
+    return f"{label}_synth" if "synthesized" in (metadata.provenance or {}) else label
 
 
 BENCH_SETS = {
@@ -155,9 +160,10 @@ BENCH_SETS = {
                *[e for w in (0.0, 1.0, 6.0) for e in (TeacherEntry(50, w + 1.0), _guided(50, w))]],
     # The adapter's own sampler (DPM-Solver++) and DDIM at 4 steps, then 8 and 2; plus the negative-prompt study.
     "sun": [TeacherEntry(50), TeacherEntry(8), TeacherEntry(4), _sun(4), _sun(4, "ddim"), _sun(8), _sun(2)],
-    # One step: the teacher (the generator's starting point, with CFG), Flash, and each GDD variant given (the ablation).
+    # One step: the teacher (the generator's starting point, with CFG), Flash, and each GDD variant given (the ablation),
+    # trained on the real images or on the teacher's samples (`--data-free`, or `--data` a `fewstep synth` folder).
     "gdd": [TeacherEntry(50), TeacherEntry(1), StudentEntry(1),
-            *[StudentEntry(1, adapter=None, label=label) for label in GDD_LABELS.values()]],
+            *[StudentEntry(1, adapter=None, label=label + data) for data in ("", "_synth") for label in GDD_LABELS.values()]],
     # Eight steps: the teacher (50 and 8), the guided student, SnapFusion's students with CFG (the ablation, the slim UNet).
     "snapfusion": [TeacherEntry(50), TeacherEntry(8), _guided(8), *[_snap(label) for label in SNAP_LABELS]],
     # Flash on the real training images (the bundled LoRA) next to Flash on a set the teacher synthesized.
@@ -202,8 +208,8 @@ def run_bench(
     out_dir = Path(out_dir)
     pipe = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
     adapters = [str(a) for a in ([adapter] if isinstance(adapter, (str, Path)) else adapter or [])]
-    entries = [dataclasses.replace(e, adapter=_adapter_for(e, adapters)) if isinstance(e, StudentEntry) else e
-               for e in BENCH_SETS[set_name]]
+    entries = [resolved for e in BENCH_SETS[set_name]
+               for resolved in (_with_adapters(e, adapters) if isinstance(e, StudentEntry) else [e])]
     skipped = [e.name for e in entries if isinstance(e, StudentEntry) and e.adapter is None]
     if skipped:
         log.warning("no --adapter file for %s: left out", ", ".join(skipped))
@@ -263,14 +269,21 @@ def data_free_cost(entries: Sequence[TeacherEntry | StudentEntry]) -> dict:
     return sets
 
 
-def _adapter_for(entry: StudentEntry, adapters: list[str]) -> str | None:
-    """Of the files for the entry's method (``bench_label``), the one made for its step count (e.g. one progressive
-    round's student), else the first; the entry's default (Flash: the bundled LoRA) when none is for its method."""
+def _with_adapters(entry: StudentEntry, adapters: list[str]) -> list[StudentEntry]:
+    """The entry with its file: of the files for its method (``bench_label``), the one made for its step count (e.g. one
+    progressive round's student), else the first; the entry's default (Flash: the bundled LoRA) when none is for its
+    method. Several files made for its step count (one method trained for different lengths) each get a row, labelled
+    with their training steps (or their file name where those do not tell them apart)."""
     from ..core.adapter_file import describe, read_header
 
     metadata = {path: describe(read_header(path), Path(path).name)[0] for path in adapters}
     mine = [path for path in adapters if bench_label(metadata[path]) == entry.label]
-    return next((path for path in mine if metadata[path].steps == entry.steps), mine[0] if mine else entry.adapter)
+    made_for_steps = [path for path in mine if metadata[path].steps == entry.steps]
+    if len(made_for_steps) < 2:
+        return [dataclasses.replace(entry, adapter=made_for_steps[0] if made_for_steps else mine[0] if mine else entry.adapter)]
+    lengths = [(metadata[path].provenance or {}).get("train_steps") for path in made_for_steps]
+    tags = lengths if None not in lengths and len(set(lengths)) == len(lengths) else [Path(p).stem for p in made_for_steps]
+    return [dataclasses.replace(entry, adapter=path, label=f"{entry.label}@{tag}") for path, tag in zip(made_for_steps, tags)]
 
 
 def training_data(adapter: str) -> dict:
@@ -299,6 +312,8 @@ def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, bat
     from .metrics import fid_to_heldout, prompt_accuracy
 
     captions, labels, seeds = prompt_set(per_class)
+    if isinstance(entry, StudentEntry):
+        entry.load(pipe)   # s / image is sampling's: loading the file is not timed
     start = time.perf_counter()
     with torch.no_grad():
         images = entry.generate(pipe, captions, seeds, batch_size)
