@@ -336,8 +336,11 @@ def add_train_gdd(methods) -> None:
         description="GDD (Zheng & Yang 2024, 'Diffusion Models Are Innate One-Step Generators'): a copy of the teacher "
         "UNet learns to map pure noise to an image in one pass with a GAN loss alone (non-saturating, lazy R1, EMA); the "
         "discriminator is a small head on the frozen teacher's own features, conditioned on the prompt. GDD-I (default) "
-        "freezes the convolutions; --variant lora trains only a LoRA. Writes one adapter file (kind gdd_student, sampler "
-        "onestep). Precedence: preset < --config FILE < flags. Rerun the same command to resume.",
+        "freezes the convolutions; --variant lora trains only a LoRA. The real samples are --data, or with --data-free "
+        "PROMPTS the teacher's own CFG samples: the generator then follows prompts as the teacher does with CFG (on the proxy "
+        "benchmark, prompt accuracy 0.97-0.98 against 0.80-0.93 on the training images). Writes one adapter file (kind "
+        "gdd_student, sampler onestep). Precedence: preset < --config FILE < flags. Rerun the same command to resume, or "
+        "with a larger --steps to train on.",
     )
     _add_teacher_args(p, "gdd", "gdd_student.safetensors", "GDD")
     group = p.add_argument_group("method options (override preset and --config)")
