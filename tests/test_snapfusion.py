@@ -152,8 +152,13 @@ def test_snap_plan_measures_every_block_on_a_copy_and_writes_json(tiny_teacher, 
     assert all(set(r) >= {"latency_saved", "fid", "fid_increase", "prompt_accuracy"} for r in table["blocks"])
     assert table["quality"]["samples"] == 20 and "proposal" in table and "for a pass within 0.8" in printed
     assert table["teacher"] == str(tiny_teacher.resolve()) and "fewstep snap slim --plan" in printed
-    assert main(["snap", "plan", "--teacher", str(tiny_teacher), "--latency-only", "--repeats", "1"]) == 0
-    assert "FID" not in capsys.readouterr().out
+    assert table["dtype"] == "float32"
+    assert main(["snap", "plan", "--teacher", str(tiny_teacher), "--latency-only", "--repeats", "1", "--dtype", "bfloat16",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "FID" not in printed and "bfloat16" in printed
+    table = json.loads(out.read_text())
+    assert table["dtype"] == "bfloat16" and [r["block"] for r in table["blocks"]] == names and "quality" not in table
     assert main(["snap", "plan", "--teacher", str(tiny_teacher), "--budget", "1.5"]) == 2
     assert "--budget" in capsys.readouterr().err
 

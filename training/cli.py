@@ -769,6 +769,8 @@ def add_snap(subparsers) -> None:
     p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG scale of the quality measurement")
     p.add_argument("--latency-batch", type=int, default=2, help="UNet batch timed (2: one image with CFG)")
     p.add_argument("--repeats", type=int, default=10, help="timed passes per configuration (medians)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="precision of the timed passes (on a GPU, float16 is how the UIs run SD); quality is measured in float32")
     p.add_argument("--latency-only", action="store_true",
                    help="time the blocks only (any SD1.5/SDXL UNet; quality needs a proxy-sized teacher)")
     p.add_argument("--out", default=None, help="also write the table and proposal as JSON here")
@@ -884,6 +886,8 @@ def run_snap_slim(args: argparse.Namespace) -> int:
 def run_snap_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    import torch
+
     from .bench import BUNDLED_TEACHER
     from .methods import snapfusion
     from .methods.snap_architecture import propose_architecture
@@ -897,7 +901,7 @@ def run_snap_plan(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     table = snapfusion.block_table(pipe, args.per_class, args.steps, args.cfg_scale, args.latency_batch, args.repeats,
-                                   quality=not args.latency_only)
+                                   quality=not args.latency_only, dtype=getattr(torch, args.dtype))
     table["teacher"] = str(Path(args.teacher or BUNDLED_TEACHER).resolve())
     quality = table.get("quality")
     print(f"full UNet: {1000 * table['unet_seconds_per_pass']:.2f} ms per pass (batch {table['latency_batch']}, "

@@ -447,14 +447,22 @@ def export_snap_student(unet, path: str | Path, base: str, prediction: str, step
     return meta
 
 
-def latency_inputs(pipe, batch_size: int = 2) -> dict:
-    """One UNet pass's inputs at the teacher's native size: batch 2 is a CFG pass for one image."""
-    unet = pipe.unet
+def latency_inputs(pipe, batch_size: int = 2, unet=None) -> dict:
+    """One pass's inputs for ``unet`` (default: the teacher's) at the teacher's native size, in the UNet's dtype:
+    batch 2 is a CFG pass for one image."""
+    unet = pipe.unet if unet is None else unet
     size = unet.config.sample_size
     g = torch.Generator().manual_seed(0)
     cond = PromptEncoder(pipe)(["a photo"] * batch_size)
     return {"sample": torch.randn(batch_size, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype),
-            "timestep": torch.tensor([500] * batch_size, device=unet.device), **cond}
+            "timestep": torch.tensor([500] * batch_size, device=unet.device), **_cast_floats(cond, unet.dtype)}
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """``value``'s floating tensors (in nested dicts: SDXL's added conditions) in ``dtype``."""
+    if isinstance(value, dict):
+        return {k: _cast_floats(v, dtype) for k, v in value.items()}
+    return value.to(dtype) if torch.is_floating_point(value) else value
 
 
 @torch.no_grad()
@@ -475,23 +483,27 @@ def pass_latencies(pipe, students: dict, repeats: int = 20) -> dict:
 
 
 def block_table(pipe, per_class: int = 10, steps: int = 25, cfg_scale: float = 4.0, latency_batch: int = 2,
-                repeats: int = 10, quality: bool = True, progress: bool = True) -> dict:
+                repeats: int = 10, quality: bool = True, progress: bool = True, dtype: Optional[torch.dtype] = None) -> dict:
     """SnapFusion's per-block measurements on ``pipe`` (the robust-trained teacher): for every block, the latency it
-    saves when skipped alone (on this machine) and, with ``quality``, the proxy benchmark's FID and prompt accuracy
-    with it skipped (DDIM at ``steps`` with CFG, ``per_class`` samples per class) next to the full UNet's."""
+    saves when skipped alone (on this machine, passes in ``dtype``, default the UNet's) and, with ``quality``, the proxy
+    benchmark's FID and prompt accuracy with it skipped (DDIM at ``steps`` with CFG, ``per_class`` samples per class,
+    in the UNet's own precision) next to the full UNet's."""
     from tqdm.auto import tqdm
 
     from ..bench import TeacherEntry, evaluate_entry
     from ..data import PROXY_CLASSES
 
-    unet = copy.deepcopy(pipe.unet).eval()
-    skipping = BlockSkipping(unet)
-    view = pipe.__class__(**{**pipe.components, "unet": unet})
-    latency = block_latencies(unet, skipping, latency_inputs(view, latency_batch), repeats)
+    timed = copy.deepcopy(pipe.unet).eval().to(dtype or pipe.unet.dtype)
+    skipping = BlockSkipping(timed)
+    latency = block_latencies(timed, skipping, latency_inputs(pipe, latency_batch, timed), repeats)
     rows = [{"block": b.name, "kind": b.kind, "latency_saved": latency["saved"][b.name] / latency["unet"]} for b in skipping.blocks]
     table = {"unet_seconds_per_pass": latency["unet"], "latency_batch": latency_batch, "blocks": rows,
-             "device": str(unet.device), "dtype": str(unet.dtype).replace("torch.", "")}
+             "device": str(timed.device), "dtype": str(timed.dtype).replace("torch.", "")}
+    del timed, skipping
     if quality:
+        unet = copy.deepcopy(pipe.unet).eval()
+        skipping = BlockSkipping(unet)
+        view = pipe.__class__(**{**pipe.components, "unet": unet})
         entry = TeacherEntry(steps, cfg_scale)
         full = evaluate_entry(view, entry, per_class, batch_size=250)
         table["quality"] = {"steps": steps, "cfg_scale": cfg_scale, "samples": per_class * len(PROXY_CLASSES),
