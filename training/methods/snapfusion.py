@@ -33,6 +33,7 @@ from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder, cat_cond
 from ..students import sample_student
 from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from .gan import cast_cond
 from .guided import RoundGrid, halving_problems, halving_rounds, progressive_rounds
 from .snap_architecture import SlimArchitecture, build_slim_unet
 
@@ -455,14 +456,7 @@ def latency_inputs(pipe, batch_size: int = 2, unet=None) -> dict:
     g = torch.Generator().manual_seed(0)
     cond = PromptEncoder(pipe)(["a photo"] * batch_size)
     return {"sample": torch.randn(batch_size, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype),
-            "timestep": torch.tensor([500] * batch_size, device=unet.device), **_cast_floats(cond, unet.dtype)}
-
-
-def _cast_floats(value, dtype: torch.dtype):
-    """``value``'s floating tensors (in nested dicts: SDXL's added conditions) in ``dtype``."""
-    if isinstance(value, dict):
-        return {k: _cast_floats(v, dtype) for k, v in value.items()}
-    return value.to(dtype) if torch.is_floating_point(value) else value
+            "timestep": torch.tensor([500] * batch_size, device=unet.device), **cast_cond(cond, unet.dtype)}
 
 
 @torch.no_grad()
