@@ -119,3 +119,9 @@ def cat_cond(*conds: dict) -> dict:
     """Concatenate conditioning dicts along the batch (nested dicts such as ``added_cond_kwargs`` too)."""
     first = conds[0]
     return {k: cat_cond(*(c[k] for c in conds)) if isinstance(first[k], dict) else torch.cat([c[k] for c in conds]) for k in first}
+
+
+def cast_cond(cond: dict, dtype: torch.dtype) -> dict:
+    """A conditioning dict (nested dicts such as ``added_cond_kwargs`` too) in ``dtype``: a UNet in half precision
+    rejects float32 text embeddings."""
+    return {k: cast_cond(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ...core.parameterization import diffuse
 from ...core.schedule import DiscreteSchedule
-from ..pipelines import PromptEncoder, cat_cond
+from ..pipelines import PromptEncoder, cast_cond, cat_cond
 
 GAN_LOSSES = ("lsgan", "hinge", "non-saturating")
 
@@ -74,10 +74,6 @@ class FeatureTap:
         finally:
             handle.remove()
         return captured[0]
-
-
-def cast_cond(cond: dict, dtype: torch.dtype) -> dict:
-    return {k: cast_cond(v, dtype) if isinstance(v, dict) else v.to(dtype) for k, v in cond.items()}
 
 
 def teacher_features(tap: FeatureTap, dtype: torch.dtype, schedule: DiscreteSchedule, fake: torch.Tensor,

@@ -30,10 +30,9 @@ from ...core.guidance import cfg
 from ...core.parameterization import append_dims, distillation_weight
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, DiscreteSchedule, select_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
-from ..pipelines import PromptEncoder, cat_cond
+from ..pipelines import PromptEncoder, cast_cond, cat_cond
 from ..students import sample_student
 from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
-from .gan import cast_cond
 from .guided import RoundGrid, halving_problems, halving_rounds, progressive_rounds
 from .snap_architecture import SlimArchitecture, build_slim_unet
 
@@ -468,7 +467,7 @@ def pass_latencies(pipe, students: dict, repeats: int = 20) -> dict:
     z = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(pipe.vae.device, pipe.vae.dtype)
     calls = {("unet", "teacher"): lambda: pipe.unet(**inputs), ("decoder", "teacher"): lambda: pipe.vae.decode(z)}
     for name, student in students.items():
-        calls[("unet", name)] = lambda unet=student.unet: unet(**{**inputs, "sample": inputs["sample"].to(unet.dtype)})
+        calls[("unet", name)] = lambda unet=student.unet, inputs=latency_inputs(pipe, 2, student.unet): unet(**inputs)
         if student.decoder is not None:
             calls[("decoder", name)] = lambda decoder=student.decoder: decoder(z)
     seconds = interleaved_medians(calls, repeats)
