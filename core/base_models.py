@@ -17,6 +17,12 @@ BASES: tuple[str, ...] = ("sd15", "sdxl", "pixart")
 CONTEXT_DIMS: dict[int, str] = {768: "sd15", 2048: "sdxl", 1152: "pixart"}
 UNSUPPORTED_CONTEXT_DIMS: dict[int, str] = {1024: "SD2.x (OpenCLIP-H text encoder)"}
 
+# Size bounds for an adapter file, by base model: no tensor holds more numbers than the model's largest layer (SD's
+# 2560 -> 1280 3x3 up-block convolution; PixArt-alpha's 1152 -> 6912 adaLN projection), and no file more than its
+# denoiser, text encoders and VAE decoder together (SD1.5 860M + 123M + 49M; SDXL 2.57B + 818M + 49M; PixArt 611M + 49M).
+LARGEST_LAYER_NUMEL: dict[str, int] = {"sd15": 2560 * 1280 * 9, "sdxl": 2560 * 1280 * 9, "pixart": 1152 * 6912}
+MAX_ADAPTER_PARAMS: dict[str, int] = {"sd15": 1_040_000_000, "sdxl": 3_440_000_000, "pixart": 670_000_000}
+
 _S = r"[._]"  # separator: "." in diffusers/PEFT keys, "_" in kohya keys
 # Cross-attention K/V projections (and SUN's negative-branch copies of them).
 _CROSS_ATTN_KV = re.compile(rf"attn2{_S}(processor{_S})?to_[kv](_lora)?{_S}|(^|{_S})to_[kv]_neg{_S}weight$")
@@ -39,7 +45,7 @@ def infer_base(keys: Sequence[str], shapes: Optional[Mapping[str, Sequence[int]]
     """
     if shapes:
         for key in keys:
-            if _CROSS_ATTN_KV.search(key) and _is_input_side(key):
+            if _CROSS_ATTN_KV.search(key) and _is_input_side(key) and shapes[key]:
                 width = int(shapes[key][-1])
                 if width in UNSUPPORTED_CONTEXT_DIMS:
                     raise ValueError(

@@ -16,6 +16,7 @@ alpha != rank; here alpha always travels with the weights.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Literal, Mapping, Optional
@@ -28,6 +29,8 @@ LAYOUTS: tuple[str, ...] = ("peft", "diffusers", "diffusers_old", "kohya")
 KOHYA_UNET_PREFIX = "lora_unet_"
 KOHYA_TEXT_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
 DIFFUSERS_UNET_PREFIX = "unet."
+# alpha / rank of a trained LoRA is about 1 (a few at most); far larger scales only make the model's outputs overflow.
+MAX_LORA_SCALE = 64.0
 
 # Segments of diffusers UNet module names that contain an underscore. kohya flattens "." to "_";
 # rejoining these (longest first) inverts that unambiguously for SD1.5/SDXL UNets.
@@ -133,26 +136,52 @@ def read_lora(
             ignored.append(key)
             continue
         module, part = parsed
+        if not tensor.dtype.is_floating_point:
+            raise LoraKeyError(f"{key!r} is a {tensor.dtype} tensor; LoRA weights and alphas are floating point")
         if part == "alpha":
-            stored_alpha[module] = float(tensor)
+            if tensor.numel() != 1:
+                raise LoraKeyError(f"{key!r} has shape {list(tensor.shape)}; an alpha is one number")
+            # Tensors on the meta device (a header's shapes, checked before loading) have no value yet.
+            stored_alpha[module] = math.nan if tensor.is_meta else float(tensor)
         else:
             pairs.setdefault(module, {})[part] = tensor
     modules: LoraModules = {}
     for module, parts in pairs.items():
         if set(parts) != {"down", "up"}:
             raise LoraKeyError(f"LoRA module {module!r} has {sorted(parts)} but needs both down and up weights")
-        rank = parts["down"].shape[0]
+        rank = _checked_rank(module, parts["down"], parts["up"])
         if module in stored_alpha:
             a = stored_alpha[module]
+        elif layout == "kohya":
+            raise LoraKeyError(f"kohya LoRA module {module!r} has no .alpha; kohya files store one per module")
         elif isinstance(alpha, Mapping):
             a = float(alpha.get(module, rank))
         else:
             a = float(alpha) if alpha is not None else float(rank)
+        if not math.isnan(a) or not parts["down"].is_meta:
+            _check_alpha(module, a, rank)
         modules[module] = LoraModule(parts["down"], parts["up"], a)
     unexpected = sorted(set(stored_alpha) - set(modules))
     if unexpected:
         raise LoraKeyError(f"alpha without weights for {unexpected[:3]}")
     return modules, ignored
+
+
+def _checked_rank(module: str, down: torch.Tensor, up: torch.Tensor) -> int:
+    """The rank of a down/up pair whose shapes form a LoRA: (r, in) and (out, r), or (r, in, kh, kw) and (out, r, 1, 1)."""
+    shapes = f"down {list(down.shape)}, up {list(up.shape)}"
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        raise LoraKeyError(f"LoRA module {module!r} has {shapes}; expected 2-D (linear) or 4-D (convolution) weights")
+    rank = down.shape[0]
+    if rank < 1 or up.shape[1] != rank or down.shape[1] < 1 or up.shape[0] < 1 or (up.ndim == 4 and tuple(up.shape[2:]) != (1, 1)):
+        raise LoraKeyError(f"LoRA module {module!r} has {shapes}; its ranks must match (down's first dim is up's second)")
+    return rank
+
+
+def _check_alpha(module: str, alpha: float, rank: int) -> None:
+    if not math.isfinite(alpha) or alpha <= 0 or alpha / rank > MAX_LORA_SCALE:
+        raise LoraKeyError(f"LoRA module {module!r} has alpha {alpha:g} at rank {rank}; expected a finite alpha above 0 "
+                           f"and at most {MAX_LORA_SCALE:g} x the rank")
 
 
 def _parse_key(key: str, layout: LoraLayout) -> Optional[tuple[str, str]]:
@@ -248,6 +277,14 @@ def merge_lora(model: torch.nn.Module, modules: LoraModules, strength: float = 1
         m = mismatched[0]
         raise LoraKeyError(f"LoRA for {m!r} changes a {tuple(modules[m].delta().shape)} weight but the model's is "
                            f"{tuple(layers[m].weight.shape)}: the LoRA was made for another base model")
-    for m, lora in modules.items():
+    def delta_of(m: str) -> torch.Tensor:
         weight = layers[m].weight
-        weight.add_((lora.delta() * strength).to(device=weight.device, dtype=weight.dtype))
+        return (modules[m].delta() * strength).to(device=weight.device, dtype=weight.dtype)
+
+    # Two passes, one delta in memory at a time: nothing changes unless every merged weight stays finite.
+    for m in modules:
+        if not torch.isfinite(layers[m].weight + delta_of(m)).all():
+            raise LoraKeyError(f"LoRA for {m!r} makes the layer's weights overflow {layers[m].weight.dtype}: "
+                               "its values or alpha are far too large")
+    for m in modules:
+        layers[m].weight.add_(delta_of(m))

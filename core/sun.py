@@ -188,9 +188,23 @@ def group_layer_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[s
             lacking = missing or [p for p in EXTRA_POSITIVE_PARAMS if p not in params]
             raise SunFileError(f"SUN layer {name} lacks {', '.join(lacking)}: the file is incomplete")
         variants.add(bool(extra))
+        _check_layer_shapes(name, params)
     if len(variants) > 1:
         raise SunFileError("some SUN layers have the extra positive branch and some do not: the file is inconsistent")
     return grouped
+
+
+def _check_layer_shapes(name: str, params: Mapping[str, torch.Tensor]) -> None:
+    """Key/value projections (hidden, context), alpha and beta (hidden,), all floating point, before any is built."""
+    weight = params["to_k_neg.weight"]
+    if weight.ndim != 2 or min(weight.shape) < 1:
+        raise SunFileError(f"SUN layer {name}: to_k_neg.weight has shape {list(weight.shape)}; expected (hidden, context)")
+    expected = {p: tuple(weight.shape) if p.endswith(".weight") else (weight.shape[0],) for p in params}
+    for param, value in params.items():
+        if not value.dtype.is_floating_point:
+            raise SunFileError(f"SUN layer {name}: {param} is a {value.dtype} tensor; expected floating point")
+        if tuple(value.shape) != expected[param]:
+            raise SunFileError(f"SUN layer {name}: {param} has shape {list(value.shape)}; expected {list(expected[param])}")
 
 
 def is_released_layout(keys: Iterable[str]) -> bool:
@@ -239,5 +253,10 @@ def sun_adapter_for_model(tensors: Mapping[str, torch.Tensor], attention_names: 
         shape = key_shapes.get(attention_names.get(name, ""))
         if shape is None or tuple(shape) != tuple(sun.layer(name).to_k_neg.weight.shape):
             raise SunFileError(f"SUN layer {name} does not fit this model: the adapter was made for a different model")
+    cross = [n for n in attention_names if n.endswith("attn2") and attention_names[n] in key_shapes]
+    uncovered = [n for n in cross if n not in sun.names]
+    if uncovered:
+        raise SunFileError(f"the SUN adapter covers {len(cross) - len(uncovered)} of this model's {len(cross)} cross-attention "
+                           f"layers (none for {uncovered[0]}): the file is incomplete")
     return sun
 

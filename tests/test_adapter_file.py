@@ -191,6 +191,160 @@ def test_unrecognisable_file(tmp_path):
     _one_line_error(lambda: A.read_adapter(tmp_path / "what.safetensors"), "cannot tell what this file holds", "expected LoRA keys")
 
 
+def _module(lora, index=0):
+    """(down key, up key, alpha key) of one module of a kohya LoRA."""
+    down = sorted(k for k in lora if k.endswith("lora_down.weight"))[index]
+    return down, down.replace("lora_down", "lora_up"), down.replace("lora_down.weight", "alpha")
+
+
+def _lora_changes(lora):
+    down, up, alpha = _module(lora)
+    return {
+        "ranks differ": ({up: lora[up][:, :-1]}, "ranks must match"),
+        "rank 0": ({down: lora[down][:0], up: lora[up][:, :0]}, "is empty"),
+        "1-D weights": ({down: lora[down].flatten(), up: lora[up].flatten()}, "expected 2-D"),
+        "alpha not scalar": ({alpha: torch.ones(2)}, "an alpha is one number"),
+        "alpha empty": ({alpha: torch.ones(0)}, "is empty"),
+        "alpha 1e30": ({alpha: torch.tensor(1e30)}, "alpha 1e\\+30 at rank 4"),
+        "alpha NaN": ({alpha: torch.tensor(float("nan"))}, "NaN/Inf|alpha nan"),
+        "integer weights": ({down: lora[down].to(torch.int32)}, "torch.int32; adapter weights are F16, BF16, F32, F64"),
+        "bool weights": ({up: lora[up] != 0}, "torch.bool"),
+        "value beyond any weight": ({up: lora[up] + 1e5}, "beyond any trained weight"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_lora_changes(_kohya_lora("sd15"))))
+def test_malformed_lora_modules_are_refused_before_any_arithmetic(tmp_path, sd15_lora, case):
+    change, message = _lora_changes(sd15_lora)[case]
+    path = tmp_path / "bad.safetensors"
+    save_file({k: v.contiguous() for k, v in {**sd15_lora, **change}.items()}, str(path), metadata=_meta().to_strings())
+    _one_line_error(lambda: A.read_adapter(path), "bad.safetensors", message)
+    # The header alone tells the structural ones: inspect without --check already refuses them.
+    if case in ("ranks differ", "rank 0", "1-D weights", "alpha not scalar", "integer weights", "bool weights"):
+        _one_line_error(lambda: A.describe(A.read_header(path), "bad.safetensors"), message)
+
+
+def test_a_missing_kohya_alpha_is_not_taken_as_the_rank(tmp_path, sd15_lora):
+    _, _, alpha = _module(sd15_lora)
+    save_file({k: v for k, v in sd15_lora.items() if k != alpha}, str(tmp_path / "a.safetensors"), metadata=_meta().to_strings())
+    _one_line_error(lambda: A.read_adapter(tmp_path / "a.safetensors"), "has no .alpha")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("extra", "[]", "fewstep.extra must be a JSON object; found \\[\\]"),
+    ("extra", "4", "fewstep.extra must be a JSON object"),
+    ("extra", "NaN", "metadata fewstep.extra should be JSON"),
+    ("timesteps", "7", "fewstep.timesteps must list 4 decreasing integers"),
+    ("timesteps", "true", "fewstep.timesteps must list"),
+    ("timesteps", "[1999, 749, 499, 249]", "from 999 to 0"),
+    ("steps", "true", "fewstep.steps must be an integer from 1 to 1000; found True"),
+    ("format_version", "true", "fewstep.format_version must be a positive integer"),
+    ("guidance", '{"w_min": 2, "w_max": 1e400}', "should be JSON|w_max must be a finite number"),
+    ("extra", '{"cfg_scale": -1}', "cfg_scale must be a finite number from 0"),
+    ("extra", '{"consistency_boundary": "yes"}', "consistency_boundary must be true or false"),
+    ("extra", "[" * 50000 + "]" * 50000, "nested too deeply"),
+])
+def test_metadata_of_the_wrong_type_or_range_is_refused(tmp_path, sd15_lora, field, value, message):
+    save_file(sd15_lora, str(tmp_path / "m.safetensors"), metadata=_meta().to_strings() | {f"fewstep.{field}": value})
+    _one_line_error(lambda: A.read_adapter(tmp_path / "m.safetensors"), "m.safetensors", message)
+
+
+def test_a_guided_student_without_its_guidance_range_is_refused(tmp_path, sd15_lora):
+    meta = _meta(kind="guided_student", extra={"format": "lora", "embedding_dim": 8, "alpha": 8}).to_strings()
+    save_file(sd15_lora, str(tmp_path / "g.safetensors"), metadata=meta | {"fewstep.guidance": '{"default_w": 3}'})
+    _one_line_error(lambda: A.read_adapter(tmp_path / "g.safetensors"), "needs w_min, w_max")
+
+
+def _with_header(path, edit):
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = edit(json.loads(raw[8:8 + n]))
+    text = json.dumps(header).encode() if not isinstance(header, bytes) else header
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: {**h, "__metadata__": ["a"]}, "__metadata__ must map strings to strings"),
+    (lambda h: {k: ({**v, "shape": str(v["shape"])} if k != "__metadata__" else v) for k, v in h.items()}, "malformed entry"),
+    (lambda h: {k: ({**v, "data_offsets": "0,8"} if k != "__metadata__" else v) for k, v in h.items()}, "malformed entry"),
+    (lambda h: {k: ({**v, "dtype": "F33"} if k != "__metadata__" else v) for k, v in h.items()}, "malformed entry"),
+    (lambda h: b'{"x": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+])
+def test_header_entries_of_the_wrong_type_are_refused(tmp_path, sd15_lora, edit, message):
+    path = tmp_path / "h.safetensors"
+    A.write_adapter(path, sd15_lora, _meta())
+    _with_header(path, edit)
+    _one_line_error(lambda: A.read_adapter(path), "h.safetensors", message)
+
+
+def test_the_header_size_limit_is_safetensors_own(tmp_path, sd15_lora):
+    assert A._MAX_HEADER_BYTES == 100_000_000   # MAX_HEADER_SIZE in safetensors' Rust reader
+    path = tmp_path / "big.safetensors"
+    A.write_adapter(path, sd15_lora, _meta())
+    _with_header(path, lambda h: json_padded(h, 100_000_001))
+    _one_line_error(lambda: A.read_header(path), "big.safetensors", "not a safetensors file")
+
+
+def json_padded(header, size) -> bytes:
+    import json
+
+    text = json.dumps(header).encode()
+    return text + b" " * (size - len(text))
+
+
+def test_a_tensor_larger_than_any_layer_of_the_base_is_refused_before_loading(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"lora_unet_conv_in.lora_down.weight": {"dtype": "F32", "shape": [2 ** 30], "data_offsets": [0, 2 ** 32]}})
+    path = tmp_path / "huge.safetensors"
+    with open(path, "wb") as fh:   # a sparse file: 4 GiB long, nothing on disk
+        fh.write(struct.pack("<Q", len(header)) + header.encode())
+        fh.truncate(8 + len(header) + 2 ** 32)
+    _one_line_error(lambda: A.read_adapter(path), "holds 1,073,741,824 numbers, more than any layer")
+    assert cli(["inspect", "--check", str(path)]) == 1
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"a": 1}, "unknown UNet config field 'a'"),
+    ({"block_out_channels": [10 ** 6] * 2, "down_block_types": ["CrossAttnDownBlock2D"] * 2,
+      "up_block_types": ["CrossAttnUpBlock2D"] * 2, "cross_attention_dim": 768}, "'block_out_channels'"),
+    ({"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "norm_num_groups": 8,
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 32}, r"describes [\d,]+ parameters but the file holds 10,016"),
+])
+def test_a_snap_students_architecture_is_checked_and_sized_before_anything_is_built(tmp_path, sd15_lora, config, message):
+    meta = _meta(kind="snap_student", extra={"unet_config": config}).to_strings()
+    save_file(sd15_lora, str(tmp_path / "s.safetensors"), metadata=meta)
+    _one_line_error(lambda: A.read_adapter(tmp_path / "s.safetensors"), "s.safetensors", message)
+
+
+def test_a_lora_that_overflows_half_precision_is_refused_and_the_model_is_unchanged(sd15_lora):
+    from fewstep.core.lora import LoraKeyError, merge_lora, read_lora
+
+    unet = build_tiny_unet("sd15", seed=0).half()
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    down, up, alpha = _module(sd15_lora)
+    modules, _ = read_lora({**sd15_lora, up: torch.full_like(sd15_lora[up], 9000.0), down: torch.full_like(sd15_lora[down], 9000.0)})
+    with pytest.raises(LoraKeyError, match="overflow torch.float16"):
+        merge_lora(unet, modules)
+    assert all(torch.equal(before[k], v) for k, v in unet.state_dict().items())
+
+
+def test_a_sun_adapter_missing_half_its_layers_is_refused():
+    from fewstep.core.sun import SunFileError
+    from fewstep.training.sun_attention import new_sun_adapter, sun_adapter_from_tensors
+
+    unet = build_tiny_unet("sd15", seed=0)
+    tensors = new_sun_adapter(unet, add_pos=False).to_tensors()
+    layers = sorted({k.split(".attn2.")[0] for k in tensors})
+    half = {k: v for k, v in tensors.items() if k.split(".attn2.")[0] in layers[: len(layers) // 2]}
+    with pytest.raises(SunFileError, match=f"covers {len(layers) // 2} of this model's {len(layers)} cross-attention layers"):
+        sun_adapter_from_tensors(unet, half)
+
+
 # --- fewstep inspect ------------------------------------------------------------------------------------------
 
 def test_inspect_prints_settings(tmp_path, sd15_lora, capsys):

@@ -141,6 +141,7 @@ def test_delta_is_up_times_down_scaled_by_alpha_over_rank():
 def test_text_encoder_keys_are_reported_not_dropped_silently():
     sd = {"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 4),
           "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(4, 2),
+          "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(2.0),
           "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 4)}
     modules, ignored = L.read_lora(sd)
     assert list(modules) == ["mid_block.attentions.0.proj_in"]

@@ -56,7 +56,8 @@ def test_snap_decoder_writes_a_file_that_snap_distill_ships_and_the_student_deco
     from fewstep.core.adapter_file import read_adapter
     from fewstep.training.cli import main
     from fewstep.training.pipelines import load_teacher
-    from fewstep.training.students import DECODER_PREFIX, SnapStudent
+    from fewstep.core.adapter_file import SNAP_DECODER_PREFIX as DECODER_PREFIX
+    from fewstep.training.students import SnapStudent
 
     teacher = tmp_path / "teacher"
     build_tiny_pipeline("sd15", seed=0).save_pretrained(teacher)

@@ -152,7 +152,7 @@ def test_incomplete_or_foreign_files_are_refused(tmp_path):
     save_file({"1." + k.split("attn2.")[1]: v for k, v in partial.items() if k.startswith("down_blocks.0")}, str(path))
     with pytest.raises(AdapterFileError, match="lacks to_k_neg_beta: the file is incomplete"):
         read_adapter(path)
-    with pytest.raises(SunFileError, match="does not fit this UNet"):
+    with pytest.raises(SunFileError, match="does not fit this model"):
         sun_adapter_from_tensors(build_tiny_unet("sd15", block_out_channels=(64, 128)), tensors)
 
 

@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.adapter_file import (W_EMBEDDING_KEY, Adapter, AdapterFileError, describe, read_adapter, read_header,
-                                 without_w_embedding)
+from ..core.adapter_file import (SNAP_DECODER_PREFIX, W_EMBEDDING_KEY, Adapter, AdapterFileError, describe, read_adapter,
+                                 read_header, without_w_embedding)
 from ..core.guidance import cfg_scale_from_imagen_w
-from ..core.lora import merge_lora, read_lora
+from ..core.lora import LoraKeyError, merge_lora, read_lora
 from ..core.parameterization import start_noise_scaling
 from ..core.samplers import get_sampler
 from ..core.schedule import DiscreteSchedule
@@ -48,10 +48,22 @@ def sample_student(unet, schedule: DiscreteSchedule, cond: dict, seeds: Sequence
 
 def load_unet_weights(unet, tensors: dict, name: str) -> None:
     """Whole-UNet weights from an adapter file into ``unet``; every key must fit (else: made for another model)."""
-    result = unet.load_state_dict(tensors, strict=False)
+    try:
+        result = unet.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:   # shapes that differ
+        raise AdapterFileError(f"{name}: does not fit this teacher's UNet ({str(exc).splitlines()[-1].strip()[:120]}): "
+                               "made for another model") from None
     if result.missing_keys or result.unexpected_keys:
         raise AdapterFileError(f"{name}: does not fit this teacher's UNet (missing {result.missing_keys[:2]}, "
                                f"unexpected {result.unexpected_keys[:2]}): made for another model")
+
+
+def merge_file_lora(unet, adapter: Adapter, strength: float = 1.0) -> None:
+    """An adapter file's LoRA (a guided student's without its w projection) merged into ``unet``."""
+    try:
+        merge_lora(unet, read_lora(without_w_embedding(adapter.tensors), alpha=adapter.metadata.extra.get("alpha"))[0], strength)
+    except LoraKeyError as exc:
+        raise AdapterFileError(f"{Path(adapter.path).name}: {exc}") from None
 
 
 class _Student:
@@ -83,10 +95,10 @@ class AdaptedTeacher(_Student):
         self.pipe = pipe
         self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["flash_lora", "gdd_student"])
         self.unet = copy.deepcopy(pipe.unet)
-        if self.adapter.metadata.extra.get("format") == "unet":
+        if not self.adapter.metadata.lora_weights:
             load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
         else:
-            merge_lora(self.unet, read_lora(self.adapter.tensors)[0], strength)
+            merge_file_lora(self.unet, self.adapter, strength)
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
         self.prompts = PromptEncoder(pipe)
 
@@ -113,7 +125,7 @@ class GuidedStudent(_Student):
         if meta.lora_weights:
             load_unet_weights(self.unet, {**pipe.unet.state_dict(), W_EMBEDDING_KEY: self.adapter.tensors[W_EMBEDDING_KEY]},
                               Path(adapter_path).name)
-            merge_lora(self.unet, read_lora(without_w_embedding(self.adapter.tensors))[0])
+            merge_file_lora(self.unet, self.adapter)
         else:
             load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
         self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
@@ -161,9 +173,6 @@ class SunStudent(_Student):
                                   sampler or meta.sampler, consistency_boundary=False)
 
 
-DECODER_PREFIX = "vae."   # a snap_student file's pruned VAE decoder: AutoencoderKL keys under this prefix
-
-
 class SnapStudent(_Student):
     """A ``snap_student`` file: its own UNet, built from the architecture in its metadata (SnapFusion's slim UNet),
     and its pruned VAE decoder if it has one,
@@ -177,7 +186,7 @@ class SnapStudent(_Student):
         self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["snap_student"])
         meta = self.adapter.metadata
         self.unet = UNet2DConditionModel.from_config(meta.extra["unet_config"])
-        unet = {k: v for k, v in self.adapter.tensors.items() if not k.startswith(DECODER_PREFIX)}
+        unet = {k: v for k, v in self.adapter.tensors.items() if not k.startswith(SNAP_DECODER_PREFIX)}
         load_unet_weights(self.unet, unet, Path(adapter_path).name)
         self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
         self.decoder = None
@@ -185,8 +194,12 @@ class SnapStudent(_Student):
             from .methods.snap_decoder import PrunedDecoder
 
             self.decoder = PrunedDecoder(meta.extra["decoder_config"])
-            self.decoder.load_state_dict({k[len(DECODER_PREFIX):]: v.float() for k, v in self.adapter.tensors.items()
-                                          if k.startswith(DECODER_PREFIX)})
+            try:
+                self.decoder.load_state_dict({k[len(SNAP_DECODER_PREFIX):]: v.float() for k, v in self.adapter.tensors.items()
+                                              if k.startswith(SNAP_DECODER_PREFIX)})
+            except RuntimeError:
+                raise AdapterFileError(f"{Path(adapter_path).name}: its VAE decoder weights do not fit the decoder its "
+                                       "metadata describes: the file is corrupt") from None
             self.decoder.to(pipe.vae.device, pipe.vae.dtype).eval()
         self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
         self.prompts = PromptEncoder(pipe)

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from ..core.sun import SunAdapter, SunFileError, SunLayer, from_released_layout, is_released_layout
+from ..core.sun import SunAdapter, SunLayer, sun_adapter_for_model
 
 
 class SunInputs:
@@ -76,15 +76,9 @@ def new_sun_adapter(unet, add_pos: bool) -> SunAdapter:
 
 def sun_adapter_from_tensors(unet, tensors: Mapping[str, torch.Tensor]) -> SunAdapter:
     """An adapter from file tensors in our layout or the released one, checked against ``unet``'s layers."""
-    if is_released_layout(tensors):
-        names = [n[: -len(".processor")] for n in unet.attn_processors]
-        tensors = from_released_layout(tensors, names)
-    adapter = SunAdapter.from_tensors(tensors)
-    modules = cross_attention_modules(unet)
-    for name in adapter.names:
-        if name not in modules or adapter.layer(name).to_k_neg.weight.shape != modules[name].to_k.weight.shape:
-            raise SunFileError(f"SUN layer {name} does not fit this UNet: the adapter was made for a different model")
-    return adapter.to(unet.device, unet.dtype)
+    names = {n[: -len(".processor")]: n[: -len(".processor")] for n in unet.attn_processors}
+    key_shapes = {name: module.to_k.weight.shape for name, module in cross_attention_modules(unet).items()}
+    return sun_adapter_for_model(tensors, names, key_shapes).to(unet.device, unet.dtype)
 
 
 def attach_sun(unet, adapter: SunAdapter) -> SunInputs:

@@ -432,7 +432,7 @@ def export_snap_student(unet, path: str | Path, base: str, prediction: str, step
     diffusers config that builds it (hosts construct the slim UNet from it), DDIM at ``steps`` trailing steps with
     CFG ``cfg_scale`` (atomic write). ``slim``: blocks of the teacher were removed. ``decoder``: a pruned VAE decoder
     (``snap_decoder.PrunedDecoder``), stored under ``vae.`` with its config."""
-    from ..students import DECODER_PREFIX
+    from ...core.adapter_file import SNAP_DECODER_PREFIX
 
     meta = AdapterMetadata(
         kind="snap_student", base=base, prediction=prediction, sampler="ddim", steps=steps,
@@ -442,7 +442,7 @@ def export_snap_student(unet, path: str | Path, base: str, prediction: str, step
                **({"decoder_config": decoder.config} if decoder is not None else {})})
     tensors = dict(unet.state_dict())
     if decoder is not None:
-        tensors.update({DECODER_PREFIX + k: v for k, v in decoder.state_dict().items()})
+        tensors.update({SNAP_DECODER_PREFIX + k: v for k, v in decoder.state_dict().items()})
     write_adapter(path, {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}, meta)
     return meta
 
