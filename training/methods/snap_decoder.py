@@ -181,7 +181,7 @@ def train_decoder(
     pipe = setup.pipe
     cached = run_dir / "teacher_latents.pt"
     if cached.is_file():
-        latents = torch.load(cached)
+        latents = torch.load(cached, map_location="cpu", weights_only=True)   # a tensor: never unpickle
     else:
         latents = teacher_latents(pipe, setup.captions, config.latents, config.latent_steps, config.latent_cfg_scale,
                                   seed=run.seed, progress=run.progress)
