@@ -3,16 +3,19 @@ the sampler settings and LoRA handling here and applies the rest through its mod
 
 What a run changes in A1111, and how each change is undone:
 - the sampler, steps, CFG scale and sigma schedule of ``p`` (the request's own object: nothing to undo);
-- the option ``skip_early_cond``, overridden so that A1111 skips the negative pass (it has no CFG = 1 shortcut);
-  restored to the user's value, or removed if the user never saved one;
+- the option ``skip_early_cond``, overridden so that A1111 skips the negative pass (it has no CFG = 1 shortcut), only
+  while the few-step sampler runs: restored on the way out of it, also when sampling fails, to the user's value or to
+  no entry if the user never saved one (else saving the settings would write it to config.json). A1111's own
+  ``override_settings`` cannot do this: ``process_images`` restores only the options the user had saved;
 - for a SUN adapter, the forward of every cross-attention module it covers (our attention plus the adapter, fed the
   negative prompt's features that ``on_cfg_denoiser`` delivers); the modules get their own forward back;
 - for a LoRA outside ``models/Lora``, an entry in the Lora extension's list of networks; removed again;
 - for a whole-UNet student (guided, GDD), the UNet's weights (moved towards the student's by the strength, after the Lora extension
   has applied the prompt's networks, so that its own weight backups stay the base model's); for a guided student
   (whole or LoRA) its time MLP (with the w offset); the weights are copied back from a CPU copy and the time MLP put back.
-A1111 calls no script hook when a run fails, so the undo list is also run at the start of the next request (every
-request passes through this always-on script). Host modules are imported inside functions.
+A1111 calls no script hook when a run fails, but it closes every request's processing object (``with closing(p)``
+in the UI's and the API's txt2img and img2img), failed or not: the undo list runs there, and again at the start of
+the next request (every request passes through this always-on script). Host modules are imported inside functions.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -56,6 +60,7 @@ class ActiveRun:
     sun_patches: list = field(default_factory=list)           # Forge: the attn2 patches put on the UNet
     student_keys: dict[str, str] = field(default_factory=dict)   # a guided student's {file key: LDM parameter}
     student_applied: bool = False
+    sampling_options: dict[str, Any] = field(default_factory=dict)   # A1111 options overridden while our sampler runs
 
 
 class Undo:
@@ -111,6 +116,17 @@ def list_adapters() -> list[str]:
 
 
 def adapter_path(name: str) -> str:
+    """The file ``name`` (as ``list_adapters`` gives it) in the first adapter folder that holds it. The name comes from
+    the API as well as the dropdown: it must stay inside the folders (no absolute path, no ``..``)."""
+    if not name:
+        raise AdapterFileError("no adapter selected: put a .safetensors in models/fewstep or models/Lora and press the "
+                               "refresh button")
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or os.path.splitdrive(name)[0] or parts[0] == "" or ".." in parts:
+        raise AdapterFileError(f"{name!r}: not an adapter name; expected a file name relative to models/fewstep or "
+                               "models/Lora, as the adapter dropdown lists it")
+    if not name.lower().endswith(".safetensors"):
+        raise AdapterFileError(f"{name!r}: not a .safetensors file; adapters load from safetensors only")
     for folder in adapter_folders():
         path = os.path.join(folder, name)
         if os.path.isfile(path):
@@ -157,7 +173,8 @@ def a1111_sampler(name: str):
         if takes_noise:
             rng = sd_samplers_common.TorchHijack(model.p)
             options["noise_sampler"] = lambda sigma, sigma_next: rng.randn_like(x)
-        return sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
+        with options_overridden(active.sampling_options if isinstance(active, ActiveRun) else {}):
+            return sample_fn(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **options)
 
     sample.__name__ = f"sample_fewstep_{name}"
     return sample
@@ -191,22 +208,27 @@ def schedule_of(sd_model) -> DiscreteSchedule:
 # ---------------------------------------------------------------------------------------------- options
 
 
-def override_option(name: str, value) -> None:
-    """Set an A1111 option for this run; undone to the user's saved value, or to no entry if there was none (an
-    entry would otherwise outlive the run as if the user had saved it)."""
+@contextmanager
+def options_overridden(options: dict[str, Any]):
+    """A1111 options set to ``options`` inside the block, and back to the user's saved values, or to no entry where
+    there was none, when it ends, whatever way it ends (an entry left behind would be saved with the settings as if
+    the user had set it)."""
+    if not options:
+        yield
+        return
     from modules import shared
 
     data = shared.opts.data
-    had, old = name in data, data.get(name)
-    data[name] = value
-
-    def restore():
-        if had:
-            data[name] = old
-        else:
-            data.pop(name, None)
-
-    _undo.push(f"option {name}", restore)
+    saved = {name: (name in data, data.get(name)) for name in options}
+    data.update(options)
+    try:
+        yield
+    finally:
+        for name, (had, old) in saved.items():
+            if had:
+                data[name] = old
+            else:
+                data.pop(name, None)
 
 
 # ---------------------------------------------------------------------------------------------- SUN
@@ -382,6 +404,22 @@ def undo_leftovers() -> None:
     _undo.run()
 
 
+def undo_when_closed(p) -> None:
+    """Run the undo list when A1111 closes the request's processing object: it does so after every run, failed ones
+    too (``with closing(p)``), where no script hook is called."""
+    close = getattr(p, "close", None)
+    if close is None:
+        return
+
+    def close_and_undo():
+        try:
+            _undo.run()
+        finally:
+            close()
+
+    p.close = close_and_undo
+
+
 def begin(p, args) -> None:
     """Before processing (the model for this request is loaded): configure the run from the accordion's ``args``."""
     try:
@@ -397,6 +435,7 @@ def begin(p, args) -> None:
         p.sampler_name = sampler_label(next(iter(SAMPLERS)))   # its sampler raises the error when sampling starts
         return
     setattr(p, RUN_ATTR, active)
+    undo_when_closed(p)
     logger.info("%s", active.run.summary)
 
 
@@ -421,7 +460,7 @@ def _configure(p, settings: Settings) -> ActiveRun:
     else:
         p.cfg_scale = plan.cfg_scale
         if run.skip_negative_pass:
-            override_option("skip_early_cond", 1.0)
+            active.sampling_options["skip_early_cond"] = 1.0
         if plan.negative_in_adapter:
             install_sun(sd_model, active)
         if run.unet_weights:

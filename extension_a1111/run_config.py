@@ -49,12 +49,53 @@ class Settings:
 
     @classmethod
     def from_args(cls, args) -> "Settings":
-        """From the script's positional args; an API caller may send only the first few."""
+        """From the script's positional args; an API caller may send only the first few, as JSON of any type."""
         names = [f for f in cls.__dataclass_fields__]
         if len(args) > len(names):
             raise ValueError(f"fewstep takes at most {len(names)} script args ({', '.join(names)}); got {len(args)}")
         defaults = cls()   # each value converted to its default's type (the API sends JSON numbers, Gradio floats)
-        return cls(**{name: type(getattr(defaults, name))(value) for name, value in zip(names, args)})
+        return cls(**{name: _convert(name, value, type(getattr(defaults, name))) for name, value in zip(names, args)})
+
+
+# What the API's "enabled" arg may say, besides JSON true/false (bool("false") is True, so strings are read here).
+_TRUE_WORDS = ("true", "1", "on", "yes")
+_FALSE_WORDS = ("false", "0", "off", "no", "")
+
+
+def parse_flag(name: str, value) -> bool:
+    """An on/off arg: a bool, 0/1, or one of the words above (any case); anything else is an error, not "on"."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise ValueError(f"script arg {name} must be true or false (or 1/0, on/off); got {value!r}")
+
+
+def _convert(name: str, value, kind: type):
+    """One script arg as its field's type, with a one-line error naming the arg."""
+    if kind is bool:
+        return parse_flag(name, value)
+    if kind is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ValueError(f"script arg {name} must be a string; got {value!r}")
+        return value
+    if isinstance(value, bool):   # int(True) is 1: a flag sent in a number's place is a caller's slip
+        raise ValueError(f"script arg {name} must be a number; got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"script arg {name} must be a number; got {value!r}") from None
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(f"script arg {name} must be a whole number; got {value!r}")
+        return int(number)
+    if kind is float:
+        return number
+    raise TypeError(f"no conversion for script arg {name} of type {kind.__name__}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, convert_lora, de
 from ..core.parameterization import consistency_boundary_denoised
 from ..core.run_plan import plan_run
 from ..core.samplers import get_sampler
-from ..core.schedule import DiscreteSchedule, timesteps_for_denoise
+from ..core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, timesteps_for_denoise
 
 logger = logging.getLogger("fewstep")
 
@@ -50,8 +50,15 @@ def list_adapters() -> list[str]:
 
 
 def adapter_path(name: str) -> str:
+    """The file ``name`` in the adapter folders. ComfyUI does not check combo values server-side: on a fresh install
+    (no adapter files, an empty menu) the node gets None, and an API caller may send any name."""
     import folder_paths
 
+    if not name:
+        raise AdapterFileError("no adapter selected: put a .safetensors in models/fewstep or models/loras, then refresh "
+                               "the node list (press R)")
+    if not isinstance(name, str):
+        raise AdapterFileError(f"adapter must be a file name from models/fewstep or models/loras; got {name!r}")
     for folder in ADAPTER_FOLDERS:
         path = folder_paths.get_full_path(folder, name)
         if path is not None:
@@ -257,8 +264,14 @@ def make_sampler(name: str, **options):
 
 
 def model_schedule(model) -> DiscreteSchedule:
-    """core's schedule over the MODEL's own sigma table (so patched or zero-SNR schedules are honoured)."""
-    return DiscreteSchedule.from_sigmas(model.get_model_object("model_sampling").sigmas)
+    """core's schedule over the MODEL's own sigmas, one per training timestep (so patched or zero-SNR schedules are
+    honoured). A table of another length does not index by timestep: ``ModelSamplingDiscrete``'s lcm mode keeps LCM's
+    50 original timesteps (19, 39, ..., 999); its own ``sigma(t)`` then says what each training timestep is."""
+    model_sampling = model.get_model_object("model_sampling")
+    sigmas = model_sampling.sigmas
+    if sigmas.shape[0] != NUM_TRAIN_TIMESTEPS:
+        sigmas = model_sampling.sigma(torch.arange(NUM_TRAIN_TIMESTEPS, device=sigmas.device))
+    return DiscreteSchedule.from_sigmas(sigmas)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -63,18 +64,34 @@ class UnetPassProbe(scripts.Script):
 '''
 
 
+_MEANING = {"PATH": "the webui tree", "PYTHON": "its venv's interpreter", "STUBS": "the merged torchvision import stubs",
+            "HF_HOME": "the offline CLIP tokenizer cache", "HF_GUESS": "the folder holding the huggingface_guess package"}
+
+
+def _setup(prefix: str, names: tuple[str, ...], folder: str, tool: str, tools: Path) -> str:
+    """What to set for ``prefix``'s host tests, in one line."""
+    wanted = ", ".join(f"{prefix}_{n} ({_MEANING[n]})" for n in names)
+    return (f"set {wanted}, and {prefix}_TOOLS (the folder holding {tool}; default {tools}, beside this checkout); "
+            f"shared/hosts/{folder}/README.md says how to set one up offline")
+
+
 def _locate(prefix: str, names: tuple[str, ...], folder: str, tool: str) -> dict | str:
-    """The host's locations from PREFIX_* variables, or the reason host tests skip."""
+    """The host's locations from PREFIX_* variables, or the reason host tests skip, naming what to set."""
     env = {name: os.environ.get(name) for name in (f"{prefix}_{n}" for n in names)}
+    tools = Path(os.environ.get(f"{prefix}_TOOLS", SHARED_HOSTS / folder))
+    setup = _setup(prefix, names, folder, tool, SHARED_HOSTS / folder)
     missing = [name for name, value in env.items() if not value]
     if missing:
-        return (f"{', '.join(missing)} not set: no {folder} WebUI to test in (../shared/hosts/{folder}/README.md says how "
-                "to set one up offline)")
+        return f"{', '.join(missing)} not set: no {folder} WebUI to test in; {setup}"
     if not (Path(env[f"{prefix}_PATH"]) / "launch.py").is_file():
-        return f"{prefix}_PATH={env[f'{prefix}_PATH']} holds no launch.py"
-    tools = Path(os.environ.get(f"{prefix}_TOOLS", SHARED_HOSTS / folder))
+        return f"{prefix}_PATH={env[f'{prefix}_PATH']} holds no launch.py; {setup}"
+    absent = [f"{prefix}_{n}={env[f'{prefix}_{n}']}" for n in names if n != "PATH"
+              and not (shutil.which(env[f"{prefix}_{n}"]) if n == "PYTHON" else Path(env[f"{prefix}_{n}"]).exists())]
+    if absent:
+        return f"{', '.join(absent)}: no such file or folder; {setup}"
     if not (tools / tool).is_file():
-        return f"{tool} is not in {tools}; set {prefix}_TOOLS"
+        where = f"{prefix}_TOOLS={tools}" if f"{prefix}_TOOLS" in os.environ else f"{prefix}_TOOLS is not set and {tools}"
+        return f"{where} holds no {tool} (this checkout is not beside shared/?); {setup}"
     return {**env, f"{prefix}_TOOLS": str(tools)}
 
 

@@ -30,17 +30,26 @@ TINY_SD15_LDM = dict(num_res_blocks=[1], channel_mult=[1], transformer_depth=[1]
                      transformer_depth_middle=1)
 
 
+SETUP = ("set COMFYUI_PATH to a ComfyUI checkout, COMFYUI_STUBS to shared/hosts/stubs (the torchvision/torchaudio "
+         f"import stubs; default {STUBS_DEFAULT}) and, if this interpreter lacks ComfyUI's requirements, COMFYUI_PYTHON "
+         "to one that has them; shared/hosts/README.md says how to set ComfyUI up offline")
+
+
 def comfyui() -> tuple[str, str, Path] | str:
-    """(checkout, python, stubs), or the reason host tests skip."""
+    """(checkout, python, stubs), or the reason host tests skip, naming what to set."""
     path = os.environ.get("COMFYUI_PATH")
     if not path:
-        return "COMFYUI_PATH is not set: no ComfyUI checkout to test in (see ../shared/hosts/README.md)"
+        return f"COMFYUI_PATH is not set: no ComfyUI to test in; {SETUP}"
     if not (Path(path) / "main.py").is_file():
-        return f"COMFYUI_PATH={path} holds no ComfyUI main.py"
+        return f"COMFYUI_PATH={path} holds no ComfyUI main.py; {SETUP}"
     stubs = Path(os.environ.get("COMFYUI_STUBS", STUBS_DEFAULT))
     if not stubs.is_dir():
-        return "ComfyUI's import stubs for torchvision (shared/hosts/stubs) are not here; set COMFYUI_STUBS"
-    return path, os.environ.get("COMFYUI_PYTHON", sys.executable), stubs
+        where = f"COMFYUI_STUBS={stubs}" if "COMFYUI_STUBS" in os.environ else f"COMFYUI_STUBS is not set and {stubs}"
+        return f"{where} is no folder (this checkout is not beside shared/?); {SETUP}"
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    if shutil.which(python) is None:
+        return f"COMFYUI_PYTHON={python} is no interpreter; {SETUP}"
+    return path, python, stubs
 
 
 def comfy_env(path: str, stubs: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fewstep.core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, AdapterMetadata, read_adapter, write_adapter
+from fewstep.core.schedule import DiscreteSchedule
 from fewstep.core.sun import SunAdapter, SunLayer, multi_head_attention
 from fewstep.core.unet_names import diffusers_attention_name, ldm_attention_name
 from fewstep.extension_a1111 import host
@@ -276,15 +277,14 @@ def webui_options(monkeypatch):
     return modules.shared.opts.data
 
 
-def test_an_option_the_user_never_saved_is_removed_again(webui_options, undo_is_clean):
-    host.override_option("skip_early_cond", 1.0)
-    assert webui_options["skip_early_cond"] == 1.0
-    host.undo_leftovers()
+def test_an_option_the_user_never_saved_is_removed_again(webui_options):
+    with host.options_overridden({"skip_early_cond": 1.0}):
+        assert webui_options["skip_early_cond"] == 1.0
     assert webui_options == {"sd_model_checkpoint": "tiny"}
     webui_options["skip_early_cond"] = 0.2
-    host.override_option("skip_early_cond", 1.0)
-    host.undo_leftovers()    # as at the start of the request after a failed run
-    assert webui_options["skip_early_cond"] == 0.2
+    with pytest.raises(MemoryError), host.options_overridden({"skip_early_cond": 1.0}):
+        raise MemoryError("out of memory")   # sampling failed: the option is back all the same
+    assert webui_options == {"sd_model_checkpoint": "tiny", "skip_early_cond": 0.2}
 
 
 def test_a_failed_undo_does_not_stop_the_others(undo_is_clean, caplog):
@@ -412,3 +412,149 @@ def test_unet_keys_go_through_diffusers_own_ldm_converter_and_back(base, layers_
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], v) for k, v in state.items())
 
+
+
+# --- a failed run, API args, adapter names ----------------------------------------------------------------------------
+
+@pytest.fixture
+def webui(monkeypatch, tmp_path):
+    """The WebUI modules a run touches: options (the user saved skip_early_cond = 0.2), models/fewstep and
+    models/Lora under tmp_path, and the per-request RNG the samplers draw from."""
+    models = tmp_path / "models"
+    (models / "fewstep").mkdir(parents=True)
+    (models / "Lora").mkdir()
+    modules = ModuleType("modules")
+    modules.shared = SimpleNamespace(opts=SimpleNamespace(data={"skip_early_cond": 0.2}),
+                                     cmd_opts=SimpleNamespace(lora_dir=str(models / "Lora")))
+    modules.paths_internal = SimpleNamespace(models_path=str(models))
+    modules.sd_samplers_common = SimpleNamespace(TorchHijack=lambda p: SimpleNamespace(randn_like=torch.randn_like))
+    monkeypatch.setitem(sys.modules, "modules", modules)
+    for name in ("shared", "paths_internal", "sd_samplers_common"):
+        monkeypatch.setitem(sys.modules, f"modules.{name}", getattr(modules, name))
+    write_adapter(models / "Lora" / "flash.safetensors", _kohya_lora("sd15"), _adapter().metadata)
+    yield SimpleNamespace(options=modules.shared.opts.data, models=models)
+    host.undo_leftovers()
+
+
+class _Processing:
+    """A1111's StableDiffusionProcessingTxt2Img as the run sees it; ``close`` is what ``with closing(p)`` calls."""
+
+    def __init__(self):
+        sd = DiscreteSchedule.stable_diffusion()
+        self.sd_model = SimpleNamespace(is_sdxl=False, is_sd1=True, alphas_cumprod=sd.alphas_cumprod.float())
+        self.sampler_name, self.scheduler, self.steps, self.cfg_scale = "Euler", "Automatic", 20, 7.0
+        self.extra_generation_params, self.closed = {}, False
+
+    def close(self):
+        self.closed = True
+
+
+def _request(p, args, fail=None, seen=None):
+    """One txt2img request the way A1111 1.10.1 runs it (modules/api/api.py, processing.process_images): before_process,
+    process, p.init (where a bad hires upscaler raises), sampling through the run's sampler (where an out-of-memory
+    raises), all inside ``with closing(p)``. ``seen`` gets skip_early_cond as the CFG denoiser reads it, each pass."""
+    from contextlib import closing
+
+    from modules import shared
+
+    class Denoiser:   # A1111's CFG denoiser as our sampler gets it: the request, the model's sigma table
+        def __init__(self):
+            self.p, self.inner_model = p, SimpleNamespace(sigmas=DiscreteSchedule.stable_diffusion().sigmas.float())
+
+        def __call__(self, x, sigma, **kwargs):
+            seen.append(shared.opts.data.get("skip_early_cond"))
+            if fail == "sampling":
+                raise MemoryError("CUDA out of memory")
+            return torch.zeros_like(x)
+
+    with closing(p):
+        host.undo_leftovers()          # the script's before_process
+        host.begin(p, args)            # its process
+        if fail == "init":
+            raise RuntimeError("could not find upscaler named nope")
+        sampler = host.a1111_sampler(p.sampler_name.removeprefix("FewStep ")) if p.sampler_name.startswith("FewStep ") else None
+        if sampler is not None:
+            sampler(Denoiser(), torch.randn(1, 4, 8, 8), torch.tensor([14.6, 1.0, 0.0]))
+
+
+@pytest.mark.parametrize("fail", ["init", "sampling"])
+def test_a_failed_run_leaves_the_webuis_settings_as_they_were(webui, fail):
+    """A run that fails after set-up (a bad hires upscaler fails in p.init, an out-of-memory in sampling) must not
+    leave skip_early_cond = 1 behind: saving the settings would write it to config.json, and every plain run after a
+    restart would ignore the negative prompt."""
+    p, seen = _Processing(), []
+    with pytest.raises((RuntimeError, MemoryError)):
+        _request(p, [True, "flash.safetensors"], fail=fail, seen=seen)
+    assert p.closed and webui.options == {"skip_early_cond": 0.2}
+    assert host._undo._steps == []   # everything else the run changed is undone too, not at the next request
+    assert seen == ([] if fail == "init" else [1.0])   # the negative pass was skipped while our sampler ran
+    plain, seen = _Processing(), []
+    _request(plain, [False, "flash.safetensors"], seen=seen)
+    assert webui.options == {"skip_early_cond": 0.2} and plain.sampler_name == "Euler"
+    fewstep, seen = _Processing(), []
+    _request(fewstep, [True, "flash.safetensors"], seen=seen)
+    assert seen == [1.0, 1.0] and webui.options == {"skip_early_cond": 0.2}
+    del webui.options["skip_early_cond"]   # a user who never saved the option: no entry afterwards either
+    with pytest.raises(MemoryError):
+        _request(_Processing(), [True, "flash.safetensors"], fail="sampling", seen=seen)
+    assert webui.options == {}
+
+
+@pytest.mark.parametrize("value, enabled", [(True, True), (False, False), ("true", True), ("True", True), ("1", True),
+                                            ("on", True), (1, True), ("false", False), ("False", False), ("0", False),
+                                            ("off", False), ("", False), (0, False), (None, False)])
+def test_the_enabled_flag_from_the_api_is_parsed_not_truth_tested(value, enabled):
+    assert Settings.from_args([value, "a.safetensors"]).enabled is enabled
+
+
+def test_bad_api_args_are_one_line_errors_and_false_leaves_the_run_alone(webui):
+    for value in ("maybe", "yes please", 2, [True]):
+        with pytest.raises(ValueError, match=r"^script arg enabled must be true or false .*; got"):
+            Settings.from_args([value, "a.safetensors"])
+    with pytest.raises(ValueError, match=r"^script arg strength must be a number; got 'strong'"):
+        Settings.from_args([True, "a.safetensors", "strong"])
+    with pytest.raises(ValueError, match=r"^script arg steps must be a whole number; got 2.5"):
+        Settings.from_args([True, "a.safetensors", 1.0, 2.5])
+    assert Settings.from_args([True, "a.safetensors", "0.5", 4.0]) == Settings(True, "a.safetensors", 0.5, 4)
+    p = _Processing()
+    host.begin(p, ["false", "flash.safetensors"])
+    assert p.sampler_name == "Euler" and not hasattr(p, "fewstep_run") and webui.options == {"skip_early_cond": 0.2}
+    host.begin(p, ["maybe", "flash.safetensors"])
+    assert isinstance(p.fewstep_run, host.RunError) and "script arg enabled must be true or false" in str(p.fewstep_run)
+
+
+def test_adapter_names_stay_inside_the_adapter_folders(webui, tmp_path):
+    """The API sends any string: ``../`` and absolute paths must not open files outside models/fewstep and models/Lora."""
+    outside = tmp_path / "outside.safetensors"
+    write_adapter(outside, _kohya_lora("sd15"), _adapter().metadata)
+    (webui.models / "fewstep" / "sub").mkdir()
+    inside = webui.models / "fewstep" / "sub" / "mine.safetensors"
+    write_adapter(inside, _kohya_lora("sd15"), _adapter().metadata)
+    assert host.adapter_path("sub/mine.safetensors") == str(inside)
+    assert host.adapter_path("flash.safetensors") == str(webui.models / "Lora" / "flash.safetensors")
+    for name in ("../../outside.safetensors", "sub/../../../outside.safetensors", str(outside), "..\\..\\outside.safetensors",
+                 "/" + str(outside).lstrip("/")):
+        with pytest.raises(AdapterFileError, match="not an adapter name; expected a file name relative to models/fewstep"):
+            host.adapter_path(name)
+    with pytest.raises(AdapterFileError, match="not a .safetensors file"):
+        host.adapter_path("sub/mine.ckpt")
+    for empty in ("", None):
+        with pytest.raises(AdapterFileError, match="^no adapter selected: put a .safetensors in models/fewstep or models/Lora"):
+            host.adapter_path(empty)
+    p = _Processing()
+    host.begin(p, [True, "../../outside.safetensors"])
+    assert isinstance(p.fewstep_run, host.RunError) and str(p.fewstep_run).startswith("fewstep: '../../outside.safetensors'")
+    assert "\n" not in str(p.fewstep_run)
+
+
+def test_the_host_tests_skip_reason_names_what_to_set(monkeypatch, tmp_path):
+    from .a1111_host import a1111
+
+    for name in ("PATH", "PYTHON", "STUBS", "HF_HOME", "TOOLS"):
+        monkeypatch.delenv(f"A1111_{name}", raising=False)
+    assert all(f"A1111_{v}" in a1111() for v in ("PATH", "PYTHON", "STUBS", "HF_HOME", "TOOLS"))
+    (tmp_path / "launch.py").write_text("")
+    for name, value in (("PATH", tmp_path), ("PYTHON", sys.executable), ("STUBS", tmp_path), ("HF_HOME", tmp_path),
+                        ("TOOLS", tmp_path / "tools")):
+        monkeypatch.setenv(f"A1111_{name}", str(value))
+    assert a1111().startswith(f"A1111_TOOLS={tmp_path / 'tools'} holds no make_tiny_sd15.py")

@@ -213,3 +213,22 @@ def test_an_adapter_for_another_base_stops_the_run_with_the_reason(webui):
     # The next request without fewstep is unaffected.
     _, _, passes, _ = _run(webui, _payload())
     assert len(passes) == 4 and passes[0]["batch"] == 2
+
+
+def test_a_run_that_fails_after_set_up_leaves_the_settings_as_saved(webui):
+    """A fewstep run that fails after set-up (a bad hires upscaler fails in p.init; an out-of-memory would in sampling)
+    must leave skip_early_cond as the user saved it: saving the settings then would write it to config.json, and every
+    plain run after a restart would ignore the negative prompt."""
+    options = _options(webui)
+    status, answer = webui.post("/sdapi/v1/txt2img", _payload(fewstep=[True, FLASH], enable_hr=True, hr_scale=2,
+                                                              hr_upscaler="no such upscaler", denoising_strength=0.5))
+    assert status != 200 and "no such upscaler" in json.dumps(answer), answer
+    assert _options(webui) == options
+    # Saving the settings now (any change, from the UI or the API) writes what the WebUI holds to config.json.
+    status, answer = webui.post("/sdapi/v1/options", {"samples_format": options["samples_format"]})
+    assert status == 200, answer
+    saved = json.loads((webui.workdir / "config.json").read_text())
+    assert saved.get("skip_early_cond", 0.0) == options["skip_early_cond"] == 0.0
+    # And a plain run still runs the negative pass on every step.
+    _, _, passes, _ = _run(webui, _payload())
+    assert [p["batch"] for p in passes] == [2] * 4

@@ -399,6 +399,44 @@ def test_wrong_base_adapter_is_a_node_error(comfy):
     assert comfy.get("/system_stats")   # the server lives on
 
 
+def test_no_adapter_selected_is_a_one_line_node_error(comfy):
+    """A fresh install has no adapter files: ComfyUI (it checks no combo values) hands the node None."""
+    entry, _ = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=5, adapter=None)},
+                                    ["sample", 0], "no_adapter"))
+    assert entry["status"]["status_str"] == "error"
+    kind, error = entry["status"]["messages"][-1]
+    assert kind == "execution_error" and error["node_type"] == "FewStepKSampler"
+    assert error["exception_type"].endswith("AdapterFileError")
+    assert error["exception_message"].startswith("no adapter selected: put a .safetensors in models/fewstep or models/loras")
+
+
+def test_after_an_lcm_model_sampling_the_sigmas_follow_its_50_timesteps(comfy):
+    """The stock LCM-LoRA chain: ModelSamplingDiscrete (lcm) keeps LCM's 50 original timesteps and sigmas, and the
+    fewstep nodes after it look timesteps up through it (they indexed its 50-entry table by timestep: IndexError)."""
+    graph = _base_graph()
+    graph["lcm"] = {"class_type": "ModelSamplingDiscrete", "inputs": {"model": ["ckpt", 0], "sampling": "lcm", "zsnr": False}}
+    graph["load"] = {"class_type": "FewStepLoadAdapter", "inputs": {
+        "model": ["lcm", 0], "adapter": FLASH, "strength": 1.0, "steps": 0, "w": -1.0}}
+    graph["sigmas"] = {"class_type": "FewStepSigmas", "inputs": {
+        "model": ["lcm", 0], "steps": 4, "spacing": "lcm", "timesteps": "", "denoise": 1.0}}
+    graph["stock_sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "lcm"}}
+    graph["sample"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["load", 0], "add_noise": True, "noise_seed": 3, "cfg": 1.0, "positive": ["pos", 0],
+        "negative": ["neg", 0], "sampler": ["load", 2], "sigmas": ["load", 3], "latent_image": ["empty", 0]}}
+    graph["stock"] = {"class_type": "SamplerCustom", "inputs": {
+        "model": ["load", 0], "add_noise": True, "noise_seed": 3, "cfg": 1.0, "positive": ["pos", 0],
+        "negative": ["neg", 0], "sampler": ["stock_sampler", 0], "sigmas": ["sigmas", 0], "latent_image": ["empty", 0]}}
+    graph = _outputs(graph, ["sample", 0], "lcm_chain")
+    graph["save_stock"] = {"class_type": "SaveLatent", "inputs": {"samples": ["stock", 0], "filename_prefix": "latents/lcm_stock"}}
+    entry, timesteps = _run(comfy, graph)
+    _assert_success(entry)
+    # Both graphs' four passes, seen through the lcm model's own timestep(), lie on its grid (19, 39, ..., 999): the
+    # file's 999, 749, 499, 249 and FewStep Sigmas' LCM spacing 999, 759, 499, 259.
+    assert len(timesteps) == 8 and all(t % 20 == 19 for t in timesteps), timesteps
+    assert timesteps.count(999) == 2 and timesteps.count(499) == 2 and {759, 259} <= set(timesteps), timesteps
+    assert torch.isfinite(_latent(comfy, entry)).all() and torch.isfinite(_latent(comfy, entry, "save_stock")).all()
+
+
 def test_gdd_generator_samples_in_one_pass_as_the_training_code_does(comfy):
     """FewStep KSampler with a gdd_student file: one pass at t = 999, the latent the training code's sampler gives for
     the same seed and prompt (ComfyUI's latents are the model's divided by SD's scale factor 0.18215)."""

@@ -198,10 +198,13 @@ def test_load_adapter_checks_base_and_kind(host, monkeypatch):
     with pytest.raises(AdapterFileError, match="adapter is for sd15 .*but the model is sdxl"):
         host.adapters.load_adapter(path, "sdxl")
     snap = host.folders["fewstep"] / "snap.safetensors"
-    with pytest.raises(AdapterFileError, match="a snap_student file without its UNet's architecture"):
+    with pytest.raises(AdapterFileError, match="a snap_student file .*its UNet's architecture"):
         write_adapter(snap, {"conv_in.weight": torch.zeros(320, 4, 3, 3)}, AdapterMetadata(kind="snap_student", base="sd15"))
-    write_adapter(snap, {"conv_in.weight": torch.zeros(320, 4, 3, 3)},
-                  AdapterMetadata(kind="snap_student", base="sd15", extra={"unet_config": {}}))
+    from fewstep.training.tiny_models import build_tiny_unet
+
+    unet = build_tiny_unet("sd15")
+    write_adapter(snap, unet.state_dict(), AdapterMetadata(kind="snap_student", base="sd15",
+                                                           extra={"unet_config": {k: v for k, v in unet.config.items() if not k.startswith("_")}}))
     assert host.adapters.load_adapter(str(snap), "sd15").metadata.kind == "snap_student"
     monkeypatch.setattr(host.adapters, "SUPPORTED_KINDS", ("flash_lora", "sun_adapter"))   # as for a kind added later
     with pytest.raises(AdapterFileError, match="is a snap_student; these nodes load flash_lora and sun_adapter files so far"):
@@ -260,3 +263,64 @@ def test_sun_patch_keys_follow_comfyui_block_addresses(host):
     assert patch_key("output_blocks.11.1.transformer_blocks.0.attn2") == ("output", 11, 0)
     with pytest.raises(ValueError, match="not a UNet cross-attention layer"):
         patch_key("input_blocks.1.1.transformer_blocks.0.attn1")
+
+
+def test_no_adapter_selected_says_where_to_put_one(host, monkeypatch):
+    """A fresh install has no adapter files: the menu is empty and ComfyUI (it checks no combo values) hands the node
+    None, on which folder_paths raised a bare TypeError."""
+    for name in ("comfy.model_management", "comfy.sample", "comfy.utils", "latent_preview"):
+        monkeypatch.setitem(sys.modules, name, ModuleType(name))
+    model = SimpleNamespace(model=SimpleNamespace(model_config=type("SD15", (), {})()))
+    for missing in (None, ""):
+        with pytest.raises(AdapterFileError, match="^no adapter selected: put a .safetensors in models/fewstep or models/loras"):
+            host.nodes.FewStepKSampler.execute(model, missing, 1.0, 0, 0, -1.0, 1.0, [], [], 1.0, {"samples": None}, 1.0)
+        with pytest.raises(AdapterFileError, match="^no adapter selected"):
+            host.nodes.FewStepLoadAdapter.execute(model, missing, 1.0, 0, -1.0)
+    with pytest.raises(AdapterFileError, match="made-up.safetensors: not found in models/fewstep or models/loras"):
+        host.nodes.FewStepLoadAdapter.execute(model, "made-up.safetensors", 1.0, 0, -1.0)
+
+
+class _LcmModelSampling:
+    """ComfyUI's ModelSamplingDiscreteDistilled (the ModelSamplingDiscrete node's lcm mode): LCM's 50 original
+    timesteps 19, 39, ..., 999 and their sigmas, with its own timestep <-> sigma maps (comfy_extras/nodes_model_advanced.py)."""
+
+    original_timesteps = 50
+
+    def __init__(self):
+        full = DiscreteSchedule.stable_diffusion().sigmas.float()
+        self.skip_steps = len(full) // self.original_timesteps
+        self.sigmas = torch.stack([full[len(full) - 1 - x * self.skip_steps] for x in range(self.original_timesteps)]).flip(0)
+        self.log_sigmas = self.sigmas.log()
+
+    def sigma(self, timestep):
+        t = ((timestep.float() - (self.skip_steps - 1)) / self.skip_steps).clamp(0, len(self.sigmas) - 1)
+        w = t.frac()
+        return ((1 - w) * self.log_sigmas[t.floor().long()] + w * self.log_sigmas[t.ceil().long()]).exp()
+
+
+def test_sigmas_after_an_lcm_model_sampling_come_from_its_own_timestep_map(host):
+    """The stock LCM-LoRA chain puts ModelSamplingDiscrete (lcm) before the fewstep nodes: its table has 50 sigmas, and
+    timestep 999 is its last entry, not index 999 (which raised IndexError)."""
+    sampling = _LcmModelSampling()
+    model = SimpleNamespace(get_model_object=lambda name: sampling if name == "model_sampling" else None)
+    sd = DiscreteSchedule.stable_diffusion()
+    lcm = host.nodes.FewStepSigmas.execute(model, steps=4, spacing="lcm", timesteps="", denoise=1.0).args[0]
+    # LCM's grid (999, 759, 499, 259) lies on the 50 original timesteps: SD's own sigmas there.
+    torch.testing.assert_close(lcm, sd.sigmas_for_timesteps([999, 759, 499, 259]), rtol=1e-5, atol=0)
+    trailing = host.nodes.FewStepSigmas.execute(model, steps=4, spacing="trailing", timesteps="", denoise=0.5).args[0]
+    chosen = torch.tensor([499, 374, 249, 124])   # trailing over 8 steps, the lower half: off the grid, as its sigma() says
+    torch.testing.assert_close(trailing, torch.cat([sampling.sigma(chosen), torch.zeros(1)]), rtol=1e-6, atol=0)
+    assert host.adapters.model_schedule(model).timestep(sampling.sigmas[-1]) == 999
+
+
+def test_the_host_tests_skip_reason_names_what_to_set(monkeypatch, tmp_path):
+    """From a checkout not beside shared/, the stubs' default path is absent: the reason must say which variable to set."""
+    from .comfyui_host import comfyui
+
+    for name in ("COMFYUI_PATH", "COMFYUI_STUBS", "COMFYUI_PYTHON"):
+        monkeypatch.delenv(name, raising=False)
+    assert all(v in comfyui() for v in ("COMFYUI_PATH", "COMFYUI_STUBS", "COMFYUI_PYTHON"))
+    (tmp_path / "main.py").write_text("")
+    monkeypatch.setenv("COMFYUI_PATH", str(tmp_path))
+    monkeypatch.setenv("COMFYUI_STUBS", str(tmp_path / "nowhere"))
+    assert comfyui().startswith(f"COMFYUI_STUBS={tmp_path / 'nowhere'} is no folder") and "set COMFYUI_PATH" in comfyui()
