@@ -429,14 +429,20 @@ def begin(p, args) -> None:
         active = _configure(p, settings)
     except (AdapterFileError, ValueError, TypeError, OSError) as exc:
         _undo.run()
-        error = RunError(f"fewstep: {exc}")
-        logger.error("%s", error)
-        setattr(p, RUN_ATTR, error)
+        stop_run(p, str(exc))
         p.sampler_name = sampler_label(next(iter(SAMPLERS)))   # its sampler raises the error when sampling starts
         return
     setattr(p, RUN_ATTR, active)
     undo_when_closed(p)
     logger.info("%s", active.run.summary)
+
+
+def stop_run(p, reason: str) -> None:
+    """Stop the request with ``reason`` when sampling starts: fewstep's sampler raises it (A1111 only logs errors raised
+    in script hooks and would go on without fewstep)."""
+    error = RunError(f"fewstep: {reason}")
+    logger.error("%s", error)
+    setattr(p, RUN_ATTR, error)
 
 
 def _configure(p, settings: Settings) -> ActiveRun:
@@ -501,8 +507,8 @@ def add_lora_to_hires(p) -> None:
 
 def after_networks(p) -> None:
     """After a batch's extra networks are activated: our LoRA joins the hires pass's networks; in A1111 a whole-UNet
-    student goes onto the weights the networks left; a LoRA file must have found a module for every layer (the
-    hosts only log misses)."""
+    student goes onto the weights the networks left; a LoRA file must have found a layer for every module (the
+    hosts only log misses; a run with a LoRA that missed stops)."""
     from . import forge
 
     active = active_run(p)
@@ -520,9 +526,11 @@ def after_networks(p) -> None:
     else:
         net = next((n for n in lora_networks().loaded_networks if n.name == alias), None)
         applied = 0 if net is None else len(net.modules)
-    (logger.info if applied == expected else logger.warning)(
-        "fewstep: LoRA %s: %d of %d modules applied%s", alias, applied, expected,
-        "" if applied == expected else " (the rest match no layer of this model)")
+    if applied < expected:
+        stop_run(p, f"{os.path.basename(active.adapter.path)}: {expected - applied} of {expected} LoRA modules match no layer "
+                    "of this model: it was made for a different model")
+    else:
+        logger.info("fewstep: LoRA %s: %d of %d modules applied", alias, applied, expected)
 
 
 def before_every_sampling(p) -> None:

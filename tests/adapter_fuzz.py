@@ -30,6 +30,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "training" / "assets"
 FLASH, SUN = ASSETS / "proxy_flash_lora.safetensors", ASSETS / "proxy_sun_adapter.safetensors"
 TEACHER = ASSETS / "proxy_teacher"
 PER_FILE_SECONDS = 30
+PROJECT_ERRORS = ("AdapterFileError", "LoraKeyError", "SunFileError")   # the reader's, the LoRA merge's, the SUN build's
 
 
 # ------------------------------------------------------------------------------------------------ raw file parts
@@ -92,13 +93,7 @@ def metadata_files(name: str, path: Path):
                     changed.pop(sub, None)
                 text = json.dumps(changed, allow_nan=True)
                 yield f"metadata {field}.{sub} of wrong type/range", join(with_metadata(header, "fewstep." + field, text), data)
-    for kind in KINDS:
-        yield "kind relabelled", join(with_metadata(header, "fewstep.kind", kind), data)
-        for guidance in ({}, {"default_w": 3.0}, {"default_w": 3.0, "w_min": 5.0, "w_max": 1.0},
-                         {"default_w": 3.0, "w_min": 0.0, "w_max": 8.0}):
-            h = with_metadata(header, "fewstep.kind", kind)
-            h = with_metadata(h, "fewstep.guidance", json.dumps(guidance))
-            yield "kind relabelled with guidance", join(h, data)
+    yield from kind_files(name, path)
     for config in ({"a": 1}, {}, {"block_out_channels": [10 ** 6] * 4, "down_block_types": ["CrossAttnDownBlock2D"] * 4,
                                   "up_block_types": ["CrossAttnUpBlock2D"] * 4, "cross_attention_dim": 768},
                    {"block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -118,6 +113,41 @@ def metadata_files(name: str, path: Path):
     yield "metadata not a string map", join({**header, "__metadata__": 7}, data)
     stripped = {k: v for k, v in header.items() if k != "__metadata__"}
     yield "no metadata (inferred)", join(stripped, data)
+
+
+def kind_files(name: str, path: Path):
+    """The file's weights under every kind, with guidance ranges valid and not."""
+    header, data = split(path)
+    for kind in KINDS:
+        yield f"kind relabelled: {kind}", join(with_metadata(header, "fewstep.kind", kind), data)
+        for guidance in ({}, {"default_w": 3.0}, {"default_w": 3.0, "w_min": 5.0, "w_max": 1.0},
+                         {"default_w": 3.0, "w_min": 0.0, "w_max": 8.0}):
+            h = with_metadata(header, "fewstep.kind", kind)
+            h = with_metadata(h, "fewstep.guidance", json.dumps(guidance))
+            yield "kind relabelled with guidance", join(h, data)
+
+
+def host_cases(sources: dict[str, Path], folder: Path, seed: int = 0) -> list[tuple[str, Path]]:
+    """For a real host, from its own Flash LoRA and SUN adapter (``sources``: {"flash": path, "sun": path}): one file of
+    every tensor mutation and every kind, and a few the reader refuses from the header alone. Most of these pass the
+    reader and meet the host's own model: they must fail there with one line, or sample."""
+    rng = random.Random(seed)
+    cases: dict[str, bytes] = {}
+    for name, path in sources.items():
+        header, data = split(path)
+        streams = [tensor_files(name, path, rng), kind_files(name, path),
+                   [("truncated", path.read_bytes()[:-7]), ("metadata extra not an object", join(with_metadata(header, "fewstep.extra", "[]"), data)),
+                    ("header: shape as string", join({k: ({**v, "shape": str(v["shape"])} if k != "__metadata__" else v)
+                                                      for k, v in header.items()}, data))]]
+        for stream in streams:
+            for label, content in stream:
+                cases.setdefault(f"{name} {label}", content)
+    out = []
+    for i, (label, content) in enumerate(sorted(cases.items())):
+        path = folder / f"fuzz_{i:03d}.safetensors"
+        path.write_bytes(content)
+        out.append((label, path))
+    return out
 
 
 def header_files(name: str, path: Path, rng: random.Random):

@@ -310,6 +310,26 @@ def test_a_configuration_error_stops_the_run_when_sampling_starts(monkeypatch, u
     assert untouched.sampler_name == "Euler" and not hasattr(untouched, "fewstep_run")
 
 
+def test_a_lora_whose_modules_match_no_layer_stops_the_run(monkeypatch, undo_is_clean):
+    """A1111's Lora extension only logs modules that match no layer and samples without them; fewstep stops the run
+    (as ComfyUI's loader does), with the count, when sampling starts."""
+    lora = _kohya_lora("sd15")
+    adapter = Adapter("/models/Lora/moved.safetensors", lora, AdapterMetadata(kind="flash_lora", base="sd15"), False, [])
+    run = configure(Settings(enabled=True, adapter="moved.safetensors"), adapter)
+    networks = ModuleType("networks")
+    networks.available_network_aliases = {}
+    networks.loaded_networks = [SimpleNamespace(name=run.lora_alias, modules={"one": None})]
+    modules = ModuleType("modules")
+    modules.extra_networks = ModuleType("modules.extra_networks")
+    for name, module in {"networks": networks, "modules": modules, "modules.extra_networks": modules.extra_networks}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    p = SimpleNamespace(sd_model=SimpleNamespace(), fewstep_run=host.ActiveRun(run, adapter))
+    host.after_networks(p)
+    expected = host.lora_module_count(adapter)
+    with pytest.raises(host.RunError, match=f"moved.safetensors: {expected - 1} of {expected} LoRA modules match no layer"):
+        host.a1111_sampler("consistency")(SimpleNamespace(p=p), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.0]))
+
+
 def test_lora_module_count_reads_kohya_names(tmp_path):
     path = tmp_path / "flash.safetensors"
     tensors = _kohya_lora("sd15")

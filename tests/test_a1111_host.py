@@ -22,6 +22,7 @@ from fewstep.core.lora import LoraModule, write_lora
 from fewstep.extension_a1111.host import lora_module_count
 from fewstep.training.cli import main
 
+from .adapter_fuzz import PROJECT_ERRORS, host_cases
 from .a1111_host import (A1111Server, ForgeServer, a1111, build_checkpoint, build_forge_checkpoint, decode_image,
                          diffusers_config_for, forge, forge_diffusers_config)
 
@@ -180,7 +181,7 @@ def test_hires_fix_and_img2img_keep_few_steps(webui):
     assert hires.shape == (128, 128, 3)
     first, second = [p for p in passes if p["size"] == [8, 8]], [p for p in passes if p["size"] == [16, 16]]
     assert len(first) == 4 and 1 <= len(second) <= 4 and all(p["batch"] == 1 for p in passes)
-    assert log.count("fewstep: LoRA tiny_flash:") == 2 and "applied (the rest" not in log   # both passes carry the LoRA
+    assert log.count("fewstep: LoRA tiny_flash:") == 2 and "match no layer" not in log   # both passes carry the LoRA
     import base64
     import io
 
@@ -213,6 +214,30 @@ def test_an_adapter_for_another_base_stops_the_run_with_the_reason(webui):
     # The next request without fewstep is unaffected.
     _, _, passes, _ = _run(webui, _payload())
     assert len(passes) == 4 and passes[0]["batch"] == 2
+
+
+def test_broken_and_hostile_adapter_files_stop_the_run_with_one_line(webui):
+    """One file of every tensor mutation and every kind (tests/adapter_fuzz.py) made from this host's own Flash LoRA and
+    SUN adapter: each run gives an image or stops with the project's one-line error, and leaves nothing behind."""
+    options = _options(webui)
+    models = webui.workdir / "models"
+    outcomes = {}
+    for label, path in host_cases({"flash": models / "Lora" / FLASH, "sun": models / "fewstep" / SUN}, models / "fewstep"):
+        status, answer = webui.post("/sdapi/v1/txt2img", _payload(fewstep=[True, path.name]))
+        if status == 200:
+            assert np.isfinite(decode_image(answer["images"][0])).all(), label
+            outcomes[label] = "samples"
+        else:
+            # The extension reports every refusal as its RunError, "fewstep: <the reason>".
+            assert answer.get("error") in ("RunError", *PROJECT_ERRORS) and str(answer.get("errors")).startswith("fewstep: "), (label, answer)
+            assert "\n" not in str(answer.get("errors", "")).strip(), (label, answer)
+            outcomes[label] = "refused"
+        path.unlink()
+    print(f"{len(outcomes)} files: {list(outcomes.values()).count('samples')} sample, {list(outcomes.values()).count('refused')} refused")
+    assert set(outcomes.values()) == {"samples", "refused"}
+    assert _options(webui) == options
+    _, _, passes, _ = _run(webui, _payload())
+    assert [p["batch"] for p in passes] == [2] * 4
 
 
 def test_a_run_that_fails_after_set_up_leaves_the_settings_as_saved(webui):

@@ -20,6 +20,7 @@ from fewstep.core.adapter_file import AdapterMetadata, read_adapter, write_adapt
 from fewstep.core.lora import LoraModule, convert_lora, write_lora
 from fewstep.training.cli import main
 
+from .adapter_fuzz import PROJECT_ERRORS, host_cases
 from .comfyui_host import ComfyServer, build_tiny_sd15_teacher, comfyui, copy_into, write_checkpoint
 from .workflow_specs import OFFLINE
 
@@ -408,6 +409,30 @@ def test_no_adapter_selected_is_a_one_line_node_error(comfy):
     assert kind == "execution_error" and error["node_type"] == "FewStepKSampler"
     assert error["exception_type"].endswith("AdapterFileError")
     assert error["exception_message"].startswith("no adapter selected: put a .safetensors in models/fewstep or models/loras")
+
+
+def test_broken_and_hostile_adapter_files_are_one_line_node_errors(comfy):
+    """One file of every tensor mutation and every kind (tests/adapter_fuzz.py) made from this host's own Flash LoRA and
+    SUN adapter, dropped into models/loras: each samples finite latents or stops FewStep KSampler with the project's
+    one-line error, and the server lives on."""
+    loras = comfy.workdir / "models" / "loras"
+    outcomes = {}
+    for i, (label, path) in enumerate(host_cases({"flash": loras / FLASH, "sun": comfy.workdir / "models" / "fewstep" / SUN}, loras)):
+        entry, _ = _run(comfy, _outputs({**_base_graph(), "sample": _ksampler(["empty", 0], seed=i, adapter=path.name)},
+                                        ["sample", 0], f"fuzz_{i:03d}"))
+        if entry["status"]["status_str"] == "success":
+            assert torch.isfinite(_latent(comfy, entry)).all(), label
+            outcomes[label] = "samples"
+        else:
+            kind, error = entry["status"]["messages"][-1]
+            assert kind == "execution_error" and error["node_type"] == "FewStepKSampler", (label, error)
+            assert error["exception_type"].rsplit(".", 1)[-1] in PROJECT_ERRORS, (label, error["exception_message"])
+            assert "\n" not in error["exception_message"].strip(), (label, error["exception_message"])
+            outcomes[label] = "refused"
+        path.unlink()
+    print(f"{len(outcomes)} files: {list(outcomes.values()).count('samples')} sample, {list(outcomes.values()).count('refused')} refused")
+    assert comfy.get("/system_stats")
+    assert set(outcomes.values()) == {"samples", "refused"}
 
 
 def test_after_an_lcm_model_sampling_the_sigmas_follow_its_50_timesteps(comfy):
