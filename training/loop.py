@@ -211,17 +211,18 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_latest_checkpoint(run_dir: Path) -> tuple[Optional[Path], Optional[dict]]:
+def load_latest_checkpoint(run_dir: Path, set_aside: bool = True) -> tuple[Optional[Path], Optional[dict]]:
     """The newest checkpoint that loads, and its state. Unreadable newer ones (truncated or empty after a power loss)
-    are renamed ``*.corrupt`` with a warning, and the one before is taken; (None, None) if none is left."""
+    are skipped with a warning and, with ``set_aside`` (the main process only: the others would race it), renamed
+    ``*.corrupt``; (None, None) if none is left."""
     for path in sorted((Path(run_dir) / CHECKPOINT_DIR).glob("step-*.pt"), reverse=True):
         try:
             return path, load_checkpoint(path)
         except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
-            aside = path.with_name(path.name + ".corrupt")
-            os.replace(path, aside)
-            log.warning("checkpoint %s is unreadable (%s: %s); set aside as %s, resuming from the one before", path,
-                        exc.__class__.__name__, str(exc).splitlines()[0][:120] if str(exc) else "", aside.name)
+            log.warning("checkpoint %s is unreadable (%s: %s); resuming from the one before", path,
+                        exc.__class__.__name__, str(exc).splitlines()[0][:120] if str(exc) else "")
+            if set_aside:
+                os.replace(path, path.with_name(path.name + ".corrupt"))
     return None, None
 
 
@@ -334,7 +335,7 @@ def training_loop(
         log.warning("starting over in %s: removing its earlier checkpoints and metrics", run_dir)
         shutil.rmtree(run_dir / CHECKPOINT_DIR)
         metrics_file.unlink(missing_ok=True)
-    checkpoint, state = load_latest_checkpoint(run_dir) if resume else (None, None)
+    checkpoint, state = load_latest_checkpoint(run_dir, accelerator.is_main_process) if resume else (None, None)
     if checkpoint is not None:
         unexpected = model.load_state_dict(state["model"], strict=False).unexpected_keys
         if unexpected:
