@@ -1,6 +1,8 @@
 """core/ must stay host-free, and `import fewstep` (ComfyUI's entry) must stay light."""
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 # torch itself loads numpy and tqdm, so only host and training libraries are checked.
 HOST_OR_HEAVY = ["comfy", "modules", "gradio", "diffusers", "peft", "accelerate", "transformers", ]
@@ -12,13 +14,31 @@ def _loaded_after(code: str) -> set[str]:
     return set(__import__("json").loads(out.strip().splitlines()[-1]))
 
 
+CORE = Path(__file__).resolve().parents[1] / "core"
+
+
+def _core_modules() -> list[str]:
+    return sorted(p.stem for p in CORE.glob("*.py") if p.stem != "__init__")
+
+
 def test_core_imports_no_host_or_training_library():
-    loaded = _loaded_after(
-        "import fewstep.core.schedule, fewstep.core.samplers, fewstep.core.guidance, fewstep.core.lora, "
-        "fewstep.core.adapter_file, fewstep.core.parameterization, fewstep.core.base_models, fewstep.core.sun, "
-        "fewstep.core.run_plan, fewstep.core.unet_names"
-    )
+    modules = _core_modules()
+    assert {"adapter_file", "lora", "samplers", "schedule", "unet_config"} <= set(modules)
+    loaded = _loaded_after("import " + ", ".join(f"fewstep.core.{m}" for m in modules))
     assert loaded.isdisjoint(HOST_OR_HEAVY), sorted(loaded & set(HOST_OR_HEAVY))
+
+
+def test_core_source_imports_only_torch_safetensors_and_the_standard_library():
+    """Every import statement of every core module, those inside functions too, and no relative import out of core."""
+    allowed = {"torch", "safetensors", "__future__"} | set(sys.stdlib_module_names)
+    found = []
+    for path in sorted(CORE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found += [(path.name, a.name) for a in node.names if a.name.split(".")[0] not in allowed]
+            elif isinstance(node, ast.ImportFrom) and (node.level > 1 or node.level == 0 and node.module.split(".")[0] not in allowed):
+                found.append((path.name, "." * node.level + (node.module or "")))
+    assert found == []
 
 
 def test_package_root_imports_nothing_heavy():
