@@ -80,7 +80,7 @@ def metadata_files(name: str, path: Path):
     meta = header["__metadata__"]
     for field in FIELDS:
         key = "fewstep." + field
-        yield f"metadata field missing", join(with_metadata(header, key, None), data)
+        yield "metadata field missing", join(with_metadata(header, key, None), data)
         values = TEXT_FIELDS_BAD if field in ("kind", "base", "prediction", "sampler") else BAD_JSON_VALUES
         for value in values:
             yield f"metadata {field} of wrong type/range", join(with_metadata(header, key, value), data)

@@ -25,7 +25,6 @@ def _full(config) -> dict:
 
 def _slim_config():
     deep = build_tiny_unet("sd15", seed=1, layers_per_block=3)
-    full = SlimArchitecture.of_teacher(deep.config)
     return slim_unet_config(deep.config, SlimArchitecture(((0, 2), (0, 1, 2)), ((0, 1, 2, 3), (0, 1, 3)),
                                                           (True, False), (False, False), mid=False))
 
