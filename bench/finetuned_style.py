@@ -26,10 +26,12 @@ import numpy as np
 import torch
 
 from fewstep.core.adapter_file import describe, read_header
-from fewstep.training.bench import BUNDLED_TEACHER, StudentEntry, TeacherEntry, bench_label, prompt_set, save_class_grid, training_data
+from fewstep.training.bench import bench_label, training_data
+from fewstep.training.evaluation import BUNDLED_TEACHER
+from fewstep.training.evaluation import StudentEntry, TeacherEntry, prompt_set, save_class_grid
 from fewstep.training.data import PROXY_STYLES, load_proxy_dataset
-from fewstep.training.metrics import (FeatureStatistics, classify_proxy_images, frechet_distance,
-                                      get_feature_extractor)
+from fewstep.training.metrics import FeatureStatistics, frechet_distance, get_feature_extractor
+from fewstep.training.proxy_classifier import classify_proxy_images
 from fewstep.training.pipelines import load_teacher
 
 def in_style(style: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:

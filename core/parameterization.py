@@ -97,7 +97,7 @@ def distillation_weight(sigma: torch.Tensor, space: str = "x") -> torch.Tensor:
 
 def ddim_step(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One deterministic DDIM step in sigma space, per sample: keep the implied noise, move to sigma_next."""
-    ratio = append_dims(sigma_next / sigma, x.ndim)
+    ratio = append_dims(torch.as_tensor(sigma_next / sigma, device=x.device), x.ndim).to(x.dtype)
     return denoised + ratio * (x - denoised)
 
 

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .parameterization import ddim_step
 from .schedule import DiscreteSchedule
 
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -47,8 +48,9 @@ def ancestral_step(sigma_from: torch.Tensor, sigma_to: torch.Tensor, eta: float 
 def renoise(
     x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor, sigma_down: torch.Tensor, sigma_up: torch.Tensor, noise: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    """x0 + sigma_down * eps_hat + sigma_up * noise, with eps_hat = (x - x0) / sigma the model's implied noise."""
-    out = denoised + (x - denoised) * (sigma_down / sigma)
+    """x0 + sigma_down * eps_hat + sigma_up * noise, with eps_hat = (x - x0) / sigma the model's implied noise: the DDIM
+    step to sigma_down plus fresh noise."""
+    out = ddim_step(x, denoised, sigma, sigma_down)
     if noise is not None and sigma_up > 0:
         out = out + noise * sigma_up
     return out

@@ -98,3 +98,26 @@ def ldm_unet_keys(keys, layers_per_block: int) -> dict[str, str]:
             out[key] = f"output_blocks.{first + layers_per_block}.{2 if level in with_attention else 1}.{rest}"
     return out
 
+
+def comfy_unet_config(base: dict, config: dict) -> dict:
+    """ComfyUI's UNet config for a diffusers ``UNet2DConditionModel`` config of the base model's family: per-level
+    ``num_res_blocks`` and one transformer depth per layer (0: no cross-attention), the up layers' in reverse
+    (``comfy.utils.unet_to_diffusers`` pops them from the end), ``transformer_depth_middle`` -2 for no mid block.
+    This is how ComfyUI itself describes pruned UNets (SSD-1B, Vega, KOALA)."""
+    levels = len(config["down_block_types"])
+    layers = config["layers_per_block"]
+    layers = [layers] * levels if isinstance(layers, int) else list(layers)
+    depth = config.get("transformer_layers_per_block", 1)
+    depth = [depth] * levels if isinstance(depth, int) else list(depth)
+    reverse = config.get("reverse_transformer_layers_per_block") or list(reversed(depth))
+
+    def per_layer(block_type: str, level_depth, n: int) -> list[int]:
+        if not block_type.startswith("CrossAttn"):
+            return [0] * n
+        return list(level_depth) if isinstance(level_depth, (list, tuple)) else [level_depth] * n
+
+    down = [d for i in range(levels) for d in per_layer(config["down_block_types"][i], depth[i], layers[i])]
+    up = [d for j in range(levels) for d in per_layer(config["up_block_types"][j], reverse[j], layers[levels - 1 - j] + 1)]
+    mid = depth[-1] if isinstance(depth[-1], int) else max(depth[-1])
+    return {**base, "num_res_blocks": layers, "transformer_depth": down, "transformer_depth_output": up[::-1],
+            "transformer_depth_middle": -2 if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else mid}

@@ -5,7 +5,7 @@ Forge rebuilds ``p.sd_model.forge_objects`` from its LoRA-applied copy before ev
 again before the hires pass); they vanish with the clone and need no undoing:
 - CFG: Forge runs one model pass per step when the CFG scale is 1, and then never encodes the negative prompt;
   every kind but SUN sets the scale to 1 for both passes.
-- SUN: the attn2 replace patches ComfyUI uses (``nodes.sun``) and a conditioning modifier that hands them the
+- SUN: the attn2 replace patches ComfyUI uses (``model_patcher.sun``) and a conditioning modifier that hands them the
   negative prompt's features and sets the scale to 1 for the model call. The negative prompt must be encoded for
   that, so the run's CFG scale stays above 1 (it has no other effect).
 - whole-UNet students (guided, GDD): their weights as weight patches (the weights moved to the student's by the strength, after the
@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import os
 
-from ..core.adapter_file import W_EMBEDDING_KEY
-from ..core.guidance import TimeEmbedWithW, w_conditioning_offset
+from ..core.adapter_file import AdapterFileError
+from ..core.guidance import TimeEmbedWithW
+from ..core.run_plan import LORA, SUN_LAYERS, UNET_BLEND
 from ..core.schedule import DiscreteSchedule
-from ..nodes.sun import cross_attention_features, put_sun_patches, with_sun_negative
-from .host import ActiveRun, student_keys, sun_layers
+from ..model_patcher.sun import cross_attention_features, put_sun_patches, with_sun_negative
+from .ldm_unet import student_keys, sun_layers
+from .run_state import ActiveRun
 
 ENCODE_NEGATIVE_CFG = 2.0   # a CFG scale other than 1, so that Forge encodes the negative prompt for SUN
 
@@ -47,17 +49,22 @@ def forge_attention(q, k, v, extra_options):
 
 def configure(p, active: ActiveRun) -> None:
     """What Forge needs beyond the sampler settings ``host`` makes: the CFG scales, the adapter checked against the
-    UNet (so that a mismatch stops the run before sampling)."""
+    UNet (so that a mismatch stops the run before sampling). A LoRA goes through Forge's LoRA loader (the prompt tag)."""
     plan, unet = active.run.plan, ldm_unet(p.sd_model)
+    if plan.weights == LORA:
+        pass
+    elif plan.weights == UNET_BLEND:
+        active.student_keys = student_keys(unet, active.adapter)
+    elif plan.weights == SUN_LAYERS:
+        active.sun = sun_layers(unet, active.adapter)
+    else:
+        raise AdapterFileError(f"{active.run.adapter_name}: Forge cannot apply {plan.weights} weights with fewstep yet")
     if plan.negative_in_adapter:
         if p.cfg_scale == 1:
             p.cfg_scale = ENCODE_NEGATIVE_CFG
         p.hr_cfg = p.cfg_scale
-        active.sun = sun_layers(unet, active.adapter)
     else:
         p.cfg_scale = p.hr_cfg = plan.cfg_scale
-    if active.run.unet_weights:
-        active.student_keys = student_keys(unet, active.adapter)
 
 
 class SunNegative:
@@ -90,9 +97,8 @@ def patch_unet(p, active: ActiveRun) -> None:
                          patches={f"diffusion_model.{ldm}": ("diff", (tensors[key],))
                                   for key, ldm in active.student_keys.items()})
     if plan.w is not None:
-        offset = w_conditioning_offset(active.adapter.tensors[W_EMBEDDING_KEY].float(), plan.w)
         time_embed = unet.get_model_object("diffusion_model.time_embed")
-        unet.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(time_embed, offset))
+        unet.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(time_embed, plan.w_offset(active.adapter.tensors)))
     p.sd_model.forge_objects.unet = unet
 
 

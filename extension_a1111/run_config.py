@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from ..core.adapter_file import Adapter, AdapterFileError
-from ..core.run_plan import RunPlan, plan_run
+from ..core.run_plan import LORA, SUN_LAYERS, UNET_BLEND, RunPlan, check_kind, kinds_applied, plan_run
 from ..core.samplers import SAMPLERS
 
-SUPPORTED_KINDS = ("flash_lora", "sun_adapter", "guided_student", "gdd_student")
+SUPPORTED_KINDS = kinds_applied((LORA, UNET_BLEND, SUN_LAYERS))   # no own-UNet students (SnapFusion) yet
 SAMPLER_PREFIX = "FewStep "
 FROM_FILE = "From the file"
 # Infotext keys ("fewstep: name.safetensors, fewstep strength: 1, ..." in a PNG's parameters).
@@ -108,7 +108,11 @@ class A1111Run:
     lora_alias: Optional[str]         # the name the host's own LoRA loader finds the file under (LoRA kinds)
     skip_negative_pass: bool          # one model pass per step: the negative pass is skipped (SUN reads it in the pass)
     infotext: dict[str, Any]
-    unet_weights: bool = False        # the file holds a whole UNet (guided students, GDD generators), not a LoRA
+
+    @property
+    def unet_weights(self) -> bool:
+        """Whether the file holds a whole UNet (guided students, GDD generators), not a LoRA."""
+        return self.plan.weights == UNET_BLEND
 
     @property
     def lora_tag(self) -> Optional[str]:
@@ -142,9 +146,7 @@ def lora_alias(adapter_name: str) -> str:
 def configure(settings: Settings, adapter: Adapter) -> A1111Run:
     """The run for ``settings`` with ``adapter`` (already read and checked against the model's base)."""
     meta = adapter.metadata
-    if meta.kind not in SUPPORTED_KINDS:
-        raise AdapterFileError(f"{settings.adapter}: is a {meta.kind}; the A1111 extension runs "
-                               f"{', '.join(SUPPORTED_KINDS)} files so far")
+    check_kind(settings.adapter, meta.kind, SUPPORTED_KINDS, "the A1111 extension runs")
     plan = plan_run(meta, strength=settings.strength, steps=settings.steps,
                     sampler=None if settings.sampler == FROM_FILE else settings.sampler,
                     w=None if settings.w < 0 else settings.w, negative_strength=settings.negative_strength)
@@ -157,9 +159,9 @@ def configure(settings: Settings, adapter: Adapter) -> A1111Run:
         infotext[INFOTEXT_NEGATIVE_STRENGTH] = settings.negative_strength
     if plan.w is not None:
         infotext[INFOTEXT_W] = plan.w
-    unet_weights = meta.kind in ("guided_student", "gdd_student") and not meta.lora_weights
-    return A1111Run(settings.adapter, plan, sampler_label(plan.sampler), lora_alias(settings.adapter) if meta.lora_weights else None,
-                    skip_negative_pass=plan.model_passes_per_step == 1, infotext=infotext, unet_weights=unet_weights)
+    return A1111Run(settings.adapter, plan, sampler_label(plan.sampler),
+                    lora_alias(settings.adapter) if plan.weights == LORA else None,
+                    skip_negative_pass=plan.model_passes_per_step == 1, infotext=infotext)
 
 
 def settings_from_infotext(params: Mapping[str, str]) -> Optional[Settings]:

@@ -15,19 +15,20 @@ from typing import Any, Optional
 
 import torch
 
-from ..core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError, read_adapter, without_w_embedding
-from ..core.guidance import TimeEmbedWithW, cfg_scale_from_imagen_w, w_conditioning_offset
+from ..core.adapter_file import Adapter, AdapterFileError, read_adapter_cached, without_w_embedding
+from ..core.guidance import TimeEmbedWithW, cfg_scale_from_imagen_w
 from ..core.lora import KOHYA_TEXT_PREFIXES, KOHYA_UNET_PREFIX, convert_lora, detect_layout
 from ..core.parameterization import consistency_boundary_denoised
-from ..core.run_plan import plan_run
+from ..core.run_plan import LORA, OWN_UNET, SUN_LAYERS, UNET_BLEND, RunPlan, check_kind, kinds_applied, plan_run
 from ..core.samplers import get_sampler
 from ..core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, timesteps_for_denoise
+from ..core.unet_names import comfy_unet_config
 
 logger = logging.getLogger("fewstep")
 
 ADAPTER_FOLDERS = ("fewstep", "loras")  # ComfyUI model folders the adapter menus list, fewstep's own first
 WRAPPER_KEY = "fewstep"                 # one package-wide key for every patch fewstep puts on a model
-SUPPORTED_KINDS = ("flash_lora", "guided_student", "gdd_student", "snap_student", "sun_adapter")
+SUPPORTED_KINDS = kinds_applied((LORA, UNET_BLEND, OWN_UNET, SUN_LAYERS))   # every form of weights core plans
 # ComfyUI model-config classes (matched anywhere in the MRO, so SSD-1B, Vega, pix2pix variants count) -> base.
 _BASE_OF_CONFIG = {"SD15": "sd15", "SDXL": "sdxl", "PixArtAlpha": "pixart"}
 
@@ -75,22 +76,11 @@ def model_base(model) -> str:
     raise AdapterFileError(f"fewstep adapters are made for SD1.5, SDXL or PixArt models; this MODEL is {type(config).__name__}")
 
 
-_last_read: dict[str, Any] = {}
-
-
 def load_adapter(path: str, base: str) -> Adapter:
-    """read_adapter, checked against the model's base; the last file stays in memory while it is unchanged,
-    so re-running a graph with a new seed does not re-read it."""
-    stat = os.stat(path)
-    key = (path, stat.st_mtime_ns, stat.st_size, base)
-    if _last_read.get("key") != key:
-        _last_read.clear()
-        adapter = read_adapter(path, expected_base=base)
-        if adapter.metadata.kind not in SUPPORTED_KINDS:
-            raise AdapterFileError(f"{os.path.basename(path)}: is a {adapter.metadata.kind}; these nodes load "
-                                   f"{', '.join(SUPPORTED_KINDS[:-1])} and {SUPPORTED_KINDS[-1]} files so far: update fewstep")
-        _last_read.update(key=key, adapter=adapter)
-    return _last_read["adapter"]
+    """The adapter file, checked against the model's base and read once while it is unchanged."""
+    adapter = read_adapter_cached(path, base)
+    check_kind(os.path.basename(path), adapter.metadata.kind, SUPPORTED_KINDS, "these nodes load")
+    return adapter
 
 
 def kohya_state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
@@ -164,39 +154,12 @@ def add_unet_weights(model, adapter: Adapter, strength: float):
     return model
 
 
-def add_guided_student(model, clip, adapter: Adapter, strength: float, w: float, notes: list[str]):
-    """A clone carrying a guided student's UNet (whole weights or a LoRA) and its w projection at guidance weight ``w``."""
-    if adapter.metadata.lora_weights:
-        model, clip = add_lora(model, clip, adapter, strength, notes)
-    else:
-        model = add_unet_weights(model, adapter, strength)
-    offset = w_conditioning_offset(adapter.tensors[W_EMBEDDING_KEY].float(), w)
-    model.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(model.get_model_object("diffusion_model.time_embed"), offset))
-    return model, clip
-
-
-def comfy_unet_config(base: dict, config: dict) -> dict:
-    """ComfyUI's UNet config for a diffusers ``UNet2DConditionModel`` config of the base model's family: per-level
-    ``num_res_blocks`` and one transformer depth per layer (0: no cross-attention), the up layers' in reverse
-    (``comfy.utils.unet_to_diffusers`` pops them from the end), ``transformer_depth_middle`` -2 for no mid block.
-    This is how ComfyUI itself describes pruned UNets (SSD-1B, Vega, KOALA)."""
-    levels = len(config["down_block_types"])
-    layers = config["layers_per_block"]
-    layers = [layers] * levels if isinstance(layers, int) else list(layers)
-    depth = config.get("transformer_layers_per_block", 1)
-    depth = [depth] * levels if isinstance(depth, int) else list(depth)
-    reverse = config.get("reverse_transformer_layers_per_block") or list(reversed(depth))
-
-    def per_layer(block_type: str, level_depth, n: int) -> list[int]:
-        if not block_type.startswith("CrossAttn"):
-            return [0] * n
-        return list(level_depth) if isinstance(level_depth, (list, tuple)) else [level_depth] * n
-
-    down = [d for i in range(levels) for d in per_layer(config["down_block_types"][i], depth[i], layers[i])]
-    up = [d for j in range(levels) for d in per_layer(config["up_block_types"][j], reverse[j], layers[levels - 1 - j] + 1)]
-    mid = depth[-1] if isinstance(depth[-1], int) else max(depth[-1])
-    return {**base, "num_res_blocks": layers, "transformer_depth": down, "transformer_depth_output": up[::-1],
-            "transformer_depth_middle": -2 if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") is None else mid}
+def add_w_offset(model, adapter: Adapter, plan: RunPlan):
+    """A clone whose time MLP adds a guided student's w offset (the plan's w) to its input."""
+    model = model.clone()
+    time_embed = model.get_model_object("diffusion_model.time_embed")
+    model.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(time_embed, plan.w_offset(adapter.tensors)))
+    return model
 
 
 _last_built: dict[str, Any] = {}
@@ -323,20 +286,22 @@ def prepare(model, clip, name: str, strength: float, steps: int = 0, denoise: fl
     adapter = load_adapter(adapter_path(name), model_base(model))
     plan = plan_run(adapter.metadata, strength, steps, w=w)
     notes, sun_patches = list(plan.notes), []
-    if plan.kind == "sun_adapter":
-        model, sun_patches = add_sun(model, adapter, strength)
-    elif plan.kind == "guided_student":
-        model, clip = add_guided_student(model, clip, adapter, strength, plan.w, notes)
-    elif plan.kind == "gdd_student" and not adapter.metadata.lora_weights:
+    if plan.weights == LORA:
+        model, clip = add_lora(model, clip, adapter, strength, notes)
+    elif plan.weights == UNET_BLEND:
         model = add_unet_weights(model, adapter, strength)
-    elif plan.kind == "snap_student":
+    elif plan.weights == OWN_UNET:
         model = build_snap_model(model, adapter)
         if strength != 1.0:
             notes.append("strength is ignored for snap_student files: the student is its own, smaller UNet")
-    else:   # LoRA files: Flash, LCM-style, a GDD LoRA
-        model, clip = add_lora(model, clip, adapter, strength, notes)
-        if plan.consistency_boundary:
-            model = add_consistency_boundary(model)
+    elif plan.weights == SUN_LAYERS:
+        model, sun_patches = add_sun(model, adapter, strength)
+    else:
+        raise AdapterFileError(f"{name}: these nodes cannot apply {plan.weights} weights: update fewstep")
+    if plan.w is not None:
+        model = add_w_offset(model, adapter, plan)
+    if plan.consistency_boundary:
+        model = add_consistency_boundary(model)
     timesteps = timesteps_for_denoise(list(plan.timesteps), denoise)
     sigmas = model_schedule(model).sigmas_for_timesteps(timesteps)
     return Prepared(model, clip, plan.sampler, timesteps, sigmas, plan.cfg_scale, plan.w, notes, sun_patches), adapter

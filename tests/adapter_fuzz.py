@@ -352,6 +352,7 @@ def _alarm(signum, frame):
 
 def loading_paths(pipe):
     """{path name: fn(file) -> None}; each raises the project's error for a file it refuses."""
+    from fewstep.core import adapter_file
     from fewstep.core.adapter_file import read_adapter
     from fewstep.core.lora import merge_lora, read_lora
     from fewstep.core.run_plan import plan_run
@@ -381,11 +382,11 @@ def loading_paths(pipe):
             sun_adapter_from_tensors(pipe.unet, adapter.tensors)
 
     def comfy_loader(path):
-        comfy._last_read.clear()
+        adapter_file._last_read.clear()
         comfy.load_adapter(str(path), "sd15")
 
     def a1111_loader(path):
-        a1111._last_read.clear()
+        adapter_file._last_read.clear()
         a1111.load_adapter(str(path), "sd15")
 
     def student(path):

@@ -16,7 +16,7 @@ from fewstep.core.adapter_file import W_EMBEDDING_KEY, Adapter, AdapterFileError
 from fewstep.core.schedule import DiscreteSchedule
 from fewstep.core.sun import SunAdapter, SunLayer, multi_head_attention
 from fewstep.core.unet_names import diffusers_attention_name, ldm_attention_name
-from fewstep.extension_a1111 import host
+from fewstep.extension_a1111 import a1111_patches, host, ldm_unet, lora_networks, run_state, sampling
 from fewstep.extension_a1111.run_config import (FROM_FILE, INFOTEXT_ADAPTER, Settings, configure, lora_alias, model_base,
                                                 settings_from_infotext)
 
@@ -207,8 +207,8 @@ def undo_is_clean():
     host.undo_leftovers()
 
 
-def _run(adapter: Adapter, negative_strength=1.0) -> host.ActiveRun:
-    return host.ActiveRun(configure(Settings(True, "sun.safetensors", negative_strength=negative_strength), adapter), adapter)
+def _run(adapter: Adapter, negative_strength=1.0) -> run_state.ActiveRun:
+    return run_state.ActiveRun(configure(Settings(True, "sun.safetensors", negative_strength=negative_strength), adapter), adapter)
 
 
 def test_sun_patches_compute_the_adapter_and_are_undone(undo_is_clean):
@@ -219,7 +219,7 @@ def test_sun_patches_compute_the_adapter_and_are_undone(undo_is_clean):
     with torch.no_grad():
         stock = [m(x, context=context) for m in modules]
         active = _run(adapter, negative_strength=1.5)
-        assert host.install_sun(model, active) == 4
+        assert a1111_patches.install_sun(model, active) == 4
         # Without a negative yet: the plain attention.
         for m, expected in zip(modules, stock):
             torch.testing.assert_close(m(x, context=context), expected)
@@ -246,7 +246,7 @@ def test_sun_patches_compute_the_adapter_and_are_undone(undo_is_clean):
 def test_sun_adapter_for_another_model_is_refused(undo_is_clean):
     model = SimpleNamespace(model=SimpleNamespace(diffusion_model=_ldm_unet(dim=64)))
     with pytest.raises(AdapterFileError, match="does not fit this model"):
-        host.install_sun(model, _run(_sun_file()))
+        a1111_patches.install_sun(model, _run(_sun_file()))
     assert all("forward" not in m.__dict__ for m in model.model.diffusion_model.modules())
 
 
@@ -259,10 +259,10 @@ def test_negative_features_come_from_the_cfg_denoiser_callback():
     active = _run(_sun_file())
     negative = torch.randn(1, 5, 16)
     params = SimpleNamespace(denoiser=SimpleNamespace(p=SimpleNamespace(fewstep_run=active)), text_uncond=negative)
-    host.on_cfg_denoiser(params)
+    a1111_patches.on_cfg_denoiser(params)
     assert active.negative is negative
     params.text_uncond = {"crossattn": negative * 2, "vector": torch.zeros(1, 4)}    # SDXL's conditioning dict
-    host.on_cfg_denoiser(params)
+    a1111_patches.on_cfg_denoiser(params)
     torch.testing.assert_close(active.negative, negative * 2)
 
 
@@ -278,19 +278,19 @@ def webui_options(monkeypatch):
 
 
 def test_an_option_the_user_never_saved_is_removed_again(webui_options):
-    with host.options_overridden({"skip_early_cond": 1.0}):
+    with sampling.options_overridden({"skip_early_cond": 1.0}):
         assert webui_options["skip_early_cond"] == 1.0
     assert webui_options == {"sd_model_checkpoint": "tiny"}
     webui_options["skip_early_cond"] = 0.2
-    with pytest.raises(MemoryError), host.options_overridden({"skip_early_cond": 1.0}):
+    with pytest.raises(MemoryError), sampling.options_overridden({"skip_early_cond": 1.0}):
         raise MemoryError("out of memory")   # sampling failed: the option is back all the same
     assert webui_options == {"sd_model_checkpoint": "tiny", "skip_early_cond": 0.2}
 
 
 def test_a_failed_undo_does_not_stop_the_others(undo_is_clean, caplog):
     done = []
-    host._undo.push("first", lambda: done.append("first"))
-    host._undo.push("broken", lambda: 1 / 0)
+    run_state.pending_undo.push("first", lambda: done.append("first"))
+    run_state.pending_undo.push("broken", lambda: 1 / 0)
     host.undo_leftovers()
     assert done == ["first"] and "could not undo broken" in caplog.text
 
@@ -302,9 +302,9 @@ def test_a_configuration_error_stops_the_run_when_sampling_starts(monkeypatch, u
     monkeypatch.setattr(host, "adapter_path", missing)
     p = SimpleNamespace(sd_model=SimpleNamespace(is_sdxl=False, is_sd1=True), sampler_name="Euler")
     host.begin(p, [True, "gone.safetensors"])
-    assert isinstance(p.fewstep_run, host.RunError) and p.sampler_name.startswith("FewStep ")
-    with pytest.raises(host.RunError, match="gone.safetensors: not found"):
-        host.a1111_sampler("consistency")(SimpleNamespace(p=p), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.0]))
+    assert isinstance(p.fewstep_run, run_state.RunError) and p.sampler_name.startswith("FewStep ")
+    with pytest.raises(run_state.RunError, match="gone.safetensors: not found"):
+        sampling.a1111_sampler("consistency")(SimpleNamespace(p=p), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.0]))
     untouched = SimpleNamespace(sampler_name="Euler")
     host.begin(untouched, [False, "gone.safetensors"])
     assert untouched.sampler_name == "Euler" and not hasattr(untouched, "fewstep_run")
@@ -323,11 +323,11 @@ def test_a_lora_whose_modules_match_no_layer_stops_the_run(monkeypatch, undo_is_
     modules.extra_networks = ModuleType("modules.extra_networks")
     for name, module in {"networks": networks, "modules": modules, "modules.extra_networks": modules.extra_networks}.items():
         monkeypatch.setitem(sys.modules, name, module)
-    p = SimpleNamespace(sd_model=SimpleNamespace(), fewstep_run=host.ActiveRun(run, adapter))
+    p = SimpleNamespace(sd_model=SimpleNamespace(), fewstep_run=run_state.ActiveRun(run, adapter))
     host.after_networks(p)
-    expected = host.lora_module_count(adapter)
-    with pytest.raises(host.RunError, match=f"moved.safetensors: {expected - 1} of {expected} LoRA modules match no layer"):
-        host.a1111_sampler("consistency")(SimpleNamespace(p=p), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.0]))
+    expected = lora_networks.lora_module_count(adapter)
+    with pytest.raises(run_state.RunError, match=f"moved.safetensors: {expected - 1} of {expected} LoRA modules match no layer"):
+        sampling.a1111_sampler("consistency")(SimpleNamespace(p=p), torch.zeros(1, 4, 8, 8), torch.tensor([1.0, 0.0]))
 
 
 def test_lora_module_count_reads_kohya_names(tmp_path):
@@ -335,7 +335,7 @@ def test_lora_module_count_reads_kohya_names(tmp_path):
     tensors = _kohya_lora("sd15")
     write_adapter(path, tensors, _adapter().metadata)
     modules = {k.split(".", 1)[0] for k in tensors}
-    assert host.lora_module_count(read_adapter(path)) == len(modules) > 0
+    assert lora_networks.lora_module_count(read_adapter(path)) == len(modules) > 0
 
 
 def test_the_released_layout_finds_the_same_ldm_modules():
@@ -346,7 +346,7 @@ def test_the_released_layout_finds_the_same_ldm_modules():
     names = [diffusers_attention_name(n, 1) for n, _ in unet.named_modules() if n.endswith((".attn1", ".attn2"))]
     index = {name: i for i, name in enumerate(attention_processor_order(names))}
     released = {f"{index[k.split('.to_')[0]]}.to_{k.split('.to_', 1)[1]}": v for k, v in ours.tensors.items()}
-    loaded, ldm = host.sun_layers(unet, Adapter("released.safetensors", released, ours.metadata, inferred=True, notes=[]))
+    loaded, ldm = ldm_unet.sun_layers(unet, Adapter("released.safetensors", released, ours.metadata, inferred=True, notes=[]))
     assert sorted(ldm[n] for n in loaded.names) == sorted(LDM_ATTN2)
     assert loaded.to_tensors().keys() == ours.tensors.keys()
     assert all(torch.equal(loaded.to_tensors()[k], v) for k, v in ours.tensors.items())
@@ -393,11 +393,11 @@ def test_a_guided_student_goes_onto_the_ldm_weights_and_comes_off_again(undo_is_
 
     unet, base, student, adapter = _guided_model()
     model = SimpleNamespace(model=SimpleNamespace(diffusion_model=unet))
-    active = host.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.5, w=3.0), adapter), adapter)
-    active.student_keys = host.student_keys(unet, adapter)
+    active = run_state.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.5, w=3.0), adapter), adapter)
+    active.student_keys = ldm_unet.student_keys(unet, adapter)
     time_embed = unet.time_embed
-    host.apply_student(model, active)
-    host.apply_student(model, active)   # once per run, whatever the number of batches
+    a1111_patches.apply_student(model, active)
+    a1111_patches.apply_student(model, active)   # once per run, whatever the number of batches
     params = dict(unet.named_parameters())
     for key, ldm in active.student_keys.items():
         torch.testing.assert_close(params[ldm].data, base[key] + 0.5)
@@ -413,7 +413,7 @@ def test_a_guided_student_goes_onto_the_ldm_weights_and_comes_off_again(undo_is_
     # A student of another UNet is refused before anything changes.
     other = {**student, "conv_in.weight": torch.zeros(8, 4, 3, 3)}
     with pytest.raises(AdapterFileError, match="do not fit this model .e.g. conv_in.weight."):
-        host.student_keys(unet, Adapter("g.safetensors", other, adapter.metadata, inferred=False, notes=[]))
+        ldm_unet.student_keys(unet, Adapter("g.safetensors", other, adapter.metadata, inferred=False, notes=[]))
 
 
 @pytest.mark.parametrize("base", ["sd15", "sdxl"])
@@ -492,7 +492,7 @@ def _request(p, args, fail=None, seen=None):
         host.begin(p, args)            # its process
         if fail == "init":
             raise RuntimeError("could not find upscaler named nope")
-        sampler = host.a1111_sampler(p.sampler_name.removeprefix("FewStep ")) if p.sampler_name.startswith("FewStep ") else None
+        sampler = sampling.a1111_sampler(p.sampler_name.removeprefix("FewStep ")) if p.sampler_name.startswith("FewStep ") else None
         if sampler is not None:
             sampler(Denoiser(), torch.randn(1, 4, 8, 8), torch.tensor([14.6, 1.0, 0.0]))
 
@@ -506,7 +506,7 @@ def test_a_failed_run_leaves_the_webuis_settings_as_they_were(webui, fail):
     with pytest.raises((RuntimeError, MemoryError)):
         _request(p, [True, "flash.safetensors"], fail=fail, seen=seen)
     assert p.closed and webui.options == {"skip_early_cond": 0.2}
-    assert host._undo._steps == []   # everything else the run changed is undone too, not at the next request
+    assert run_state.pending_undo._steps == []   # everything else the run changed is undone too, not at the next request
     assert seen == ([] if fail == "init" else [1.0])   # the negative pass was skipped while our sampler ran
     plain, seen = _Processing(), []
     _request(plain, [False, "flash.safetensors"], seen=seen)
@@ -540,7 +540,7 @@ def test_bad_api_args_are_one_line_errors_and_false_leaves_the_run_alone(webui):
     host.begin(p, ["false", "flash.safetensors"])
     assert p.sampler_name == "Euler" and not hasattr(p, "fewstep_run") and webui.options == {"skip_early_cond": 0.2}
     host.begin(p, ["maybe", "flash.safetensors"])
-    assert isinstance(p.fewstep_run, host.RunError) and "script arg enabled must be true or false" in str(p.fewstep_run)
+    assert isinstance(p.fewstep_run, run_state.RunError) and "script arg enabled must be true or false" in str(p.fewstep_run)
 
 
 def test_adapter_names_stay_inside_the_adapter_folders(webui, tmp_path):
@@ -563,7 +563,7 @@ def test_adapter_names_stay_inside_the_adapter_folders(webui, tmp_path):
             host.adapter_path(empty)
     p = _Processing()
     host.begin(p, [True, "../../outside.safetensors"])
-    assert isinstance(p.fewstep_run, host.RunError) and str(p.fewstep_run).startswith("fewstep: '../../outside.safetensors'")
+    assert isinstance(p.fewstep_run, run_state.RunError) and str(p.fewstep_run).startswith("fewstep: '../../outside.safetensors'")
     assert "\n" not in str(p.fewstep_run)
 
 

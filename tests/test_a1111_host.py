@@ -19,7 +19,7 @@ import torch
 
 from fewstep.core.adapter_file import AdapterMetadata, read_adapter, write_adapter
 from fewstep.core.lora import LoraModule, write_lora
-from fewstep.extension_a1111.host import lora_module_count
+from fewstep.extension_a1111.lora_networks import lora_module_count
 from fewstep.training.cli import main
 
 from .adapter_fuzz import PROJECT_ERRORS, host_cases

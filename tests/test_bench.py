@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from fewstep.training import bench
+from fewstep.training import bench, evaluation
 from fewstep.training.data import PROXY_CLASSES
 from fewstep.training.pipelines import load_teacher
 from fewstep.training.teacher import train_teacher
@@ -20,22 +20,22 @@ def tiny_teacher(tmp_path_factory):
 
 
 def test_prompt_set_is_fixed():
-    captions, labels, seeds = bench.prompt_set(3)
+    captions, labels, seeds = evaluation.prompt_set(3)
     assert len(captions) == 60 and captions[:3] == [PROXY_CLASSES[0]] * 3 and seeds[:4] == [0, 1, 2, 0]
-    again = bench.prompt_set(3)
+    again = evaluation.prompt_set(3)
     assert again[0] == captions and np.array_equal(again[1], labels) and again[2] == seeds
 
 
 def test_entries_count_guided_passes():
-    assert bench.TeacherEntry(50).nfe == 100 and bench.TeacherEntry(4, cfg_scale=1.0).nfe == 4
+    assert evaluation.TeacherEntry(50).nfe == 100 and evaluation.TeacherEntry(4, cfg_scale=1.0).nfe == 4
     assert [e.steps for e in bench.BENCH_SETS["teacher"]] == [50, 25, 8, 4, 2]
 
 
 def test_evaluate_entry_is_deterministic_and_writes_a_grid(tiny_teacher, tmp_path):
     pipe = load_teacher(tiny_teacher)
-    entry = bench.TeacherEntry(2)
-    a = bench.evaluate_entry(pipe, entry, per_class=2, batch_size=16, grid_path=tmp_path / "g.png")
-    b = bench.evaluate_entry(pipe, entry, per_class=2, batch_size=40)
+    entry = evaluation.TeacherEntry(2)
+    a = evaluation.evaluate_entry(pipe, entry, per_class=2, batch_size=16, grid_path=tmp_path / "g.png")
+    b = evaluation.evaluate_entry(pipe, entry, per_class=2, batch_size=40)
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-4) and a["prompt_accuracy"] == b["prompt_accuracy"]
     assert a["nfe"] == 4 and 0 <= a["prompt_accuracy"] <= 1 and a["seconds_per_image"] > 0
     from PIL import Image
@@ -44,7 +44,7 @@ def test_evaluate_entry_is_deterministic_and_writes_a_grid(tiny_teacher, tmp_pat
 
 
 def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkeypatch):
-    monkeypatch.setitem(bench.BENCH_SETS, "smoke", [bench.TeacherEntry(2), bench.TeacherEntry(1)])
+    monkeypatch.setitem(bench.BENCH_SETS, "smoke", [evaluation.TeacherEntry(2), evaluation.TeacherEntry(1)])
     doc = bench.run_bench("smoke", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path, progress=False)
     assert json.loads((tmp_path / "smoke.json").read_text()) == doc
     table = (tmp_path / "smoke.md").read_text()
@@ -55,7 +55,7 @@ def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkey
         bench.run_bench("nope", tiny_teacher, out_dir=tmp_path)
 
 
-@pytest.mark.skipif(not (bench.BUNDLED_TEACHER / "model_index.json").is_file(), reason="the bundled teacher is not in this checkout")
+@pytest.mark.skipif(not (evaluation.BUNDLED_TEACHER / "model_index.json").is_file(), reason="the bundled teacher is not in this checkout")
 def test_quickstart_runs_on_the_bundled_teacher(tmp_path, capsys):
     from fewstep.training.cli import main as cli
 
@@ -64,7 +64,7 @@ def test_quickstart_runs_on_the_bundled_teacher(tmp_path, capsys):
     assert "teacher-25steps-cfg4" in out and "teacher-4steps-cfg4" in out and "flash-quickstart-4steps" in out
     from PIL import Image
 
-    rows = 4 if bench.BUNDLED_FLASH.is_file() else 3
+    rows = 4 if evaluation.BUNDLED_FLASH.is_file() else 3
     assert Image.open(tmp_path / "grid.png").size == (32 * 20 * 3, 32 * rows * 3)
     assert (tmp_path / "metrics.md").read_text().count("flash-") == rows - 2
     assert (tmp_path / "flash_lora.safetensors").is_file()
@@ -93,7 +93,7 @@ def test_eval_scores_a_model_and_a_folder_of_images(tiny_teacher, tmp_path, caps
 def test_the_snapfusion_set_routes_each_student_file_and_times_unets_and_decoders(tiny_teacher, tmp_path, monkeypatch):
     from fewstep.core.adapter_file import describe, read_header
     from fewstep.training.methods.snap_architecture import SlimArchitecture, build_slim_unet
-    from fewstep.training.methods.snap_decoder import prune_decoder
+    from fewstep.training.pruned_decoder import prune_decoder
     from fewstep.training.methods.snapfusion import export_snap_student
 
     pipe = load_teacher(tiny_teacher)
@@ -107,7 +107,7 @@ def test_the_snapfusion_set_routes_each_student_file_and_times_unets_and_decoder
     assert labels == {"slim": "snap_slim", "nocfg": "snap_nocfg"}
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"blocks": [{"block": "mid_block.attentions.0"}]}))
-    monkeypatch.setitem(bench.BENCH_SETS, "snapfusion", [bench.TeacherEntry(2), *[bench._snap(label) for label in bench.SNAP_LABELS]])
+    monkeypatch.setitem(bench.BENCH_SETS, "snapfusion", [evaluation.TeacherEntry(2), *[bench._snap(label) for label in bench.SNAP_LABELS]])
     doc = bench.run_bench("snapfusion", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path / "out", progress=False,
                           adapter=[str(files["slim"]), str(files["nocfg"])], plan=plan)
     names = [r["name"] for r in doc["results"]]
@@ -144,8 +144,8 @@ def test_the_data_free_set_puts_the_synthesized_data_student_beside_the_real_dat
         write_adapter(files[label], lora, AdapterMetadata(kind="flash_lora", base="sd15", timesteps=[999, 749, 499, 249],
                                                           provenance={"method": "flash", **made}))
     assert [bench.bench_label(describe(read_header(p), p.name)[0]) for p in files.values()] == ["flash", "flash_synth"]
-    monkeypatch.setitem(bench.BENCH_SETS, "data_free", [bench.TeacherEntry(2), bench.StudentEntry(2, adapter=str(files["real"])),
-                                                        bench.StudentEntry(2, label="flash_synth", adapter=None)])
+    monkeypatch.setitem(bench.BENCH_SETS, "data_free", [evaluation.TeacherEntry(2), evaluation.StudentEntry(2, adapter=str(files["real"])),
+                                                        evaluation.StudentEntry(2, label="flash_synth", adapter=None)])
     doc = bench.run_bench("data_free", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path / "out", progress=False,
                           adapter=[str(files["synth"])])
     assert [r["name"] for r in doc["results"]] == ["teacher-2steps-cfg4", "flash-2steps", "flash_synth-2steps"]

@@ -12,7 +12,7 @@ from fewstep.core.adapter_file import AdapterFileError, read_adapter
 from fewstep.core.parameterization import start_noise_scaling
 from fewstep.core.samplers import sample_ddim, sample_dpmpp_2m
 from fewstep.core.schedule import DiscreteSchedule, select_timesteps
-from fewstep.training.bench import BUNDLED_FLASH, BUNDLED_TEACHER
+from fewstep.training.evaluation import BUNDLED_FLASH, BUNDLED_TEACHER
 from fewstep.training.cli import main
 from fewstep.training.data import CaptionedImages, load_proxy_dataset
 from fewstep.training.diffusers_sampling import CFGDenoiser, UNetDenoiser
@@ -122,7 +122,7 @@ def test_distillation_loss_falls_on_the_bundled_teacher(tmp_path, proxy_data):
 
 
 def _batch(data, pipe, start):
-    from fewstep.training.teacher import to_pixels
+    from fewstep.training.images import to_pixels
 
     gen = torch.Generator().manual_seed(start)
     idx = torch.randint(len(data), (8,), generator=gen)
@@ -147,7 +147,7 @@ def test_bundled_student_beats_the_teacher_at_equal_steps():
     """The shipped proxy Flash LoRA without CFG against the teacher with CFG 4 (twice the NFE):
     at 1 step it lands closer to the teacher's converged sample from the same noise (both deterministic),
     and at 2 steps its samples score a better FID on the fixed prompt set."""
-    from fewstep.training.bench import StudentEntry, TeacherEntry, evaluate_entry
+    from fewstep.training.evaluation import StudentEntry, TeacherEntry, evaluate_entry
 
     pipe = load_teacher(BUNDLED_TEACHER)
     student = AdaptedTeacher(pipe, BUNDLED_FLASH)
@@ -175,7 +175,7 @@ def test_bundled_student_beats_the_teacher_at_equal_steps():
 def test_the_bundled_students_own_sampler_beats_lcm_renoising():
     """The bundled file names DDIM because it measured better than the paper's LCM re-noising at 4 steps (bench:
     FID 37.9 vs 44.1): the same LoRA, the same prompts and seeds, only the sampler differs."""
-    from fewstep.training.bench import StudentEntry, evaluate_entry
+    from fewstep.training.evaluation import StudentEntry, evaluate_entry
 
     pipe = load_teacher(BUNDLED_TEACHER)
     assert read_adapter(BUNDLED_FLASH).metadata.sampler == "ddim"

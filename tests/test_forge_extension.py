@@ -14,9 +14,9 @@ from fewstep.core.adapter_file import W_EMBEDDING_KEY
 from fewstep.core.guidance import TimeEmbedWithW, w_conditioning_offset
 from fewstep.core.sun import SunAdapter
 from fewstep.core.unet_names import diffusers_attention_name
-from fewstep.extension_a1111 import forge, host
+from fewstep.extension_a1111 import a1111_patches, forge, host, run_state
 from fewstep.extension_a1111.run_config import Settings, configure
-from fewstep.nodes.sun import patch_key
+from fewstep.model_patcher.sun import patch_key
 
 from .test_a1111_extension import LDM_ATTN2, _adapter, _guided_model, _ldm_unet, _reference_attention, _run, _sun_file
 
@@ -122,7 +122,7 @@ def test_forge_sun_runs_the_adapter_with_the_negative_in_one_pass(monkeypatch, c
 
 def test_forge_flash_and_guided_runs_turn_cfg_off_in_both_passes():
     p = _forge_p(_ldm_unet())
-    forge.configure(p, host.ActiveRun(configure(Settings(True, "x.safetensors"), _adapter()), _adapter()))
+    forge.configure(p, run_state.ActiveRun(configure(Settings(True, "x.safetensors"), _adapter()), _adapter()))
     assert p.cfg_scale == 1 and p.hr_cfg == 1
 
 
@@ -131,7 +131,7 @@ def test_forge_guided_student_weights_match_the_a1111_path(tmp_path, undo_is_cle
     adapter = dataclasses.replace(adapter, path=str(tmp_path / "g.safetensors"))
     (tmp_path / "g.safetensors").write_bytes(b"")   # Forge's patch set is named after the file and its version
     p = _forge_p(unet)
-    active = host.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.3, w=3.0), adapter), adapter)
+    active = run_state.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.3, w=3.0), adapter), adapter)
     forge.configure(p, active)
     forge.patch_unet(p, active)
     patched = p.sd_model.forge_objects.unet
@@ -144,9 +144,9 @@ def test_forge_guided_student_weights_match_the_a1111_path(tmp_path, undo_is_cle
     t_emb = torch.randn(2, student[W_EMBEDDING_KEY].shape[0])
     torch.testing.assert_close(time_embed(t_emb), unet.time_embed(t_emb + w_conditioning_offset(student[W_EMBEDDING_KEY], 3.0)))
     # The A1111 path on the same model: the weights it leaves during the run.
-    a1111 = host.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.3, w=3.0), adapter), adapter)
+    a1111 = run_state.ActiveRun(configure(Settings(True, "g.safetensors", strength=0.3, w=3.0), adapter), adapter)
     a1111.student_keys = active.student_keys
-    host.apply_student(SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)), a1111)
+    a1111_patches.apply_student(SimpleNamespace(model=SimpleNamespace(diffusion_model=unet)), a1111)
     for ldm, weight in forge_weights.items():
         torch.testing.assert_close(weight, dict(unet.named_parameters())[ldm].data)
 

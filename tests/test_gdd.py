@@ -135,7 +135,8 @@ def test_cli_dry_run_prints_the_options_and_a_bad_variant_is_named(tiny_teacher,
 @pytest.mark.parametrize("variant", ["gdd_i", "lora"])
 def test_the_exported_file_samples_as_the_training_code_does(pipe, tmp_path, variant):
     """`fewstep bench` / `eval` sample the file (whole UNet or LoRA) to the generator's own one-step latents."""
-    from fewstep.training.bench import StudentEntry, _with_adapters, bench_label
+    from fewstep.training.bench import _with_adapters, bench_label
+    from fewstep.training.evaluation import StudentEntry
     from fewstep.training.students import AdaptedTeacher, load_student
 
     model = G.build_distillation(pipe, G.load_config("proxy", variant=variant, **TINY))

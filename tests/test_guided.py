@@ -13,11 +13,11 @@ from fewstep.core.adapter_file import AdapterFileError, read_adapter, write_adap
 from fewstep.core.guidance import cfg_imagen
 from fewstep.core.parameterization import distillation_weight
 from fewstep.training import methods
-from fewstep.training.bench import BUNDLED_TEACHER
+from fewstep.training.evaluation import BUNDLED_TEACHER
 from fewstep.training.cli import main
 from fewstep.training.diffusers_sampling import w_condition
 from fewstep.training.methods import guided as G
-from fewstep.training.methods.common import load_teacher_data
+from fewstep.training.teacher_data import load_teacher_data
 from fewstep.training.pipelines import PromptEncoder, load_teacher
 from fewstep.training.students import GuidedStudent, load_student
 from fewstep.training.tiny_models import build_tiny_pipeline, build_tiny_unet, sd_scheduler_config

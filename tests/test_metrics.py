@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fewstep.training import metrics as M
+from fewstep.training import proxy_classifier as P
 from fewstep.training.data import PROXY_CLASSES, load_proxy_dataset
 
 SUBSET = 200  # images per FID set: ~4 s of features each on a 2-core CPU, and the orderings below hold by far
@@ -145,9 +146,9 @@ def test_heldout_statistics_are_computed_once_per_process():
 # --- prompt accuracy --------------------------------------------------------------------------------------------
 
 def test_bundled_classifier_is_accurate_on_heldout_and_says_so(heldout):
-    metadata = M.proxy_classifier_metadata()
+    metadata = P.proxy_classifier_metadata()
     assert metadata["kind"] == "proxy_classifier" and tuple(metadata["classes"]) == PROXY_CLASSES
-    accuracy = M.prompt_accuracy(heldout.images, heldout.labels)
+    accuracy = P.prompt_accuracy(heldout.images, heldout.labels)
     assert accuracy >= 0.9
     assert accuracy == pytest.approx(metadata["heldout_accuracy"], abs=2e-3)
 
@@ -155,33 +156,33 @@ def test_bundled_classifier_is_accurate_on_heldout_and_says_so(heldout):
 def test_bundled_classifier_is_near_chance_on_noise():
     noise = np.random.default_rng(0).integers(0, 256, (400, 32, 32, 3), dtype=np.uint8)
     labels = np.arange(400) % len(PROXY_CLASSES)  # balanced: any fixed guess scores exactly 1/20
-    assert M.prompt_accuracy(noise, labels) < 0.15
+    assert P.prompt_accuracy(noise, labels) < 0.15
 
 
 def test_prompt_accuracy_resizes_other_sizes_and_checks_lengths(heldout):
     picks = np.random.default_rng(0).choice(len(heldout.images), 200, replace=False)
     upscaled = F.interpolate(torch.from_numpy(heldout.images[picks]).permute(0, 3, 1, 2).float() / 255, size=64,
                              mode="bilinear", align_corners=False)
-    assert M.prompt_accuracy(upscaled, heldout.labels[picks]) >= 0.85
+    assert P.prompt_accuracy(upscaled, heldout.labels[picks]) >= 0.85
     with pytest.raises(ValueError, match="labels"):
-        M.prompt_accuracy(heldout.images[:3], heldout.labels[:2])
+        P.prompt_accuracy(heldout.images[:3], heldout.labels[:2])
 
 
 def test_classifier_file_round_trip_is_strict(tmp_path):
-    classifier = M.ProxyClassifier(width=8).eval()
-    options = M.ClassifierTraining(width=8)
+    classifier = P.ProxyClassifier(width=8).eval()
+    options = P.ClassifierTraining(width=8)
     path = tmp_path / "clf.safetensors"
-    M.save_proxy_classifier(classifier, path, 0.5, options)
-    loaded = M.load_proxy_classifier(path, device="cpu")
+    P.save_proxy_classifier(classifier, path, 0.5, options)
+    loaded = P.load_proxy_classifier(path, device="cpu")
     x = torch.rand(4, 3, 32, 32)
     assert torch.equal(loaded(x), classifier(x))
-    assert M.proxy_classifier_metadata(path)["training"] == dataclasses.asdict(options)
+    assert P.proxy_classifier_metadata(path)["training"] == dataclasses.asdict(options)
 
 
 def test_random_shift_moves_each_image_by_at_most_max_shift():
     images = torch.zeros(64, 1, 9, 9)
     images[:, :, 4, 4] = 1.0  # one bright pixel in the centre
-    shifted = M.random_shift(images, 2, torch.Generator().manual_seed(0))
+    shifted = P.random_shift(images, 2, torch.Generator().manual_seed(0))
     rows, cols = torch.nonzero(shifted[:, 0] == 1.0)[:, 1:].T
     assert shifted.shape == images.shape and shifted.sum() == 64
     assert rows.sub(4).abs().max() <= 2 and cols.sub(4).abs().max() <= 2
@@ -193,7 +194,7 @@ def test_clip_score_equals_clip_models_own_similarity(tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     from fewstep.training.clip_tokenizer import load_clip_tokenizer
-    from fewstep.training.metrics import CLIP_MEAN, CLIP_STD, clip_score
+    from fewstep.training.clip_score import CLIP_MEAN, CLIP_STD, clip_score
 
     text = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                           max_position_embeddings=77, eos_token_id=49407, bos_token_id=49406, pad_token_id=49407)

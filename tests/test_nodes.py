@@ -222,7 +222,7 @@ SDXL_UNET = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, transf
 def test_a_diffusers_config_becomes_the_unet_config_comfyui_gives_the_same_model(host):
     """ComfyUI's own SD1.5 and SDXL configs (comfy/supported_models.py after model_detection.convert_config), and a
     slim SD1.5 with a layer, an up level's cross-attention and the mid block removed."""
-    convert = host.adapters.comfy_unet_config
+    from fewstep.core.unet_names import comfy_unet_config as convert
     assert convert({"context_dim": 768}, SD15_UNET) == {
         "context_dim": 768, "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "transformer_depth_middle": 1}
@@ -256,7 +256,7 @@ def test_time_embed_offset_reproduces_diffusers_cond_proj(host):
 
 
 def test_sun_patch_keys_follow_comfyui_block_addresses(host):
-    from fewstep.nodes.sun import patch_key
+    from fewstep.model_patcher.sun import patch_key
 
     assert patch_key("input_blocks.1.1.transformer_blocks.0.attn2") == ("input", 1, 0)
     assert patch_key("middle_block.1.transformer_blocks.3.attn2") == ("middle", 0, 3)   # never ("middle", 1)

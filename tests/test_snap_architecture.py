@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fewstep.training.methods.snap_architecture import SlimArchitecture, build_slim_unet, propose_architecture, slim_unet_config
-from fewstep.training.methods.snapfusion import BlockSkipping, unet_blocks
+from fewstep.training.methods.snap_blocks import BlockSkipping, unet_blocks
 from fewstep.training.tiny_models import build_tiny_unet
 
 

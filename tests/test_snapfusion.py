@@ -8,7 +8,9 @@ import copy
 import pytest
 import torch
 
+from fewstep.training.methods import snap_blocks as B
 from fewstep.training.methods import snapfusion as S
+from fewstep.training.teacher_data import schedule_of
 from fewstep.training.tiny_models import build_tiny_pipeline
 
 
@@ -37,7 +39,7 @@ def _zeroed(unet, name):
 
 def test_every_block_kind_is_found_and_each_skip_is_the_block_adding_nothing(unet):
     reference_unet, unet = unet, copy.deepcopy(unet)
-    skipping = S.BlockSkipping(unet)
+    skipping = B.BlockSkipping(unet)
     kinds = {b.kind for b in skipping.blocks}
     assert kinds == {"resnet", "attention"}
     assert any(b.name.startswith("mid_block") for b in skipping.blocks)
@@ -58,7 +60,7 @@ def test_every_block_kind_is_found_and_each_skip_is_the_block_adding_nothing(une
 
 def test_keys_stay_the_teachers_and_unknown_blocks_are_named(unet):
     model = copy.deepcopy(unet)
-    skipping = S.BlockSkipping(model)
+    skipping = B.BlockSkipping(model)
     assert list(model.state_dict()) == list(unet.state_dict())
     with pytest.raises(ValueError, match="no such block.*down_blocks.9.resnets.0"):
         with skipping.skip(["down_blocks.9.resnets.0"]):
@@ -66,17 +68,17 @@ def test_keys_stay_the_teachers_and_unknown_blocks_are_named(unet):
 
 
 def test_the_robust_training_draw_skips_at_the_given_rate():
-    blocks = [S.Block(f"b{i}", "resnet") for i in range(10)]
+    blocks = [B.Block(f"b{i}", "resnet") for i in range(10)]
     g = torch.Generator().manual_seed(0)
-    draws = [S.sample_skipped_blocks(blocks, 0.25, g) for _ in range(400)]
+    draws = [B.sample_skipped_blocks(blocks, 0.25, g) for _ in range(400)]
     assert abs(sum(map(len, draws)) / 4000 - 0.25) < 0.03
-    assert S.sample_skipped_blocks(blocks, 0.0, g) == [] and len(S.sample_skipped_blocks(blocks, 1.0, g)) == 10
+    assert B.sample_skipped_blocks(blocks, 0.0, g) == [] and len(B.sample_skipped_blocks(blocks, 1.0, g)) == 10
 
 
 def test_block_latencies_name_every_block(unet):
     other = copy.deepcopy(unet)
-    skipping = S.BlockSkipping(other)
-    result = S.block_latencies(other, skipping, _inputs(other), repeats=2)
+    skipping = B.BlockSkipping(other)
+    result = B.block_latencies(other, skipping, _inputs(other), repeats=2)
     assert result["unet"] > 0 and set(result["saved"]) == {b.name for b in skipping.blocks}
 
 
@@ -147,7 +149,7 @@ def test_snap_plan_measures_every_block_on_a_copy_and_writes_json(tiny_teacher, 
                  "--budget", "0.8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     table = json.loads(out.read_text())
-    names = [b.name for b in S.unet_blocks(load_teacher(tiny_teacher).unet)]
+    names = [b.name for b in B.unet_blocks(load_teacher(tiny_teacher).unet)]
     assert [r["block"] for r in table["blocks"]] == names and all(name in printed for name in names)
     assert all(set(r) >= {"latency_saved", "fid", "fid_increase", "prompt_accuracy"} for r in table["blocks"])
     assert table["quality"]["samples"] == 20 and "proposal" in table and "for a pass within 0.8" in printed
@@ -211,7 +213,7 @@ def test_a_snapfusion_round_is_cfg_aware_in_the_share_of_batches_asked(tiny_teac
     from fewstep.training.pipelines import PromptEncoder, load_teacher
 
     pipe = load_teacher(tiny_teacher)
-    schedule = S.schedule_of(pipe)
+    schedule = schedule_of(pipe)
     student = copy.deepcopy(pipe.unet)
     with torch.no_grad():
         for p in student.parameters():
@@ -241,8 +243,8 @@ def test_a_snapfusion_round_is_cfg_aware_in_the_share_of_batches_asked(tiny_teac
 def test_a_snapfusion_round_learns_one_step_where_its_teacher_takes_two(proxy_data):
     """On the proxy teacher, one fixed CFG-aware batch (grid points, noise, coin and scales fixed): the student, which
     starts as its teacher, learns to land in one guided DDIM step where the guided teacher lands in two."""
-    from fewstep.training.bench import BUNDLED_TEACHER
-    from fewstep.training.methods.common import load_teacher_data
+    from fewstep.training.evaluation import BUNDLED_TEACHER
+    from fewstep.training.teacher_data import load_teacher_data
 
     from .test_guided import _fit_fixed_batch
 
@@ -250,7 +252,7 @@ def test_a_snapfusion_round_learns_one_step_where_its_teacher_takes_two(proxy_da
     teacher = setup.pipe.unet.requires_grad_(False)
     batch = setup.batch_fn(16)(torch.Generator().manual_seed(0))
     model = S.SnapRound(setup.pipe, copy.deepcopy(teacher).requires_grad_(True), teacher, S.SnapConfig(cfg_probability=1.0),
-                        S.schedule_of(setup.pipe), 2)
+                        schedule_of(setup.pipe), 2)
     losses = _fit_fixed_batch(model, batch)
     assert min(losses[-5:]) < 0.5 * losses[0], losses
 

@@ -13,11 +13,11 @@ from fewstep.core.adapter_file import AdapterFileError, read_adapter
 from fewstep.core.guidance import cfg
 from fewstep.core.sun import (SunAdapter, SunFileError, SunLayer, attention_processor_order, from_released_layout,
                               group_layer_tensors)
-from fewstep.training.bench import BUNDLED_TEACHER
+from fewstep.training.evaluation import BUNDLED_TEACHER
 from fewstep.training.cli import main
 from fewstep.training.loop import _param_groups
 from fewstep.training.methods import sun as S
-from fewstep.training.methods.common import load_teacher_data
+from fewstep.training.teacher_data import load_teacher_data
 from fewstep.training.pipelines import load_teacher
 from fewstep.training.students import SunStudent, load_student
 from fewstep.training.sun_attention import (attach_sun, cross_attention_modules, new_sun_adapter,
@@ -313,7 +313,9 @@ def test_proxy_styles_are_the_proxy_inverted_or_mirrored():
 def test_bundled_adapter_beats_the_teacher_at_equal_cost_and_the_negative_prompt_works():
     """The proxy adapter (`fewstep train sun`, proxy preset): at 4 passes it beats the teacher's 4-step CFG (8 passes),
     and naming the class a neutral prompt gives most as the negative prompt makes it rarer, more so at higher strength."""
-    from fewstep.training.bench import BUNDLED_SUN, StudentEntry, TeacherEntry, evaluate_entry, negative_prompt_study
+    from fewstep.training.bench import negative_prompt_study
+    from fewstep.training.evaluation import BUNDLED_SUN
+    from fewstep.training.evaluation import StudentEntry, TeacherEntry, evaluate_entry
 
     pipe = load_teacher(BUNDLED_TEACHER)
     sun = evaluate_entry(pipe, StudentEntry(4, str(BUNDLED_SUN), label="sun"), per_class=10, batch_size=200)

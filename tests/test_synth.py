@@ -14,9 +14,10 @@ from safetensors.torch import load_file
 
 from fewstep.core.adapter_file import read_adapter
 from fewstep.training import synth as S
+from fewstep.training import synth_sets as sets
 from fewstep.training.cli import main
 from fewstep.training.data import PROXY_CLASSES, read_image_folder
-from fewstep.training.methods.common import load_teacher_data
+from fewstep.training.teacher_data import load_teacher_data
 from fewstep.training.pipelines import load_teacher
 from fewstep.training.tiny_models import build_tiny_pipeline
 
@@ -30,8 +31,8 @@ def tiny_teacher(tmp_path_factory):
     return path
 
 
-def _settings(teacher, layout="images", count=7, **kw) -> S.SynthSettings:
-    return S.SynthSettings(teacher=str(teacher), base="sd15", prompts="test", count=count, steps=2, cfg_scale=3.0,
+def _settings(teacher, layout="images", count=7, **kw) -> sets.SynthSettings:
+    return sets.SynthSettings(teacher=str(teacher), base="sd15", prompts="test", count=count, steps=2, cfg_scale=3.0,
                            layout=layout, **kw)
 
 
@@ -58,12 +59,12 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(tiny_teacher, tmp_path,
     with pytest.raises(Killed):
         S.synthesize(pipe, settings, PROMPTS, tmp_path / "killed", batch_size=3, progress=False)
     monkeypatch.setattr(S, writer, real)
-    assert S.done_indices(tmp_path / "killed") == {0, 1, 2}
+    assert sets.done_indices(tmp_path / "killed") == {0, 1, 2}
     if layout == "images":   # a sample cut between its image and its caption counts as missing
         (tmp_path / "killed" / "000001.txt").unlink()
     report = S.synthesize(pipe, settings, PROMPTS, tmp_path / "killed", batch_size=2, progress=False)
     assert report["written"] == (5 if layout == "images" else 4) and report["count"] == 7
-    assert S.synth_cost(tmp_path / "killed")["samples"] == 3 + report["written"]   # the chunks written, redone ones too
+    assert sets.synth_cost(tmp_path / "killed")["samples"] == 3 + report["written"]   # the chunks written, redone ones too
 
     if layout == "images":
         straight, killed = read_image_folder(tmp_path / "straight"), read_image_folder(tmp_path / "killed")
@@ -74,9 +75,9 @@ def test_a_killed_run_resumes_without_duplicates_or_gaps(tiny_teacher, tmp_path,
                           "teacher": str(tiny_teacher)}
     else:
         indices = [i for chunk in sorted((tmp_path / "killed").glob("latents-*.safetensors"))
-                   for i in S._chunk_metadata(chunk)["indices"]]
+                   for i in sets._chunk_metadata(chunk)["indices"]]
         assert sorted(indices) == list(range(7))   # each sample once
-        straight, killed = S.read_latent_set(tmp_path / "straight"), S.read_latent_set(tmp_path / "killed")
+        straight, killed = sets.read_latent_set(tmp_path / "straight"), sets.read_latent_set(tmp_path / "killed")
         assert killed.captions == straight.captions == [PROMPTS[i % 3] for i in range(7)]
         torch.testing.assert_close(killed.latents, straight.latents, atol=1e-4, rtol=1e-4)   # batched differently
 
@@ -97,23 +98,23 @@ def test_a_latent_set_reads_back_as_training_data_without_the_vae(tiny_teacher, 
 
     other = build_tiny_pipeline("sdxl", seed=0)
     other.save_pretrained(tmp_path / "tiny-sdxl")
-    with pytest.raises(S.SynthError, match="latents of a sd15 teacher"):
+    with pytest.raises(sets.SynthError, match="latents of a sd15 teacher"):
         load_teacher_data(tmp_path / "tiny-sdxl", str(tmp_path / "set"))
 
 
 def test_an_unfinished_latent_set_and_changed_settings_are_refused(tiny_teacher, tmp_path):
     pipe = load_teacher(tiny_teacher)
     S.synthesize(pipe, _settings(tiny_teacher, "latents", count=3), PROMPTS, tmp_path / "set", progress=False)
-    (tmp_path / "set" / S.SETTINGS_FILE).write_text(json.dumps({**json.loads((tmp_path / "set" / S.SETTINGS_FILE).read_text()),
+    (tmp_path / "set" / sets.SETTINGS_FILE).write_text(json.dumps({**json.loads((tmp_path / "set" / sets.SETTINGS_FILE).read_text()),
                                                                 "count": 5}))
-    with pytest.raises(S.SynthError, match="2 of 5 samples are not written yet"):
-        S.read_latent_set(tmp_path / "set")
-    with pytest.raises(S.SynthError, match=r"was written with steps 2 \(now 4\)"):
-        S.synthesize(pipe, S.SynthSettings(**{**_settings(tiny_teacher, "latents").__dict__, "steps": 4}), PROMPTS,
+    with pytest.raises(sets.SynthError, match="2 of 5 samples are not written yet"):
+        sets.read_latent_set(tmp_path / "set")
+    with pytest.raises(sets.SynthError, match=r"was written with steps 2 \(now 4\)"):
+        S.synthesize(pipe, sets.SynthSettings(**{**_settings(tiny_teacher, "latents").__dict__, "steps": 4}), PROMPTS,
                      tmp_path / "set", progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.png").write_bytes(b"")
-    with pytest.raises(S.SynthError, match="holds files but no fewstep_synth.json"):
+    with pytest.raises(sets.SynthError, match="holds files but no fewstep_synth.json"):
         S.synthesize(pipe, _settings(tiny_teacher), PROMPTS, tmp_path / "other", progress=False)
 
 
@@ -123,10 +124,10 @@ def test_prompts_come_from_a_file_or_a_built_in_set(tmp_path):
     assert S.read_prompts(str(path)) == ["a red fox", "a castle at dusk"]
     assert S.read_prompts("proxy-classes") == list(PROXY_CLASSES)
     assert len(S.read_prompts("proxy")) > 10000
-    with pytest.raises(S.SynthError, match="not a built-in set"):
+    with pytest.raises(sets.SynthError, match="not a built-in set"):
         S.read_prompts(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_text("# nothing\n")
-    with pytest.raises(S.SynthError, match="holds no prompts"):
+    with pytest.raises(sets.SynthError, match="holds no prompts"):
         S.read_prompts(str(tmp_path / "empty.txt"))
 
 
@@ -145,17 +146,17 @@ def test_cli_synth_and_data_free_training(tiny_teacher, tmp_path, capsys):
     assert main(flash + ["--data-free", str(prompts), "--data", "proxy"]) == 2
     assert "exclude each other" in capsys.readouterr().err
     assert main(flash + ["--data-free", str(prompts), "--synth-count", "6", "--synth-steps", "2"]) == 0
-    assert S.read_latent_set(tmp_path / "run" / "synth").captions == [PROMPTS[i % 3] for i in range(6)]
+    assert sets.read_latent_set(tmp_path / "run" / "synth").captions == [PROMPTS[i % 3] for i in range(6)]
     made = read_adapter(tmp_path / "run" / "flash_lora.safetensors").metadata.provenance
     assert made["images"] == 6 and made["synthesized"]["path"] == str(tmp_path / "run" / "synth")
     assert made["synthesized"]["prompts"] == str(prompts) and made["synthesized"]["layout"] == "latents"
-    assert S.synth_cost(tmp_path / "run" / "synth")["samples"] == 6
+    assert sets.synth_cost(tmp_path / "run" / "synth")["samples"] == 6
     options = json.loads((tmp_path / "run" / "training_options.json").read_text())
     assert options["synth"] == {"prompts": str(prompts), "count": 6, "steps": 2, "cfg_scale": 7.5}
 
 
 def test_a_fine_tune_of_the_bundled_teacher_takes_its_cfg_default(tiny_teacher, tmp_path):
-    from fewstep.training.bench import BUNDLED_TEACHER, DEFAULT_CFG_SCALE
+    from fewstep.training.evaluation import BUNDLED_TEACHER, DEFAULT_CFG_SCALE
     from fewstep.training.cli import _synth_cfg
 
     child, grandchild, loop = tmp_path / "ft", tmp_path / "ft-of-ft", tmp_path / "loop"
@@ -175,9 +176,9 @@ def test_two_processes_split_the_set_and_write_each_sample_once(tiny_teacher, tm
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("9 samples in") == 1
-    indices = [i for chunk in sorted((tmp_path / "set").glob("latents-*.safetensors")) for i in S._chunk_metadata(chunk)["indices"]]
+    indices = [i for chunk in sorted((tmp_path / "set").glob("latents-*.safetensors")) for i in sets._chunk_metadata(chunk)["indices"]]
     assert sorted(indices) == list(range(9))
     # Each process wrote its own share: 5 chunks of at most 2, split 3/2, and no chunk twice.
-    cost = [json.loads(line) for line in (tmp_path / "set" / S.COST_LOG).read_text().splitlines()]
+    cost = [json.loads(line) for line in (tmp_path / "set" / sets.COST_LOG).read_text().splitlines()]
     assert sum(c["written"] for c in cost) == 9 and len(cost) == 5
-    assert S.read_latent_set(tmp_path / "set").captions == [PROXY_CLASSES[i] for i in range(9)]
+    assert sets.read_latent_set(tmp_path / "set").captions == [PROXY_CLASSES[i] for i in range(9)]

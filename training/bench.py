@@ -1,9 +1,8 @@
 """`fewstep bench`: named sets of sampling configurations measured on the proxy benchmark.
 
-Every configuration samples the same prompts with the same seeds (one row of the prompt set per class,
-``per_class`` seeds each) and is scored by FID against the held-out real images (EfficientNet-Lite0 features),
-prompt accuracy (the bundled classifier), NFE and seconds per image. Results go to
-``bench/results/<set>.json``, a markdown table beside it, and one PNG grid per configuration.
+Each configuration is scored by ``evaluation.evaluate_entry`` (same prompts, same seeds, FID, prompt accuracy, NFE,
+seconds per image). Results go to ``bench/results/<set>.json``, a markdown table beside it, and one PNG grid per
+configuration.
 """
 
 from __future__ import annotations
@@ -12,8 +11,6 @@ import dataclasses
 import json
 import logging
 import platform
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,16 +18,12 @@ import numpy as np
 import torch
 
 from .data import PROXY_CLASSES
+from .evaluation import BUNDLED_FLASH, BUNDLED_TEACHER, DEFAULT_CFG_SCALE, StudentEntry, TeacherEntry, evaluate_entry
 from .pipelines import load_teacher
-from .teacher import pipeline_provenance, sample_images, save_grid
+from .teacher import pipeline_provenance
 
 log = logging.getLogger("fewstep")
 
-BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
-BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors"
-BUNDLED_SUN = Path(__file__).parent / "assets" / "proxy_sun_adapter.safetensors"
-DEFAULT_CFG_SCALE = 4.0
-GRID_SEEDS = 4
 
 
 def is_bundled_lineage(teacher: str | Path) -> bool:
@@ -46,76 +39,6 @@ def is_bundled_lineage(teacher: str | Path) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class TeacherEntry:
-    """The teacher with CFG and DDIM (trailing timesteps: the stronger choice at few steps) at a step count."""
-
-    steps: int
-    cfg_scale: float = DEFAULT_CFG_SCALE
-
-    @property
-    def name(self) -> str:
-        return f"teacher-{self.steps}steps-cfg{self.cfg_scale:g}"
-
-    @property
-    def nfe(self) -> int:
-        return self.steps * (2 if self.cfg_scale != 1.0 else 1)
-
-    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str = "") -> np.ndarray:
-        chunks = []
-        for start in range(0, len(captions), batch_size):
-            chunks.append(sample_images(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, captions[start:start + batch_size],
-                                        seeds[start:start + batch_size], steps=self.steps, cfg_scale=self.cfg_scale,
-                                        spacing="trailing", negative=negative))
-        return np.concatenate(chunks)
-
-
-@dataclass(frozen=True)
-class StudentEntry:
-    """A distilled adapter file on the teacher, one pass per step without CFG (or with CFG at ``cfg_scale``, for
-    students distilled to sample with it: SnapFusion's): its own sampler and timesteps unless ``sampler`` is given;
-    ``w`` is a guided student's guidance input (None: the file's default)."""
-
-    steps: int
-    adapter: str | None = str(BUNDLED_FLASH)
-    label: str = "flash"
-    w: float | None = None
-    sampler: str | None = None
-    cfg_scale: float = 1.0
-
-    @property
-    def name(self) -> str:
-        return (f"{self.label}-{self.steps}steps" + (f"-w{self.w:g}" if self.w is not None else "")
-                + (f"-cfg{self.cfg_scale:g}" if self.cfg_scale != 1.0 else "") + (f"-{self.sampler}" if self.sampler else ""))
-
-    @property
-    def nfe(self) -> int:
-        return self.steps * (2 if self.cfg_scale != 1.0 else 1)
-
-    @property
-    def guidance(self) -> float | None:
-        """The student's guidance input: ``w``, or for a CFG-sampled student its CFG scale as Imagen's w."""
-        return self.w if self.w is not None or self.cfg_scale == 1.0 else self.cfg_scale - 1.0
-
-    def load(self, pipe):
-        """The student on ``pipe``, loaded once (the last one loaded is kept)."""
-        from .students import load_student
-
-        if self.adapter is None:
-            raise ValueError(f"{self.name}: this bench set needs a student file: pass --adapter")
-        key = (id(pipe), self.adapter)
-        if key not in _LOADED:
-            _LOADED.clear()
-            _LOADED[key] = load_student(pipe, self.adapter)
-        return _LOADED[key]
-
-    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str | None = None) -> np.ndarray:
-        student = self.load(pipe)
-        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.guidance, self.sampler,
-                                              negative) for i in range(0, len(captions), batch_size)])
-
-
-_LOADED: dict = {}
 GUIDED_W = DEFAULT_CFG_SCALE - 1.0   # the teacher's CFG 4 as Meng's w
 
 
@@ -180,13 +103,6 @@ NEGATIVE_CLASSES = ("a handwritten digit two", "a handwritten digit seven")
 NEGATIVE_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
-def prompt_set(per_class: int) -> tuple[list[str], np.ndarray, list[int]]:
-    """(captions, labels, seeds): every proxy class ``per_class`` times, seed i for the i-th sample of a class."""
-    labels = np.repeat(np.arange(len(PROXY_CLASSES)), per_class)
-    seeds = [int(i % per_class) for i in range(len(labels))]
-    return [PROXY_CLASSES[i] for i in labels], labels, seeds
-
-
 def run_bench(
     set_name: str = "teacher",            # which BENCH_SETS entry
     teacher: str | Path = BUNDLED_TEACHER,  # the pipeline folder to sample
@@ -201,7 +117,7 @@ def run_bench(
     """Run a bench set and write its results; returns the JSON document."""
     from tqdm.auto import tqdm
 
-    from .metrics import proxy_classifier_metadata
+    from .proxy_classifier import proxy_classifier_metadata
 
     if set_name not in BENCH_SETS:
         raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
@@ -246,10 +162,10 @@ def run_bench(
 def snapfusion_measurements(pipe, entries: Sequence[StudentEntry], plan: str | Path | None) -> dict:
     """Per-pass latency of each SnapFusion student's UNet and decoder as ratios to the teacher's (on this machine), and
     the block table its architecture was planned from."""
-    from .methods.snapfusion import pass_latencies
-    from .students import SnapStudent
+    from .latency import pass_latencies
+    from .students import load_student
 
-    measured = {"latency": pass_latencies(pipe, {e.name: SnapStudent(pipe, e.adapter) for e in entries})}
+    measured = {"latency": pass_latencies(pipe, {e.name: load_student(pipe, e.adapter) for e in entries})}
     if plan is not None:
         measured["block_table"] = {"file": str(plan), **json.loads(Path(plan).read_text())}
     return measured
@@ -258,7 +174,7 @@ def snapfusion_measurements(pipe, entries: Sequence[StudentEntry], plan: str | P
 def data_free_cost(entries: Sequence[TeacherEntry | StudentEntry]) -> dict:
     """How each synthesized-data student's set was made and what synthesizing it cost (its ``synth_log.jsonl``)."""
     from ..core.adapter_file import describe, read_header
-    from .synth import synth_cost
+    from .synth_sets import synth_cost
 
     sets = {}
     for entry in entries:
@@ -307,46 +223,19 @@ def fid_sanity(per_class: int) -> dict:
     return {"real_train_images": fid_to_heldout(train.images[idx]), "uniform_noise": fid_to_heldout(noise)}
 
 
-def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, batch_size: int, grid_path: Path | None = None) -> dict:
-    """Sample one configuration on the fixed prompt set and score it; optionally save its grid."""
-    from .metrics import fid_to_heldout, prompt_accuracy
-
-    captions, labels, seeds = prompt_set(per_class)
-    if isinstance(entry, StudentEntry):
-        entry.load(pipe)   # s / image is sampling's: loading the file is not timed
-    start = time.perf_counter()
-    with torch.no_grad():
-        images = entry.generate(pipe, captions, seeds, batch_size)
-    seconds = time.perf_counter() - start
-    row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "fid": fid_to_heldout(images),
-           "prompt_accuracy": prompt_accuracy(images, labels), "seconds_per_image": seconds / len(images)}
-    if grid_path is not None:
-        save_class_grid(images, labels, grid_path)
-        row["grid"] = str(grid_path)
-    return row
-
-
-def save_class_grid(images: np.ndarray, labels: np.ndarray, path: Path, seeds: int = GRID_SEEDS) -> None:
-    """One column per class, one row per seed (the first ``seeds`` samples of each class)."""
-    shown = min(seeds, int(np.bincount(labels).min()))
-    grid_idx = np.concatenate([np.flatnonzero(labels == c)[:shown] for c in range(len(PROXY_CLASSES))])
-    grid = images[grid_idx].reshape(len(PROXY_CLASSES), shown, *images.shape[1:]).transpose(1, 0, 2, 3, 4)
-    save_grid(grid.reshape(-1, *images.shape[1:]), path, columns=len(PROXY_CLASSES))
-
-
 def negative_prompt_study(pipe, adapter: str, samples: int, batch_size: int, steps: int = 4,
                           strengths: Sequence[float] = NEGATIVE_STRENGTHS, teacher_steps: int = 50,
                           classes: Sequence[str] = NEGATIVE_CLASSES) -> dict:
     """How often the neutral prompt gives a class, with an empty negative prompt and with that class as the negative:
     for the teacher with CFG (at ``teacher_steps``) and the SUN adapter at ``steps``, over negative strengths."""
-    from .metrics import classify_proxy_images
-    from .students import SunStudent
+    from .proxy_classifier import classify_proxy_images
+    from .students import load_student
 
     captions, seeds = [NEUTRAL_PROMPT] * samples, list(range(samples))
     teacher = TeacherEntry(teacher_steps)
     configurations = [(teacher.name, None, lambda neg: teacher.generate(pipe, captions, seeds, batch_size, neg))]
     for strength in strengths:
-        student = SunStudent(pipe, adapter, negative_strength=strength)
+        student = load_student(pipe, adapter, negative_strength=strength)
         configurations.append((f"sun-{steps}steps", strength, lambda neg, student=student: np.concatenate([
             student.images(captions[i:i + batch_size], seeds[i:i + batch_size], steps, negative=neg)
             for i in range(0, samples, batch_size)])))

@@ -164,7 +164,7 @@ def add_train_finetune(methods) -> None:
 def run_train_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import BUNDLED_TEACHER
+    from .evaluation import BUNDLED_TEACHER
     from .data import check_dataset
     from .loop import lock_run_dir
     from .pipelines import TeacherError
@@ -517,7 +517,7 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
     import dataclasses
     from pathlib import Path
 
-    from .bench import BUNDLED_TEACHER
+    from .evaluation import BUNDLED_TEACHER
     from .data import check_dataset
     from .loop import lock_run_dir
     from .pipelines import TeacherError
@@ -559,7 +559,8 @@ def _run_distillation(args: argparse.Namespace, method: str, load_config, flags,
 
 
 def _synth_cfg(cfg: Optional[float], teacher) -> float:
-    from .bench import DEFAULT_CFG_SCALE, is_bundled_lineage
+    from .bench import is_bundled_lineage
+    from .evaluation import DEFAULT_CFG_SCALE
 
     if cfg is not None:
         return cfg
@@ -570,7 +571,8 @@ def _synthesize(teacher, teacher_config, prompts: str, out: str, count: int, ste
                 seed: int = 0, negative: str = "", batch_size: int = 16) -> dict:
     """Load the teacher and write (or finish) a synthesized set; problems with the prompts or the folder raise SynthError."""
     from .pipelines import base_of, load_teacher
-    from .synth import SynthSettings, read_prompts, synthesize
+    from .synth import read_prompts, synthesize
+    from .synth_sets import SynthSettings
 
     pipe = load_teacher(teacher, config=teacher_config)
     settings = SynthSettings(teacher=str(teacher), base=base_of(pipe), prompts=prompts, count=count, steps=steps,
@@ -641,7 +643,8 @@ def add_bench(subparsers) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import BUNDLED_TEACHER, markdown_table, run_bench
+    from .bench import markdown_table, run_bench
+    from .evaluation import BUNDLED_TEACHER
 
     needs = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`",
              "gdd": "gdd_student files from `fewstep train gdd` (one per --variant to compare)",
@@ -677,7 +680,8 @@ def add_eval(subparsers) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     if args.images:
         from .data import PROXY_CLASSES, read_image_folder
-        from .metrics import fid, fid_to_heldout, prompt_accuracy
+        from .metrics import fid, fid_to_heldout
+        from .proxy_classifier import prompt_accuracy
 
         data = read_image_folder(args.images, size=32 if args.reference is None else None)
         result = {"images": len(data), "skipped": len(data.skipped)}
@@ -688,12 +692,13 @@ def run_eval(args: argparse.Namespace) -> int:
         if set(data.captions) <= set(PROXY_CLASSES):
             result["prompt_accuracy"] = prompt_accuracy(data.images, [PROXY_CLASSES.index(c) for c in data.captions])
         if args.clip_model:
-            from .metrics import clip_score
+            from .clip_score import clip_score
 
             result["clip_score"] = clip_score(data.images, data.captions, args.clip_model)
     else:
         from ..core.adapter_file import AdapterFileError, read_header, describe
-        from .bench import BUNDLED_TEACHER, StudentEntry, TeacherEntry, evaluate_entry
+        from .evaluation import BUNDLED_TEACHER
+        from .evaluation import StudentEntry, TeacherEntry, evaluate_entry
         from .pipelines import load_teacher
 
         if args.adapter:
@@ -954,8 +959,8 @@ def run_snap_plan(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .bench import BUNDLED_TEACHER
-    from .methods import snapfusion
+    from .evaluation import BUNDLED_TEACHER
+    from .methods import snap_blocks
     from .methods.snap_architecture import propose_architecture
     from .pipelines import TeacherError, load_teacher
 
@@ -966,8 +971,8 @@ def run_snap_plan(args: argparse.Namespace) -> int:
     except (ValueError, TeacherError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = snapfusion.block_table(pipe, args.per_class, args.steps, args.cfg_scale, args.latency_batch, args.repeats,
-                                   quality=not args.latency_only, dtype=getattr(torch, args.dtype))
+    table = snap_blocks.block_table(pipe, args.per_class, args.steps, args.cfg_scale, args.latency_batch, args.repeats,
+                                    quality=not args.latency_only, dtype=getattr(torch, args.dtype))
     table["teacher"] = str(Path(args.teacher or BUNDLED_TEACHER).resolve())
     quality = table.get("quality")
     print(f"full UNet: {1000 * table['unet_seconds_per_pass']:.2f} ms per pass (batch {table['latency_batch']}, "
@@ -1024,9 +1029,9 @@ def add_synth(subparsers) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .bench import BUNDLED_TEACHER
+    from .evaluation import BUNDLED_TEACHER
     from .pipelines import TeacherError
-    from .synth import SynthError
+    from .synth_sets import SynthError
 
     teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
     try:
@@ -1100,7 +1105,7 @@ def _user_errors() -> tuple[type, ...]:
     from ..core.lora import LoraKeyError
     from .errors import UserError
     from .pipelines import TeacherError
-    from .synth import SynthError
+    from .synth_sets import SynthError
 
     return UserError, TeacherError, SynthError, AdapterFileError, LoraKeyError, OSError
 

@@ -118,7 +118,7 @@ def check_dataset(spec: str) -> None:
 
 
 def _is_latent_set(spec: str) -> bool:
-    from .synth import synth_settings
+    from .synth_sets import synth_settings
 
     return Path(spec).is_dir() and (synth_settings(spec) or {}).get("layout") == "latents"
 

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .bench import BUNDLED_FLASH, BUNDLED_TEACHER, StudentEntry, TeacherEntry, evaluate_entry, markdown_table
+from .bench import markdown_table
+from .evaluation import BUNDLED_FLASH, BUNDLED_TEACHER
+from .evaluation import StudentEntry, TeacherEntry, evaluate_entry
 from .data import DATA_PACKAGES, require_packages
 from .loop import holding_run_dir
-from .metrics import proxy_classifier_metadata
+from .proxy_classifier import proxy_classifier_metadata
 from .pipelines import load_teacher
 
 log = logging.getLogger("fewstep")

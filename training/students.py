@@ -1,12 +1,15 @@
-"""Sample a teacher pipeline with an adapter file applied, the way the file's metadata says.
+"""The diffusers host: an adapter file applied to a teacher pipeline and sampled as ``core.run_plan`` says.
 
-What the ComfyUI nodes and the A1111 extension do inside their hosts, done on a diffusers pipeline: used
-by ``fewstep bench``, ``fewstep eval --adapter`` and the quickstart. The LoRA is merged into a copy of the
-UNet (no per-step LoRA overhead); sampler, timesteps and boundary condition come from the metadata.
+What the ComfyUI nodes and the A1111 extension do inside their hosts, done on a diffusers pipeline: used by
+``fewstep bench``, ``fewstep eval --adapter``, ``synth``, previews and the quickstart. ``load_student`` switches on
+the plan's weights once; each student class is one way of putting them on a copy of the UNet (a LoRA merged, so no
+per-step LoRA overhead; a whole UNet blended; an own UNet built; SUN layers attached), and all sample the same way:
+sampler, timesteps, boundary condition, CFG and w come from the plan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Optional, Sequence
@@ -14,16 +17,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..core.adapter_file import (SNAP_DECODER_PREFIX, W_EMBEDDING_KEY, Adapter, AdapterFileError, describe, read_adapter,
+from ..core.adapter_file import (KINDS, SNAP_DECODER_PREFIX, W_EMBEDDING_KEY, Adapter, AdapterFileError, describe, read_adapter,
                                  read_header, without_w_embedding)
-from ..core.guidance import cfg_scale_from_imagen_w
 from ..core.lora import LoraKeyError, merge_lora, read_lora
+from ..core.run_plan import LORA, OWN_UNET, SUN_LAYERS, UNET_BLEND, RunPlan, check_kind, plan_run
 from ..core.parameterization import start_noise_scaling
 from ..core.samplers import get_sampler
 from ..core.schedule import DiscreteSchedule
 from .diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from .pipelines import PromptEncoder, base_of
-from .teacher import to_uint8
+from .images import to_uint8
 
 
 @torch.no_grad()
@@ -58,6 +61,14 @@ def load_unet_weights(unet, tensors: dict, name: str) -> None:
                                f"unexpected {result.unexpected_keys[:2]}): made for another model")
 
 
+def blend_unet_weights(unet, tensors: dict, strength: float, name: str) -> None:
+    """A whole UNet's weights on ``unet`` as the plan's UNET_BLEND says: (1 - strength) of its own plus ``strength``
+    of the file's (torch.lerp: at strength 1 exactly the file's); every key must fit."""
+    own = unet.state_dict()
+    load_unet_weights(unet, {k: own[k].lerp(v.to(own[k]), strength) if k in own and own[k].shape == v.shape else v
+                             for k, v in tensors.items()}, name)
+
+
 def merge_file_lora(unet, adapter: Adapter, strength: float = 1.0) -> None:
     """An adapter file's LoRA (a guided student's without its w projection) merged into ``unet``."""
     try:
@@ -67,17 +78,61 @@ def merge_file_lora(unet, adapter: Adapter, strength: float = 1.0) -> None:
 
 
 class _Student:
-    """What the student kinds share: ``images`` decodes the subclass's ``latents(captions, seeds, steps, w, sampler,
-    negative)``; None means the file's own setting. ``negative`` (one prompt for all) reaches the kinds that read a
-    negative prompt without CFG (SUN); the others take no negative prompt and refuse one."""
+    """What every student shares: the file read and checked against the pipeline, the plan for each call, and
+    sampling as the plan says. A subclass builds ``self.unet`` (``build_unet``); ``strength`` is the adapter's weight
+    and ``negative_strength`` a SUN adapter's negative branch (1: as trained). In ``latents``/``images`` None means the
+    file's own setting; ``negative`` (one prompt for all) reaches the kinds that read a negative prompt without CFG
+    (SUN); the others take no negative prompt and refuse one."""
 
     takes_negative = False   # whether ``latents`` reads a negative prompt
 
+    def __init__(self, pipe, adapter_path: str | Path, strength: float = 1.0, negative_strength: float = 1.0):
+        self.pipe = pipe
+        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe))
+        self.name = Path(adapter_path).name
+        self.strength, self.negative_strength = strength, negative_strength
+        meta = self.adapter.metadata
+        plan = self.plan()
+        if student_class(plan, self.name) is not type(self):
+            raise AdapterFileError(f"{self.name}: is a {meta.kind} ({plan.weights} weights); {type(self).__name__} does not "
+                                   "apply it: use load_student")
+        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
+        self.prompts = PromptEncoder(pipe)
+        self.unet = self.build_unet(plan)
+
+    def build_unet(self, plan: RunPlan):
+        raise NotImplementedError
+
+    def plan(self, steps: Optional[int] = None, w: Optional[float] = None, sampler: Optional[str] = None,
+             cfg_scale: Optional[float] = None) -> RunPlan:
+        """core's plan for one call (its ``notes`` say what the user should know, e.g. a w outside the trained range)."""
+        return plan_run(self.adapter.metadata, self.strength, steps or 0, sampler, w, self.negative_strength, cfg_scale)
+
+    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None, w: Optional[float] = None,
+                sampler: Optional[str] = None, negative: str = "", cfg_scale: Optional[float] = None) -> torch.Tensor:
+        plan = self.plan(steps, w, sampler, cfg_scale)
+        uncond = None
+        if plan.model_passes_per_step == 2:
+            cond, uncond = self.prompts.with_unconditional(captions)
+        else:
+            cond = self.prompts(captions)
+        if plan.w is not None:
+            cond.update(w_condition(plan.w, int(self.adapter.metadata.extra["embedding_dim"]), cond["encoder_hidden_states"],
+                                    len(captions)))
+        with self.negative_prompt(plan, negative):
+            return sample_student(self.unet, self.schedule, cond, seeds, plan.timesteps, plan.sampler, plan.consistency_boundary,
+                                  uncond=uncond, cfg_scale=plan.cfg_scale if uncond is not None else 1.0)
+
+    def negative_prompt(self, plan: RunPlan, negative: str):
+        """The context the model runs in for the negative prompt (nothing: only SUN reads one without CFG)."""
+        return contextlib.nullcontext()
+
     def images(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
-               w: Optional[float] = None, sampler: Optional[str] = None, negative: Optional[str] = None) -> np.ndarray:
+               w: Optional[float] = None, sampler: Optional[str] = None, negative: Optional[str] = None,
+               cfg_scale: Optional[float] = None) -> np.ndarray:
         if negative and not self.takes_negative:
             raise ValueError(f"{type(self).__name__} samples without CFG and has no negative-prompt input")
-        latents = self.latents(captions, seeds, steps, w, sampler, **({"negative": negative} if negative is not None else {}))
+        latents = self.latents(captions, seeds, steps, w, sampler, negative or "", cfg_scale)
         with torch.no_grad():
             return to_uint8(self.decode(latents / self.pipe.vae.config.scaling_factor))
 
@@ -88,121 +143,82 @@ class _Student:
 
 
 class AdaptedTeacher(_Student):
-    """A copy of the pipeline's UNet with an adapter file's weights, sampled without CFG as its metadata says: a LoRA
-    merged (``flash_lora``; a ``gdd_student`` LoRA) or whole UNet weights (a ``gdd_student`` of format ``unet``)."""
+    """A copy of the pipeline's UNet with the file's weights on it: a LoRA merged (LORA: ``flash_lora``, a
+    ``gdd_student`` LoRA) or a whole UNet blended in (UNET_BLEND: a ``gdd_student`` of format ``unet``)."""
 
-    def __init__(self, pipe, adapter_path: str | Path, strength: float = 1.0):
-        self.pipe = pipe
-        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["flash_lora", "gdd_student"])
-        self.unet = copy.deepcopy(pipe.unet)
-        if not self.adapter.metadata.lora_weights:
-            load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
-        else:
-            merge_file_lora(self.unet, self.adapter, strength)
-        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
-        self.prompts = PromptEncoder(pipe)
+    def build_unet(self, plan: RunPlan):
+        unet = copy.deepcopy(self.pipe.unet)
+        self.put_weights(unet, plan)
+        return unet
 
-    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
-                w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
-        """``w`` is accepted for a uniform interface; these files have no guidance input."""
-        meta = self.adapter.metadata
-        return sample_student(self.unet, self.schedule, self.prompts(captions), seeds, meta.timesteps_for(steps or meta.steps),
-                              sampler or meta.sampler, meta.consistency_boundary)
+    def put_weights(self, unet, plan: RunPlan) -> None:
+        if plan.weights == LORA:
+            merge_file_lora(unet, self.adapter, plan.strength)
+        else:   # UNET_BLEND (student_class admits nothing else)
+            blend_unet_weights(unet, self.adapter.tensors, plan.strength, self.name)
 
 
-class GuidedStudent(_Student):
-    """A ``guided_student`` file: the teacher's UNet architecture plus a w-embedding, one pass per step with w as input.
-    The file holds the whole UNet, or a LoRA merged into the teacher's."""
+class GuidedStudent(AdaptedTeacher):
+    """A ``guided_student`` file: the teacher's UNet architecture plus a w-embedding (diffusers' ``time_cond_proj_dim``,
+    fed the plan's w), with the file's LoRA merged or whole UNet blended in; one pass per step."""
 
-    def __init__(self, pipe, adapter_path: str | Path):
+    def build_unet(self, plan: RunPlan):
         from diffusers import UNet2DConditionModel
 
-        self.pipe = pipe
-        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["guided_student"])
-        meta = self.adapter.metadata
-        self.embedding_dim = int(meta.extra["embedding_dim"])
-        self.unet = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=self.embedding_dim)
-        if meta.lora_weights:
-            load_unet_weights(self.unet, {**pipe.unet.state_dict(), W_EMBEDDING_KEY: self.adapter.tensors[W_EMBEDDING_KEY]},
-                              Path(adapter_path).name)
-            merge_file_lora(self.unet, self.adapter)
-        else:
-            load_unet_weights(self.unet, self.adapter.tensors, Path(adapter_path).name)
-        self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
-        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
-        self.prompts = PromptEncoder(pipe)
-
-    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
-                w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
-        meta = self.adapter.metadata
-        cond = self.prompts(captions)
-        w = meta.guidance["default_w"] if w is None else w
-        cond.update(w_condition(w, self.embedding_dim, cond["encoder_hidden_states"], len(captions)))
-        return sample_student(self.unet, self.schedule, cond, seeds, meta.timesteps_for(steps or meta.steps),
-                              sampler or meta.sampler, consistency_boundary=False)
+        pipe = self.pipe
+        unet = UNet2DConditionModel.from_config(pipe.unet.config, time_cond_proj_dim=int(self.adapter.metadata.extra["embedding_dim"]))
+        load_unet_weights(unet, {**pipe.unet.state_dict(), W_EMBEDDING_KEY: self.adapter.tensors[W_EMBEDDING_KEY]}, self.name)
+        self.put_weights(unet, plan)
+        return unet.to(pipe.unet.device, pipe.unet.dtype).eval()
 
 
 class SunStudent(_Student):
     """A ``sun_adapter`` file (ours or the released layout) on a copy of the teacher's UNet, one pass per step with the
-    negative prompt in the adapter; ``negative_strength`` scales the negative branch (1: as trained)."""
+    negative prompt in the adapter."""
 
     takes_negative = True
 
-    def __init__(self, pipe, adapter_path: str | Path, negative_strength: float = 1.0):
+    def build_unet(self, plan: RunPlan):
         from .sun_attention import attach_sun, sun_adapter_from_tensors
 
-        self.pipe = pipe
-        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["sun_adapter"])
-        self.unet = copy.deepcopy(pipe.unet)
+        unet = copy.deepcopy(self.pipe.unet)
         try:
-            self.sun = sun_adapter_from_tensors(self.unet, self.adapter.tensors)
+            self.sun = sun_adapter_from_tensors(unet, self.adapter.tensors)
         except ValueError as exc:
-            raise AdapterFileError(f"{Path(adapter_path).name}: {exc}") from None
-        self.inputs = attach_sun(self.unet, self.sun)
-        self.negative_strength = negative_strength
-        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=self.adapter.metadata.prediction)
-        self.prompts = PromptEncoder(pipe)
+            raise AdapterFileError(f"{self.name}: {exc}") from None
+        self.inputs = attach_sun(unet, self.sun)
+        return unet
 
-    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
-                w: Optional[float] = None, sampler: Optional[str] = None, negative: str = "") -> torch.Tensor:
-        """``w`` is accepted for a uniform interface; a SUN adapter bakes in its CFG scale."""
-        meta = self.adapter.metadata
+    def negative_prompt(self, plan: RunPlan, negative: str):
         features = self.prompts([negative])["encoder_hidden_states"]
-        with self.inputs.negative_prompt(features, self.negative_strength):
-            return sample_student(self.unet, self.schedule, self.prompts(captions), seeds, meta.timesteps_for(steps or meta.steps),
-                                  sampler or meta.sampler, consistency_boundary=False)
+        return self.inputs.negative_prompt(features, plan.negative_strength)
 
 
 class SnapStudent(_Student):
     """A ``snap_student`` file: its own UNet, built from the architecture in its metadata (SnapFusion's slim UNet),
-    and its pruned VAE decoder if it has one,
-    sampled with CFG against the empty prompt, as it was distilled: at guidance weight ``w`` (Imagen's: CFG scale 1 + w),
-    by default the file's CFG scale."""
+    and its pruned VAE decoder if it has one, sampled with CFG against the empty prompt as it was distilled (at the
+    file's CFG scale unless one is given)."""
 
-    def __init__(self, pipe, adapter_path: str | Path):
+    def build_unet(self, plan: RunPlan):
         from diffusers import UNet2DConditionModel
 
-        self.pipe = pipe
-        self.adapter: Adapter = read_adapter(adapter_path, expected_base=base_of(pipe), expected_kinds=["snap_student"])
-        meta = self.adapter.metadata
-        self.unet = UNet2DConditionModel.from_config(meta.extra["unet_config"])
-        unet = {k: v for k, v in self.adapter.tensors.items() if not k.startswith(SNAP_DECODER_PREFIX)}
-        load_unet_weights(self.unet, unet, Path(adapter_path).name)
-        self.unet.to(pipe.unet.device, pipe.unet.dtype).eval()
+        pipe, meta = self.pipe, self.adapter.metadata
+        unet = UNet2DConditionModel.from_config(meta.extra["unet_config"])
+        load_unet_weights(unet, {k: v for k, v in self.adapter.tensors.items() if not k.startswith(SNAP_DECODER_PREFIX)},
+                          self.name)
         self.decoder = None
         if "decoder_config" in meta.extra:   # SnapFusion's pruned VAE decoder
-            from .methods.snap_decoder import PrunedDecoder
+            from .pruned_decoder import PrunedDecoder
 
             self.decoder = PrunedDecoder(meta.extra["decoder_config"])
             try:
                 self.decoder.load_state_dict({k[len(SNAP_DECODER_PREFIX):]: v.float() for k, v in self.adapter.tensors.items()
                                               if k.startswith(SNAP_DECODER_PREFIX)})
             except RuntimeError:
-                raise AdapterFileError(f"{Path(adapter_path).name}: its VAE decoder weights do not fit the decoder its "
-                                       "metadata describes: the file is corrupt") from None
+                raise AdapterFileError(f"{self.name}: its VAE decoder weights do not fit the decoder its metadata "
+                                       "describes: the file is corrupt") from None
             self.decoder.to(pipe.vae.device, pipe.vae.dtype).eval()
-        self.schedule = DiscreteSchedule.stable_diffusion(prediction_type=meta.prediction)
-        self.prompts = PromptEncoder(pipe)
+        return unet.to(pipe.unet.device, pipe.unet.dtype).eval()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The file's pruned decoder when it has one, else the pipeline's VAE."""
@@ -210,26 +226,22 @@ class SnapStudent(_Student):
             return super().decode(latents)
         return self.decoder(latents.to(self.pipe.vae.dtype))
 
-    def latents(self, captions: Sequence[str], seeds: Sequence[int], steps: Optional[int] = None,
-                w: Optional[float] = None, sampler: Optional[str] = None) -> torch.Tensor:
-        meta = self.adapter.metadata
-        cond, uncond = self.prompts.with_unconditional(captions)
-        return sample_student(self.unet, self.schedule, cond, seeds, meta.timesteps_for(steps or meta.steps), sampler or meta.sampler,
-                              consistency_boundary=False, uncond=uncond,
-                              cfg_scale=meta.extra.get("cfg_scale", 1.0) if w is None else cfg_scale_from_imagen_w(w))
+
+def student_class(plan: RunPlan, name: str) -> type[_Student]:
+    """Which student carries out ``plan`` on a diffusers pipeline: the one switch on the plan's weights."""
+    if plan.weights in (LORA, UNET_BLEND):
+        return GuidedStudent if plan.w is not None else AdaptedTeacher
+    elif plan.weights == SUN_LAYERS:
+        return SunStudent
+    elif plan.weights == OWN_UNET:
+        return SnapStudent
+    else:
+        raise AdapterFileError(f"{name}: fewstep cannot apply {plan.weights} weights on a diffusers pipeline yet")
 
 
-def load_student(pipe, adapter_path: str | Path) -> _Student:
-    """The sampler for an adapter file of any kind fewstep can sample on a diffusers pipeline."""
+def load_student(pipe, adapter_path: str | Path, strength: float = 1.0, negative_strength: float = 1.0) -> _Student:
+    """The student for an adapter file of any kind, as its plan says."""
     name = Path(adapter_path).name
     meta, _, _ = describe(read_header(adapter_path), name, base_of(pipe))
-    if meta.kind in ("flash_lora", "gdd_student"):
-        return AdaptedTeacher(pipe, adapter_path)
-    elif meta.kind == "guided_student":
-        return GuidedStudent(pipe, adapter_path)
-    elif meta.kind == "sun_adapter":
-        return SunStudent(pipe, adapter_path)
-    elif meta.kind == "snap_student":
-        return SnapStudent(pipe, adapter_path)
-    else:
-        raise AdapterFileError(f"{name}: fewstep cannot sample {meta.kind} files on a diffusers pipeline yet")
+    check_kind(name, meta.kind, KINDS, "fewstep samples on a diffusers pipeline")
+    return student_class(plan_run(meta), name)(pipe, adapter_path, strength, negative_strength)

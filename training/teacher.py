@@ -28,7 +28,9 @@ from ..core.samplers import sample_ddim
 from .clip_tokenizer import VOCAB_SIZE, load_clip_tokenizer
 from .data import CaptionedImages
 from .diffusers_sampling import CFGDenoiser, UNetDenoiser, run_sampler
+from .images import save_grid, to_pixels, to_uint8
 from .loop import training_loop
+from .teacher_data import encode_dataset
 from .tiny_models import BOS_TOKEN_ID, EOS_TOKEN_ID, sd_scheduler_config
 
 log = logging.getLogger("fewstep")
@@ -83,15 +85,6 @@ def build_components(preset: TeacherPreset, seed: int = 0):
     return vae, text_encoder, load_clip_tokenizer(), unet
 
 
-def to_pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    return pixels.clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:
     return tokenizer(list(captions), padding="max_length", max_length=tokenizer.model_max_length,
                      truncation=True, return_tensors="pt").input_ids
@@ -132,17 +125,6 @@ class EpsilonLoss:
 
 
 @torch.no_grad()
-def encode_dataset(vae, pixels: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior mean and std of every image: the UNet stage draws latents from them without the encoder."""
-    means, stds = [], []
-    for chunk in pixels.split(batch_size):
-        dist = vae.encode(chunk.to(vae.device)).latent_dist
-        means.append(dist.mean.cpu())
-        stds.append(dist.std.cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
-@torch.no_grad()
 def sample_images(unet, vae, text_encoder, tokenizer, captions: Sequence[str], seeds: Sequence[int], steps: int = 25,
                   cfg_scale: float = 5.0, spacing: str = "leading", negative: str = "") -> np.ndarray:
     """Teacher samples with DDIM and CFG (``negative`` as the unconditional prompt) through core's sampler; uint8 (N, 32, 32, 3)."""
@@ -155,18 +137,6 @@ def sample_images(unet, vae, text_encoder, tokenizer, captions: Sequence[str], s
     sigmas = schedule.sigmas_for_timesteps(select_timesteps(spacing, steps))
     latents = run_sampler(sample_ddim, model, noise, sigmas, progress=False)
     return to_uint8(vae.decode(latents / vae.config.scaling_factor).sample)
-
-
-def save_grid(images: np.ndarray, path: Path, columns: int) -> None:
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
-    for i, im in enumerate(images):
-        grid[(i // columns) * h:(i // columns + 1) * h, (i % columns) * w:(i % columns + 1) * w] = im
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid).save(path)
 
 
 def save_pipeline(out: Path, vae, text_encoder, tokenizer, unet, provenance: dict) -> None:
@@ -271,7 +241,7 @@ def train_teacher(
     provenance = {"preset": preset, "preset_sizes": asdict(PRESETS[preset]), "vae_steps": vae_steps, "unet_steps": unet_steps,
                   "batch_size": batch_size, "caption_dropout": caption_dropout, "ema_decay": ema_decay,
                   "scaling_factor": scaling_factor, "seed": seed, "captions": len(captions), "images": len(data)}
-    from .methods.common import on_main_process
+    from .driver import on_main_process
 
     on_main_process(lambda: save_pipeline(out, vae, text_encoder, tokenizer, unet, provenance))
     return out
@@ -298,7 +268,8 @@ def finetune_teacher(
 ) -> Optional[Path]:
     """Fine-tune a teacher's UNet on a dataset (a style, a subject), as users fine-tune SD1.5 models; VAE and text
     encoder stay as they are. Returns ``out``, or None when stopped early by ``stop_after``."""
-    from .methods.common import load_teacher_data, on_main_process
+    from .driver import on_main_process
+    from .teacher_data import load_teacher_data
     from .pipelines import base_of
 
     setup = load_teacher_data(teacher, data, teacher_config=teacher_config)

@@ -1,7 +1,7 @@
 """fewstep in AUTOMATIC1111's WebUI and Forge: one accordion in txt2img and img2img turns the run into a few-step one.
 
 The WebUI loads this file on its own (not as part of a package), so it first imports the fewstep package from the
-tree it lives in. All logic is in ``extension_a1111.host`` and ``run_config``; this file is UI and hook wiring.
+tree it lives in. All logic is in the ``extension_a1111`` package (``host`` runs the hooks); this file is UI and hook wiring.
 """
 
 import importlib.util
@@ -25,12 +25,12 @@ def _import_fewstep():
         module = importlib.util.module_from_spec(spec)
         sys.modules["fewstep"] = module
         spec.loader.exec_module(module)
-    from fewstep.extension_a1111 import host, run_config
+    from fewstep.extension_a1111 import a1111_patches, adapter_files, host, run_config, sampling
 
-    return host, run_config
+    return a1111_patches, adapter_files, host, run_config, sampling
 
 
-host, run_config = _import_fewstep()
+a1111_patches, adapter_files, host, run_config, sampling = _import_fewstep()
 
 _log = logging.getLogger("fewstep")
 if not _log.handlers and not logging.getLogger().handlers:   # unless the WebUI logs, fewstep's lines go to its console
@@ -39,8 +39,8 @@ if not _log.handlers and not logging.getLogger().handlers:   # unless the WebUI 
     _log.addHandler(_handler)
     _log.setLevel(logging.INFO)
 
-host.register_samplers()
-script_callbacks.on_cfg_denoiser(host.on_cfg_denoiser)
+sampling.register_samplers()
+script_callbacks.on_cfg_denoiser(a1111_patches.on_cfg_denoiser)
 
 
 def _from_infotext(field):
@@ -63,9 +63,9 @@ class FewStepScript(scripts.Script):
         defaults = run_config.Settings()
         with InputAccordion(False, label="fewstep", elem_id=f"fewstep_{tab}") as enabled:
             with FormRow(variant="compact"):   # the host's own layout for a dropdown with a refresh button
-                adapter = gr.Dropdown(label="Adapter (models/fewstep, models/Lora)", choices=host.list_adapters(),
+                adapter = gr.Dropdown(label="Adapter (models/fewstep, models/Lora)", choices=adapter_files.list_adapters(),
                                       value=None, elem_id=f"fewstep_{tab}_adapter")
-                create_refresh_button(adapter, lambda: None, lambda: {"choices": host.list_adapters()},
+                create_refresh_button(adapter, lambda: None, lambda: {"choices": adapter_files.list_adapters()},
                                       f"fewstep_{tab}_refresh")
             with gr.Row():
                 strength = gr.Slider(0.0, 2.0, value=defaults.strength, step=0.05, label="Strength",

@@ -38,8 +38,9 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import base_of
 from ..students import sample_student
-from .common import (RunOptions, add_student_lora, load_options, load_teacher_data, on_main_process, provenance,
-                     replace_options, schedule_of, student_lora_modules, teacher_dtype)
+from ..driver import add_student_lora, on_main_process, provenance, student_lora_modules
+from ..teacher_data import load_teacher_data, schedule_of, teacher_dtype
+from ..options import RunOptions, load_options, replace_options
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, teacher_features
 
 log = logging.getLogger("fewstep")

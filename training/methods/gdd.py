@@ -36,8 +36,9 @@ from ...core.lora import write_lora
 from ...core.parameterization import start_noise_scaling
 from ..diffusers_sampling import UNetDenoiser
 from ..students import sample_student
-from .common import (RunOptions, add_student_lora, fit, load_options, load_teacher_data, on_main_process, provenance,
-                     replace_options, schedule_of, student_lora_modules, teacher_dtype)
+from ..driver import add_student_lora, fit, on_main_process, provenance, student_lora_modules
+from ..teacher_data import load_teacher_data, schedule_of, teacher_dtype
+from ..options import RunOptions, load_options, replace_options
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, r1_penalty, teacher_features
 
 log = logging.getLogger("fewstep")

@@ -41,8 +41,9 @@ from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_times
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from ..pipelines import PromptEncoder
 from ..students import sample_student
-from .common import (RunOptions, add_student_lora, fit, load_options, load_teacher_data, on_main_process, provenance,
-                     replace_options, schedule_of, student_lora_modules)
+from ..driver import add_student_lora, fit, on_main_process, provenance, student_lora_modules
+from ..teacher_data import load_teacher_data, schedule_of
+from ..options import RunOptions, load_options, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -311,11 +312,11 @@ def load_guided_unet(pipe, path: str | Path, config: GuidedConfig):
     from ...core.adapter_file import read_adapter
     from ...core.lora import read_lora
     from ..pipelines import base_of
-    from ..students import GuidedStudent
+    from ..students import load_student
 
     adapter = read_adapter(path, expected_base=base_of(pipe), expected_kinds=["guided_student"])
     if not adapter.metadata.lora_weights:
-        return GuidedStudent(pipe, path).unet
+        return load_student(pipe, path).unet
     extra = adapter.metadata.extra
     unet = add_w_embedding(pipe.unet, int(extra["embedding_dim"]))
     modules, _ = read_lora(without_w_embedding(adapter.tensors))

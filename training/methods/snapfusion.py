@@ -1,27 +1,17 @@
-"""SnapFusion (Li et al. 2023): a UNet trained to tolerate skipped blocks, each block's worth measured per unit of
-latency, the cheapest-to-lose removed. This module so far: which blocks there are, skipping them, robust training
-(the teacher fine-tuned with blocks skipped at random), and measuring each block's latency.
-
-A block is one ResNet (``ResnetBlock2D``) or one cross-attention transformer (``Transformer2DModel``) of a diffusers
-``UNet2DConditionModel``, named by its module path. A skipped block passes its input through what it would have added
-to: a transformer is residual, so its input; a ResNet its shortcut (the input, or the 1x1 convolution where channels
-change: the first ResNet of a level, every up-block ResNet, which reads the skip connection too). Shapes therefore
-never change, whichever blocks are skipped, and the UNet's state dict keys stay the teacher's.
+"""SnapFusion (Li et al. 2023), the trainings: robust training (the teacher fine-tuned with blocks skipped at random,
+``snap_blocks``), the slim UNet (``snap_architecture``) distilled from the teacher, CFG-aware step distillation of
+either, and the ``snap_student`` export. Which blocks to remove is ``snap_blocks.block_table``'s measurement.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
 import logging
-import statistics
-import time
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -30,113 +20,16 @@ from ...core.guidance import cfg
 from ...core.parameterization import append_dims, distillation_weight
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, DiscreteSchedule, select_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
-from ..pipelines import PromptEncoder, cast_cond, cat_cond
+from ..pipelines import PromptEncoder, cat_cond
 from ..students import sample_student
-from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from ..driver import fit, on_main_process, provenance
+from ..teacher_data import load_teacher_data, schedule_of
+from ..options import RunOptions, load_options, replace_options
 from .guided import RoundGrid, halving_problems, halving_rounds, progressive_rounds
 from .snap_architecture import SlimArchitecture, build_slim_unet
+from .snap_blocks import BlockSkipping, sample_skipped_blocks
 
 log = logging.getLogger("fewstep")
-
-BLOCK_KINDS = {"ResnetBlock2D": "resnet", "Transformer2DModel": "attention"}
-
-
-@dataclass(frozen=True)
-class Block:
-    name: str   # module path in the UNet, e.g. "down_blocks.0.attentions.1"
-    kind: str   # "resnet" | "attention"
-
-
-def unet_blocks(unet: torch.nn.Module) -> list[Block]:
-    """Every ResNet and cross-attention transformer block, in module order (down, up, mid as diffusers registers them)."""
-    return [Block(name, BLOCK_KINDS[type(module).__name__]) for name, module in unet.named_modules()
-            if type(module).__name__ in BLOCK_KINDS]
-
-
-def _skipped_resnet(resnet, input_tensor, *args, **kwargs):
-    return resnet.conv_shortcut(input_tensor) if resnet.conv_shortcut is not None else input_tensor
-
-
-def _skipped_transformer(transformer, hidden_states, *args, return_dict: bool = True, **kwargs):
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-    return Transformer2DModelOutput(sample=hidden_states) if return_dict else (hidden_states,)
-
-
-class BlockSkipping:
-    """Skips chosen blocks of ``unet`` inside ``with skipping.skip(names):``; outside, the UNet is unchanged. Installed
-    once, on the block instances' ``forward`` (no wrapper modules, so checkpoints and exports keep the teacher's keys)."""
-
-    def __init__(self, unet: torch.nn.Module):
-        self.blocks = unet_blocks(unet)
-        self.skipped: frozenset[str] = frozenset()
-        modules = dict(unet.named_modules())
-        for block in self.blocks:
-            module = modules[block.name]
-            skipped_forward = _skipped_resnet if block.kind == "resnet" else _skipped_transformer
-            module.forward = types.MethodType(self._switch(block.name, type(module).forward, skipped_forward), module)
-
-    def _switch(self, name: str, full, skipped):
-        def forward(module, *args, **kwargs):
-            return (skipped if name in self.skipped else full)(module, *args, **kwargs)
-        return forward
-
-    @contextlib.contextmanager
-    def skip(self, names: Iterable[str]) -> Iterator[None]:
-        names = frozenset(names)
-        unknown = names - {b.name for b in self.blocks}
-        if unknown:
-            raise ValueError(f"no such block(s): {', '.join(sorted(unknown))}; the UNet's blocks: "
-                             f"{', '.join(b.name for b in self.blocks)}")
-        previous, self.skipped = self.skipped, names
-        try:
-            yield
-        finally:
-            self.skipped = previous
-
-
-def sample_skipped_blocks(blocks: Sequence[Block], probability: float, generator: torch.Generator) -> list[str]:
-    """Robust training's draw: each block skipped independently with ``probability``."""
-    draws = torch.rand(len(blocks), generator=generator)
-    return [b.name for b, u in zip(blocks, draws.tolist()) if u < probability]
-
-
-@torch.no_grad()
-def interleaved_medians(calls: dict, repeats: int = 10) -> dict:
-    """Seconds per call of each ``calls[key]()``: one warm-up each, then ``repeats`` rounds calling each in turn (so
-    drifts of clock or load hit all alike), the median per key; CUDA is synchronised around each call."""
-    def timed(call) -> float:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    for call in calls.values():
-        timed(call)
-    times = {key: [] for key in calls}
-    for _ in range(repeats):
-        for key, call in calls.items():
-            times[key].append(timed(call))
-    return {key: statistics.median(t) for key, t in times.items()}
-
-
-def block_latencies(unet, skipping: BlockSkipping, inputs: dict, repeats: int = 10) -> dict:
-    """Seconds per UNet pass on ``inputs`` with nothing skipped (``"unet"``) and the time each block saves when it
-    alone is skipped (``"saved"``: name -> seconds). Measured as the whole pass minus the pass without the block, so
-    launch and memory effects count as they will."""
-    def skipped(names):
-        def call():
-            with skipping.skip(names):
-                unet(**inputs)
-        return call
-
-    seconds = interleaved_medians({(): skipped(())} | {(b.name,): skipped((b.name,)) for b in skipping.blocks}, repeats)
-    full = seconds[()]
-    return {"unet": full, "saved": {b.name: full - seconds[(b.name,)] for b in skipping.blocks}}
-
 
 @dataclass
 class SnapConfig:
@@ -391,7 +284,7 @@ def train_step_distillation(
 ) -> Optional[Path]:
     """SnapFusion's step distillation, start_steps -> ... -> target_steps, exporting each round as a snap_student
     file (the last one to ``out``); None if stopped by ``stop_after``."""
-    from ..students import SnapStudent
+    from ..students import load_student
     from ..teacher import pipeline_provenance
     from .snap_decoder import read_decoder
 
@@ -421,7 +314,7 @@ def train_step_distillation(
                             SlimArchitecture.from_dict(architecture) if architecture else None, slim=made_by.get("slim", False),
                             decoder=pruned_decoder)
 
-    return progressive_rounds(setup, setup.pipe.unet, lambda path: SnapStudent(setup.pipe, path).unet, build_round, export,
+    return progressive_rounds(setup, setup.pipe.unet, lambda path: load_student(setup.pipe, path).unet, build_round, export,
                               sample, config, run_dir, out, "snap_student.safetensors", "SnapFusion step distillation",
                               RunOptions(**run_options))
 
@@ -447,62 +340,3 @@ def export_snap_student(unet, path: str | Path, base: str, prediction: str, step
     return meta
 
 
-def latency_inputs(pipe, batch_size: int = 2, unet=None) -> dict:
-    """One pass's inputs for ``unet`` (default: the teacher's) at the teacher's native size, in the UNet's dtype:
-    batch 2 is a CFG pass for one image."""
-    unet = pipe.unet if unet is None else unet
-    size = unet.config.sample_size
-    g = torch.Generator().manual_seed(0)
-    cond = PromptEncoder(pipe)(["a photo"] * batch_size)
-    return {"sample": torch.randn(batch_size, unet.config.in_channels, size, size, generator=g).to(unet.device, unet.dtype),
-            "timestep": torch.tensor([500] * batch_size, device=unet.device), **cast_cond(cond, unet.dtype)}
-
-
-@torch.no_grad()
-def pass_latencies(pipe, students: dict, repeats: int = 20) -> dict:
-    """Seconds per UNet pass (batch 2: one image with CFG) and per decoder pass (one latent) of the teacher and of each
-    SnapFusion student (name -> ``SnapStudent``), interleaved; and each student's as a ratio to the teacher's."""
-    inputs = latency_inputs(pipe, 2)
-    size = pipe.unet.config.sample_size
-    z = torch.randn(1, pipe.unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(0)).to(pipe.vae.device, pipe.vae.dtype)
-    calls = {("unet", "teacher"): lambda: pipe.unet(**inputs), ("decoder", "teacher"): lambda: pipe.vae.decode(z)}
-    for name, student in students.items():
-        calls[("unet", name)] = lambda unet=student.unet, inputs=latency_inputs(pipe, 2, student.unet): unet(**inputs)
-        if student.decoder is not None:
-            calls[("decoder", name)] = lambda decoder=student.decoder: decoder(z)
-    seconds = interleaved_medians(calls, repeats)
-    return {part: {name: {"seconds": t, "ratio_to_teacher": t / seconds[(part, "teacher")]}
-                   for (p, name), t in seconds.items() if p == part} for part in ("unet", "decoder")}
-
-
-def block_table(pipe, per_class: int = 10, steps: int = 25, cfg_scale: float = 4.0, latency_batch: int = 2,
-                repeats: int = 10, quality: bool = True, progress: bool = True, dtype: Optional[torch.dtype] = None) -> dict:
-    """SnapFusion's per-block measurements on ``pipe`` (the robust-trained teacher): for every block, the latency it
-    saves when skipped alone (on this machine, passes in ``dtype``, default the UNet's) and, with ``quality``, the proxy
-    benchmark's FID and prompt accuracy with it skipped (DDIM at ``steps`` with CFG, ``per_class`` samples per class,
-    in the UNet's own precision) next to the full UNet's."""
-    from tqdm.auto import tqdm
-
-    from ..bench import TeacherEntry, evaluate_entry
-    from ..data import PROXY_CLASSES
-
-    timed = copy.deepcopy(pipe.unet).eval().to(dtype or pipe.unet.dtype)
-    skipping = BlockSkipping(timed)
-    latency = block_latencies(timed, skipping, latency_inputs(pipe, latency_batch, timed), repeats)
-    rows = [{"block": b.name, "kind": b.kind, "latency_saved": latency["saved"][b.name] / latency["unet"]} for b in skipping.blocks]
-    table = {"unet_seconds_per_pass": latency["unet"], "latency_batch": latency_batch, "blocks": rows,
-             "device": str(timed.device), "dtype": str(timed.dtype).replace("torch.", "")}
-    del timed, skipping
-    if quality:
-        unet = copy.deepcopy(pipe.unet).eval()
-        skipping = BlockSkipping(unet)
-        view = pipe.__class__(**{**pipe.components, "unet": unet})
-        entry = TeacherEntry(steps, cfg_scale)
-        full = evaluate_entry(view, entry, per_class, batch_size=250)
-        table["quality"] = {"steps": steps, "cfg_scale": cfg_scale, "samples": per_class * len(PROXY_CLASSES),
-                            "fid": full["fid"], "prompt_accuracy": full["prompt_accuracy"]}
-        for row in tqdm(rows, desc="blocks skipped one at a time", disable=not progress):
-            with skipping.skip([row["block"]]):
-                skipped = evaluate_entry(view, entry, per_class, batch_size=250)
-            row.update(fid=skipped["fid"], prompt_accuracy=skipped["prompt_accuracy"], fid_increase=skipped["fid"] - full["fid"])
-    return table

@@ -40,7 +40,9 @@ from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder
 from ..students import sample_student
 from ..sun_attention import attach_sun, new_sun_adapter
-from .common import RunOptions, fit, load_options, load_teacher_data, on_main_process, provenance, replace_options, schedule_of
+from ..driver import fit, on_main_process, provenance
+from ..teacher_data import load_teacher_data, schedule_of
+from ..options import RunOptions, load_options, replace_options
 
 log = logging.getLogger("fewstep")
 

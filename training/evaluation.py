@@ -1,0 +1,131 @@
+"""The benchmark's evaluation entries: a configuration (the teacher at some steps and CFG, or a student file) sampled
+on the fixed proxy prompt set and scored. ``fewstep eval``, ``fewstep bench`` and the methods' own tables (the
+SnapFusion block table) all score through ``evaluate_entry``.
+
+Every configuration samples the same prompts with the same seeds (each proxy class ``per_class`` times, seed i for
+its i-th sample) and is scored by FID against the held-out real images (EfficientNet-Lite0 features), prompt accuracy
+(the bundled classifier), NFE and seconds per image.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .data import PROXY_CLASSES
+from .images import save_grid
+from .teacher import sample_images
+
+BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
+BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors"
+BUNDLED_SUN = Path(__file__).parent / "assets" / "proxy_sun_adapter.safetensors"
+DEFAULT_CFG_SCALE = 4.0
+GRID_SEEDS = 4
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """The teacher with CFG and DDIM (trailing timesteps: the stronger choice at few steps) at a step count."""
+
+    steps: int
+    cfg_scale: float = DEFAULT_CFG_SCALE
+
+    @property
+    def name(self) -> str:
+        return f"teacher-{self.steps}steps-cfg{self.cfg_scale:g}"
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (2 if self.cfg_scale != 1.0 else 1)
+
+    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str = "") -> np.ndarray:
+        chunks = []
+        for start in range(0, len(captions), batch_size):
+            chunks.append(sample_images(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, captions[start:start + batch_size],
+                                        seeds[start:start + batch_size], steps=self.steps, cfg_scale=self.cfg_scale,
+                                        spacing="trailing", negative=negative))
+        return np.concatenate(chunks)
+
+
+@dataclass(frozen=True)
+class StudentEntry:
+    """A distilled adapter file on the teacher, one pass per step without CFG (or with CFG at ``cfg_scale``, for
+    students distilled to sample with it: SnapFusion's): its own sampler and timesteps unless ``sampler`` is given;
+    ``w`` is a guided student's guidance input (None: the file's default)."""
+
+    steps: int
+    adapter: str | None = str(BUNDLED_FLASH)
+    label: str = "flash"
+    w: float | None = None
+    sampler: str | None = None
+    cfg_scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return (f"{self.label}-{self.steps}steps" + (f"-w{self.w:g}" if self.w is not None else "")
+                + (f"-cfg{self.cfg_scale:g}" if self.cfg_scale != 1.0 else "") + (f"-{self.sampler}" if self.sampler else ""))
+
+    @property
+    def nfe(self) -> int:
+        return self.steps * (2 if self.cfg_scale != 1.0 else 1)
+
+    def load(self, pipe):
+        """The student on ``pipe``, loaded once (the last one loaded is kept)."""
+        from .students import load_student
+
+        if self.adapter is None:
+            raise ValueError(f"{self.name}: this bench set needs a student file: pass --adapter")
+        key = (id(pipe), self.adapter)
+        if key not in _LOADED:
+            _LOADED.clear()
+            _LOADED[key] = load_student(pipe, self.adapter)
+        return _LOADED[key]
+
+    def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str | None = None) -> np.ndarray:
+        student = self.load(pipe)
+        cfg_scale = None if self.cfg_scale == 1.0 else self.cfg_scale   # 1: as the file says (no CFG for these students)
+        return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.w, self.sampler,
+                                              negative, cfg_scale) for i in range(0, len(captions), batch_size)])
+
+
+_LOADED: dict = {}
+
+
+def prompt_set(per_class: int) -> tuple[list[str], np.ndarray, list[int]]:
+    """(captions, labels, seeds): every proxy class ``per_class`` times, seed i for the i-th sample of a class."""
+    labels = np.repeat(np.arange(len(PROXY_CLASSES)), per_class)
+    seeds = [int(i % per_class) for i in range(len(labels))]
+    return [PROXY_CLASSES[i] for i in labels], labels, seeds
+
+
+def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, batch_size: int, grid_path: Path | None = None) -> dict:
+    """Sample one configuration on the fixed prompt set and score it; optionally save its grid."""
+    from .metrics import fid_to_heldout
+    from .proxy_classifier import prompt_accuracy
+
+    captions, labels, seeds = prompt_set(per_class)
+    if isinstance(entry, StudentEntry):
+        entry.load(pipe)   # s / image is sampling's: loading the file is not timed
+    start = time.perf_counter()
+    with torch.no_grad():
+        images = entry.generate(pipe, captions, seeds, batch_size)
+    seconds = time.perf_counter() - start
+    row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "fid": fid_to_heldout(images),
+           "prompt_accuracy": prompt_accuracy(images, labels), "seconds_per_image": seconds / len(images)}
+    if grid_path is not None:
+        save_class_grid(images, labels, grid_path)
+        row["grid"] = str(grid_path)
+    return row
+
+
+def save_class_grid(images: np.ndarray, labels: np.ndarray, path: Path, seeds: int = GRID_SEEDS) -> None:
+    """One column per class, one row per seed (the first ``seeds`` samples of each class)."""
+    shown = min(seeds, int(np.bincount(labels).min()))
+    grid_idx = np.concatenate([np.flatnonzero(labels == c)[:shown] for c in range(len(PROXY_CLASSES))])
+    grid = images[grid_idx].reshape(len(PROXY_CLASSES), shown, *images.shape[1:]).transpose(1, 0, 2, 3, 4)
+    save_grid(grid.reshape(-1, *images.shape[1:]), path, columns=len(PROXY_CLASSES))
