@@ -27,7 +27,7 @@ import torch
 from .base_models import BASES, LARGEST_LAYER_NUMEL, MAX_ADAPTER_PARAMS, infer_base
 from .lora import LoraKeyError, detect_layout, read_lora
 from .samplers import SAMPLERS
-from .schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, select_timesteps
+from .schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, distillation_timesteps, select_timesteps
 from .sun import SunFileError, group_layer_tensors
 from .unet_config import UnetConfigError, check_unet_config
 
@@ -151,7 +151,7 @@ class AdapterMetadata:
         (LCM's when the file gives none, trailing otherwise: the grid consistency students are trained on)."""
         if self.timesteps is not None and steps == self.steps:
             return list(self.timesteps)
-        return [int(t) for t in select_timesteps("lcm" if self.timesteps is None else "trailing", steps)]
+        return [int(t) for t in (select_timesteps("lcm", steps) if self.timesteps is None else distillation_timesteps(steps))]
 
     @property
     def lora_weights(self) -> bool:

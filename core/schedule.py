@@ -192,6 +192,13 @@ def timesteps_for_denoise(timesteps: Sequence[int], denoise: float) -> list[int]
     return out
 
 
+def distillation_timesteps(num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
+    """The one timestep policy of fewstep's students: the grid they are trained on (their teachers' rollouts too), the
+    timesteps their files record and their previews sample at, and what a file's other step counts fall back to:
+    trailing spacing, which starts at pure noise (t = T - 1) whatever the step count."""
+    return timesteps_trailing(num_steps, num_train_timesteps)
+
+
 def select_timesteps(spacing: Spacing, num_steps: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """Timesteps for N steps by one of the named spacings."""
     if spacing == "trailing":

@@ -209,6 +209,19 @@ def _stage1_file(pipe, config, path):
     return path
 
 
+def test_bench_and_eval_rows_carry_the_plans_note_for_a_w_outside_the_trained_range(tiny_teacher, tmp_path):
+    """The diffusers students sample through core's plan, so its notes reach `fewstep bench` and `fewstep eval`."""
+    from fewstep.training.evaluation import StudentEntry, evaluate_entry
+
+    pipe = load_teacher(tiny_teacher)
+    config = G.load_config("proxy", **TINY)
+    path = _stage1_file(pipe, config, tmp_path / "g.safetensors")
+    inside, outside = (evaluate_entry(pipe, StudentEntry(1, str(path), "guided", w=w), 1, 20) for w in (config.w_max, config.w_max + 1))
+    assert "notes" not in inside
+    assert outside["notes"] == [f"w = {config.w_max + 1:g} lies outside the trained range [{config.w_min:g}, {config.w_max:g}]: "
+                                "expect weaker control"]
+
+
 def test_a_progressive_round_fits_two_teacher_steps_with_one(proxy_data):
     """The round objective on one fixed batch (t, noise, w fixed too): the student, which starts as its teacher,
     learns to land in one DDIM step where the teacher lands in two."""

@@ -415,6 +415,7 @@ def test_a_stopped_quickstart_continues_instead_of_starting_over(tmp_path, monke
 # --- caches are never unpickled -------------------------------------------------------------------------------------
 
 def test_the_snap_decoder_loads_its_latent_cache_without_unpickling(tmp_path, monkeypatch):
+    from fewstep.training import driver
     from fewstep.training.methods import snap_decoder
 
     seen = {}
@@ -430,7 +431,7 @@ def test_the_snap_decoder_loads_its_latent_cache_without_unpickling(tmp_path, mo
         pipe = captions = None
 
     (tmp_path / "teacher_latents.pt").write_bytes(b"")
-    monkeypatch.setattr(snap_decoder, "load_teacher_data", lambda *a: Setup())
+    monkeypatch.setattr(driver, "load_teacher_data", lambda *a: Setup())   # what every method's start_run loads
     monkeypatch.setattr(snap_decoder.torch, "load", spy)
     with pytest.raises(Loaded):
         snap_decoder.train_decoder("teacher", tmp_path, tmp_path / "d.safetensors", snap_decoder.load_config("proxy"))

@@ -9,6 +9,7 @@ its i-th sample) and is scored by FID against the held-out real images (Efficien
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from .data import PROXY_CLASSES
 from .images import save_grid
 from .teacher import sample_images
+
+log = logging.getLogger("fewstep")
 
 BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
 BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors"
@@ -86,11 +89,18 @@ class StudentEntry:
             _LOADED[key] = load_student(pipe, self.adapter)
         return _LOADED[key]
 
+    @property
+    def _cfg_scale(self) -> float | None:
+        return None if self.cfg_scale == 1.0 else self.cfg_scale   # 1: as the file says (no CFG for these students)
+
+    def plan(self, pipe):
+        """core's plan for this row's settings on the student (its ``notes``: a w outside the trained range, ...)."""
+        return self.load(pipe).plan(self.steps, self.w, self.sampler, self._cfg_scale)
+
     def generate(self, pipe, captions: Sequence[str], seeds: Sequence[int], batch_size: int, negative: str | None = None) -> np.ndarray:
         student = self.load(pipe)
-        cfg_scale = None if self.cfg_scale == 1.0 else self.cfg_scale   # 1: as the file says (no CFG for these students)
         return np.concatenate([student.images(captions[i:i + batch_size], seeds[i:i + batch_size], self.steps, self.w, self.sampler,
-                                              negative, cfg_scale) for i in range(0, len(captions), batch_size)])
+                                              negative, self._cfg_scale) for i in range(0, len(captions), batch_size)])
 
 
 _LOADED: dict = {}
@@ -109,14 +119,17 @@ def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, bat
     from .proxy_classifier import prompt_accuracy
 
     captions, labels, seeds = prompt_set(per_class)
-    if isinstance(entry, StudentEntry):
-        entry.load(pipe)   # s / image is sampling's: loading the file is not timed
+    notes = entry.plan(pipe).notes if isinstance(entry, StudentEntry) else ()   # loads the file: s / image is sampling's
+    for note in notes:
+        log.warning("%s: %s", entry.name, note)
     start = time.perf_counter()
     with torch.no_grad():
         images = entry.generate(pipe, captions, seeds, batch_size)
     seconds = time.perf_counter() - start
     row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "fid": fid_to_heldout(images),
            "prompt_accuracy": prompt_accuracy(images, labels), "seconds_per_image": seconds / len(images)}
+    if notes:
+        row["notes"] = list(notes)
     if grid_path is not None:
         save_class_grid(images, labels, grid_path)
         row["grid"] = str(grid_path)

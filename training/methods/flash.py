@@ -20,9 +20,7 @@ the paper's value as default.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +32,13 @@ from ...core.adapter_file import AdapterMetadata, read_adapter, write_adapter
 from ...core.lora import read_lora, write_lora
 from ...core.parameterization import diffuse, start_noise_scaling
 from ...core.samplers import sample_dpmpp_2m
-from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
+from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, distillation_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import base_of
 from ..students import sample_student
-from ..driver import add_student_lora, on_main_process, provenance, student_lora_modules
-from ..teacher_data import load_teacher_data, schedule_of, teacher_dtype
-from ..options import RunOptions, load_options, replace_options
+from ..driver import add_student_lora, start_run, student_lora_modules, train_and_export
+from ..teacher_data import schedule_of, teacher_dtype
+from ..options import CheckpointingOption, LoraOptions, load_options, option, positive_float, replace_options, str_list
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, teacher_features
 
 log = logging.getLogger("fewstep")
@@ -53,53 +51,49 @@ FLASH_SAMPLERS = ("consistency", "ddim")
 
 
 @dataclass
-class FlashConfig:
+class FlashConfig(LoraOptions, CheckpointingOption):
     """Flash Diffusion's options; defaults are the paper's SD1.5 setup (``examples/configs/flash_sd.yaml``)."""
 
-    # Student: LoRA on the teacher UNet (SD1.5: rank 128 on the attention projections; SDXL: 64).
+    # Student: LoRA on the teacher UNet (SD1.5: rank 128 on the attention projections; SDXL: 64); alpha = rank.
     lora_rank: int = 128
-    lora_alpha: Optional[float] = None              # None: alpha = rank, as the paper
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     # Start timesteps: Gaussian mixture over the teacher's K-step grid, mode probabilities per phase.
-    teacher_steps: int = 32                          # K: the teacher's DPM-Solver++ grid (trailing)
+    teacher_steps: int = option(32, "K: steps of the teacher's DPM-Solver++ grid (trailing)")
     mixture_var: float = 0.5
-    phase_steps: tuple[int, ...] = (5000, 5000, 5000, 5000)
+    phase_steps: tuple[int, ...] = option((5000, 5000, 5000, 5000), "optimiser steps per phase, e.g. 5000,5000,5000,5000")
     mode_probs: tuple[tuple[float, ...], ...] = ((0.0, 0.0, 0.5, 0.5), (0.1, 0.3, 0.3, 0.3),
                                                   (0.25, 0.25, 0.25, 0.25), (0.4, 0.2, 0.2, 0.2))
     # Teacher target: CFG scale (diffusers convention) drawn uniformly per batch.
-    guidance_min: float = 3.0
-    guidance_max: float = 13.0
+    guidance_min: float = option(3.0, "lowest teacher CFG scale")
+    guidance_max: float = option(13.0, "highest teacher CFG scale")
     # Losses and their per-phase weights.
-    distill_loss: str = "l2"                         # l2 | l1 | huber | lpips (the paper's; needs lpips_weights)
+    distill_loss: str = option("l2", "distillation loss (the paper's lpips needs --lpips-weights)", choices=DISTILL_LOSSES)
     huber_c: float = 0.001                           # pseudo-Huber constant, as LCM
-    lpips_weights: tuple[str, ...] = ()              # local files: torchvision VGG16 + the lpips package's vgg.pth
+    lpips_weights: tuple[str, ...] = option((), "comma-separated local files: torchvision's VGG16 checkpoint and the lpips "
+                                            "package's vgg.pth", parse=str_list)
     lpips_crop: int = 64                             # LPIPS on the decoded centre crop of this many latent pixels, as the reference
-    distill_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
-    dmd_weights: tuple[float, ...] = (0.0, 0.3, 0.5, 0.7)
-    adversarial_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3)
-    gan_loss: str = "lsgan"                          # lsgan | hinge | non-saturating
+    distill_weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0), "per-phase distillation weights, e.g. 1,1,1,1")
+    dmd_weights: tuple[float, ...] = option((0.0, 0.3, 0.5, 0.7), "per-phase DMD weights")
+    adversarial_weights: tuple[float, ...] = option((0.0, 0.1, 0.2, 0.3), "per-phase GAN weights")
+    gan_loss: str = option("lsgan", "GAN objective", choices=GAN_LOSSES)
     gan_timesteps: tuple[int, ...] = (10, 250, 500, 750)
     disc_feature_module: str = "mid_block"           # teacher module whose output the discriminator head reads
     disc_channels: int = 64
-    real_from: str = "data"                          # the discriminator's real samples: data latents | teacher targets
+    real_from: str = option("data", "the discriminator's real samples: data latents, or the teacher's targets",
+                            choices=REAL_SOURCES)
     # Optimisation.
-    lr: float = 1e-5
-    disc_lr: float = 1e-5
-    batch_size: int = 4
+    lr: float = option(1e-5, "LoRA learning rate", parse=positive_float)
+    disc_lr: float = option(1e-5, "discriminator head learning rate", parse=positive_float)
+    batch_size: int = option(4, "images per step per GPU")
     grad_clip: float = 0.0                           # the paper clips nothing
     ema_decay: Optional[float] = None                # the paper keeps no EMA
-    gradient_checkpointing: bool = False
     # What the exported file says.
     sample_steps: int = 4
-    sampler: str = "consistency"                     # consistency (LCM re-noising, the paper's) | ddim
+    sampler: str = option("consistency", "the sampler the file names: consistency = LCM re-noising (the paper's), "
+                          "ddim = deterministic", choices=FLASH_SAMPLERS)
 
     @property
     def total_steps(self) -> int:
         return sum(self.phase_steps)
-
-    @property
-    def alpha(self) -> float:
-        return float(self.lora_rank if self.lora_alpha is None else self.lora_alpha)
 
     def phase(self, step: int) -> int:
         """The phase an optimiser step (0-based) belongs to; steps past the last phase stay in it."""
@@ -165,7 +159,7 @@ def start_index_probabilities(config: FlashConfig, phase: int) -> torch.Tensor:
 
 def export_timesteps(config: FlashConfig) -> list[int]:
     """The grid timesteps at the mixture modes: where the student was trained to start (999, 749, 499, 249)."""
-    grid = select_timesteps("trailing", config.teacher_steps)
+    grid = distillation_timesteps(config.teacher_steps)
     return [int(grid[j * config.teacher_steps // config.sample_steps]) for j in range(config.sample_steps)]
 
 
@@ -182,7 +176,7 @@ class FlashDistillation(AdversarialDistillation):
             from ..lpips import LPIPS
 
             self.lpips, self.vae = LPIPS.from_files(config.lpips_weights), pipe.vae.requires_grad_(False)
-        self.grid_timesteps = select_timesteps("trailing", config.teacher_steps)
+        self.grid_timesteps = distillation_timesteps(config.teacher_steps)
         self.grid = schedule.sigmas_for_timesteps(self.grid_timesteps)
 
     def train(self, mode: bool = True) -> "FlashDistillation":
@@ -267,9 +261,11 @@ class FlashDistillation(AdversarialDistillation):
 
     @torch.no_grad()
     def sample(self, captions: Sequence[str], seeds: Sequence[int], steps: int) -> torch.Tensor:
-        """Student latents at ``steps`` trailing timesteps (the exported ones at 4 steps) with the file's sampler."""
-        return sample_student(self.student, self.schedule, self.prompts(captions), seeds, select_timesteps("trailing", steps),
-                              self.config.sampler)
+        """Student latents at ``steps`` steps as the exported file will sample them: its timesteps (its own list at its
+        step count, else core's fallback) and its sampler."""
+        exported = exported_metadata(self.config, base_of(self.prompts.pipe), self.schedule.prediction_type)
+        return sample_student(self.student, self.schedule, self.prompts(captions), seeds, exported.timesteps_for(steps),
+                              exported.sampler)
 
 
 def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path] = None,
@@ -296,16 +292,21 @@ def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path
         return FlashDistillation(pipe, student, teacher, config, schedule_of(pipe))
 
 
+def exported_metadata(config: FlashConfig, base: str, prediction: str, provenance: Optional[dict] = None) -> AdapterMetadata:
+    """What a Flash student's file says: how the hosts will sample it (and the previews do)."""
+    return AdapterMetadata(
+        kind="flash_lora", base=base, prediction=prediction, sampler=config.sampler, steps=config.sample_steps,
+        timesteps=export_timesteps(config), provenance=provenance or {},
+        extra={"consistency_boundary": True, "rank": config.lora_rank, "alpha": config.alpha,
+               "targets": list(config.lora_targets), "cfg_scale": 1.0},
+    )
+
+
 def export_flash_lora(distillation: FlashDistillation, path: str | Path, base: str, provenance: dict) -> AdapterMetadata:
     """The student's LoRA as one fewstep adapter file: kohya keys + metadata (atomic write)."""
     config = distillation.config
     modules = student_lora_modules(distillation.student, config)
-    meta = AdapterMetadata(
-        kind="flash_lora", base=base, prediction=distillation.schedule.prediction_type, sampler=config.sampler,
-        steps=config.sample_steps, timesteps=export_timesteps(config), provenance=provenance,
-        extra={"consistency_boundary": True, "rank": config.lora_rank, "alpha": config.alpha,
-               "targets": list(config.lora_targets), "cfg_scale": 1.0},
-    )
+    meta = exported_metadata(config, base, distillation.schedule.prediction_type, provenance)
     write_adapter(path, {k: v.to(torch.float16) if v.ndim else v.float() for k, v in write_lora(modules, "kohya").items()}, meta)
     return meta
 
@@ -322,35 +323,24 @@ def train_flash(
     **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Distil ``teacher`` into a Flash LoRA and export it; returns ``out``, or None if stopped by ``stop_after``."""
-    from ..loop import training_loop
-
-    config.validate()
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    run = RunOptions(**run_options)
-    distillation = build_distillation(setup.pipe, config, init_lora, teacher_dtype=teacher_dtype(run.mixed_precision), seed=run.seed)
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    setup = method.setup
+    distillation = build_distillation(setup.pipe, config, init_lora, teacher_dtype=teacher_dtype(method.run.mixed_precision),
+                                      seed=method.run.seed)
     log.info("Flash student: %s trainable LoRA parameters, discriminator head %s",
              f"{sum(p.numel() for p in distillation.student.parameters() if p.requires_grad):,}",
              f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")
-    preview = setup.preview_captions()
 
     def sample_fn(model, step):
         for steps in (1, 2, config.sample_steps):
-            setup.save_grid(model.sample(preview, list(range(len(preview))), steps),
-                            run_dir / "samples" / f"step-{step:08d}-{steps}steps.png")
+            method.preview(lambda captions, seeds: model.sample(captions, seeds, steps), f"step-{step:08d}-{steps}steps")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "flash_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = training_loop(
-        run_dir, distillation, lambda m, b, g: m(b, g), setup.batch_fn(config.batch_size), config.total_steps, lr=config.lr,
-        lr_scales={"discriminator.": config.disc_lr / config.lr}, grad_clip=config.grad_clip, ema_decay=config.ema_decay,
-        sample_fn=sample_fn, desc="flash", **dataclasses.asdict(run))
-    if run.stops_before(config.total_steps):
-        return None
-    on_main_process(lambda: export_flash_lora(model, out, setup.base, provenance(
-        "flash", teacher, config.total_steps, setup, config,
-        ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss"))))
-    return out
+    def export(model):
+        export_flash_lora(model, method.out, setup.base, method.provenance(
+            "flash", config.total_steps, ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss")))
+
+    return train_and_export(method, "flash", distillation, export, "flash", total_steps=config.total_steps,
+                            sample_fn=sample_fn, lr_scales={"discriminator.": config.disc_lr / config.lr})
 
 
 def load_config(preset: str = "paper", config_file: Optional[str | Path] = None, **overrides) -> FlashConfig:

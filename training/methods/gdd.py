@@ -22,8 +22,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,9 +34,10 @@ from ...core.lora import write_lora
 from ...core.parameterization import start_noise_scaling
 from ..diffusers_sampling import UNetDenoiser
 from ..students import sample_student
-from ..driver import add_student_lora, fit, on_main_process, provenance, student_lora_modules
-from ..teacher_data import load_teacher_data, schedule_of, teacher_dtype
-from ..options import RunOptions, load_options, replace_options
+from ..driver import add_student_lora, start_run, student_lora_modules, train_and_export
+from ..teacher_data import schedule_of, teacher_dtype
+from ..options import (CheckpointingOption, LoraOptions, OptimiserOptions, count, load_options, option, positive_float,
+                       replace_options)
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, r1_penalty, teacher_features
 
 log = logging.getLogger("fewstep")
@@ -48,34 +47,26 @@ PROVENANCE_FIELDS = ("variant", "gan_loss", "r1_gamma", "r1_interval", "gan_time
 
 
 @dataclass
-class GDDConfig:
+class GDDConfig(OptimiserOptions, CheckpointingOption, LoraOptions):
     """GDD's options. The paper's values where it has them (CIFAR-10: lr 1e-4, R1 gamma 1e-4 every 16 steps); the
     rest, and everything about SD-sized models, are ours, named as such."""
 
-    variant: str = "gdd_i"                     # gdd_i: convolutions frozen | full | lora
+    variant: str = option("gdd_i", "gdd_i: convolutions frozen; full: the whole UNet; lora: a LoRA on the attention "
+                          "projections", choices=VARIANTS)
     start_timestep: int = 999                  # the one step starts here, from pure noise
-    gan_loss: str = "non-saturating"
-    r1_gamma: float = 1e-4
-    r1_interval: int = 16
-    gan_timesteps: tuple[int, ...] = (10, 250, 500)   # noise levels of the discriminator's teacher features (ours)
+    gan_loss: str = option("non-saturating", "GAN objective", choices=("non-saturating", "hinge", "lsgan"))
+    r1_gamma: float = option(1e-4, "R1 penalty weight")
+    r1_interval: int = option(16, "steps between lazy R1 penalties")
+    gan_timesteps: tuple[int, ...] = option((10, 250, 500), "comma-separated noise levels at which the teacher's features "
+                                            "feed the discriminator (ours)")
     disc_feature_module: str = "mid_block"
     disc_channels: int = 64
-    disc_text_projection: bool = True          # the prompt also enters the head as a projection term (ours)
-    lora_rank: int = 64                        # the lora variant's
-    lora_alpha: Optional[float] = None         # default: the rank
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    disc_text_projection: bool = option(True, "the prompt also enters the discriminator head as a projection term (ours)")
+    lora_rank: int = option(64, "the lora variant's rank", parse=count)
     steps: int = 20000
-    lr: float = 1e-5                           # the generator's (ours for SD: 1e-4 is the paper's at CIFAR scale)
-    disc_lr: float = 1e-4
-    warmup_steps: int = 0
-    batch_size: int = 8
-    ema_decay: Optional[float] = 0.999
+    lr: float = option(1e-5, "generator learning rate (ours for SD: 1e-4 is the paper's at CIFAR scale)", parse=positive_float)
+    disc_lr: float = option(1e-4, "discriminator head learning rate", parse=positive_float)
     grad_clip: float = 0.0
-    gradient_checkpointing: bool = False
-
-    @property
-    def alpha(self) -> float:
-        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
 
     def validate(self) -> None:
         problems = []
@@ -202,27 +193,21 @@ def train_gdd(
     **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Train a one-step GDD generator from ``teacher`` and export it; returns ``out``, or None if stopped early."""
-    config.validate()
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    run = RunOptions(**run_options)
-    distillation = build_distillation(setup.pipe, config, teacher_dtype=teacher_dtype(run.mixed_precision), seed=run.seed)
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    setup = method.setup
+    distillation = build_distillation(setup.pipe, config, teacher_dtype=teacher_dtype(method.run.mixed_precision),
+                                      seed=method.run.seed)
     log.info("GDD generator (%s): %.1f%% of its parameters trained; discriminator head %s parameters", config.variant,
              100 * trained_fraction(distillation.student), f"{sum(p.numel() for p in distillation.discriminator.parameters()):,}")
-    preview = setup.preview_captions()
 
     def sample_fn(model, step):
-        setup.save_grid(model.sample(preview, list(range(len(preview)))), run_dir / "samples" / f"step-{step:08d}-1step.png")
+        method.preview(model.sample, f"step-{step:08d}-1step")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "gdd_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = fit(distillation, run_dir, setup.batch_fn(config.batch_size), config, "gdd", run,
-                sample_fn=sample_fn, lr_scales={"discriminator.": config.disc_lr / config.lr})
-    if run.stops_before(config.steps):
-        return None
-    on_main_process(lambda: export_gdd_student(model, out, setup.base, provenance(
-        "gdd", teacher, config.steps, setup, config, PROVENANCE_FIELDS)))
-    return out
+    def export(model):
+        export_gdd_student(model, method.out, setup.base, method.provenance("gdd", config.steps, PROVENANCE_FIELDS))
+
+    return train_and_export(method, "gdd", distillation, export, "gdd", sample_fn=sample_fn,
+                            lr_scales={"discriminator.": config.disc_lr / config.lr})
 
 
 def load_config(preset: str = "paper", config_file: Optional[str | Path] = None, **overrides) -> GDDConfig:

@@ -24,8 +24,6 @@ same truncated-SNR weighting. Every round writes its own student file and resume
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,13 +35,13 @@ from ...core.adapter_file import W_EMBEDDING_KEY, AdapterMetadata, without_w_emb
 from ...core.lora import write_lora
 from ...core.guidance import cfg_scale_from_imagen_w
 from ...core.parameterization import append_dims, ddim_step, distillation_weight, progressive_distillation_target
-from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
+from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, distillation_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser, w_condition
 from ..pipelines import PromptEncoder
 from ..students import sample_student
-from ..driver import add_student_lora, fit, on_main_process, provenance, student_lora_modules
-from ..teacher_data import load_teacher_data, schedule_of
-from ..options import RunOptions, load_options, replace_options
+from ..driver import add_student_lora, progressive_rounds, start_run, student_lora_modules, train_and_export
+from ..teacher_data import schedule_of
+from ..options import CheckpointingOption, LoraOptions, OptimiserOptions, count, load_options, option, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -53,35 +51,32 @@ GUIDED_SAMPLERS = ("ddim", "stochastic")
 
 
 @dataclass
-class GuidedConfig:
+class GuidedConfig(OptimiserOptions, CheckpointingOption, LoraOptions):
     """Guided distillation's options; defaults follow the paper's latent text-to-image setup."""
 
     # The guidance weight w (Imagen's convention; CFG scale s = 1 + w), drawn uniformly per sample.
-    w_min: float = 2.0
-    w_max: float = 14.0
-    default_w: float = 6.5                          # what the exported file proposes (CFG scale 7.5)
+    w_min: float = option(2.0, "lowest guidance weight w trained (CFG scale = 1 + w)")
+    w_max: float = option(14.0, "highest guidance weight w trained")
+    default_w: float = option(6.5, "the w the exported file proposes (6.5: CFG scale 7.5)")
     embedding_dim: int = 256                        # width of w's sinusoidal features (time_cond_proj_dim)
-    loss_space: str = "x"                           # x: truncated-SNR-weighted x0 error (paper) | eps: noise MSE
+    loss_space: str = option("x", "x: x0 error weighted by max(SNR, 1), the paper's; eps: the implied noise's MSE",
+                             choices=LOSS_SPACES)
     # The student: the whole UNet (lora_rank 0), or a LoRA on the teacher plus the w projection: a file of a few MB
     # that loads onto the base model. Stage 2 continues the student file's own LoRA.
-    lora_rank: int = 0
-    lora_alpha: Optional[float] = None              # default: the rank
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    # Stage 1 optimisation.
-    steps: int = 10000
-    lr: float = 1e-5
-    warmup_steps: int = 0                           # linear learning-rate warm-up (each stage-2 round starts near its optimum)
-    batch_size: int = 8
+    lora_rank: int = option(0, "stage 1: train a LoRA of this rank plus the w projection instead of the whole UNet (0: the "
+                            "whole UNet); the file is a few MB and loads onto the base model. Stage 2 keeps the student "
+                            "file's own form", parse=count)
+    # Stage 1 optimisation (each stage-2 round starts its own warm-up near its optimum).
+    warmup_steps: int = option(0, "linear learning-rate warm-up (per stage-2 round)", parse=count)
     ema_decay: Optional[float] = 0.9999
-    grad_clip: float = 1.0
-    gradient_checkpointing: bool = False
     # Stage 2: progressive halving from start_steps (the stage-1 student's) down to target_steps.
-    start_steps: int = 16
-    target_steps: int = 1
-    round_steps: int = 2000                         # optimiser steps per round
+    start_steps: int = option(16, "stage 2: the step count the first round halves")
+    target_steps: int = option(1, "stage 2: the last round's step count")
+    round_steps: int = option(2000, "stage 2: optimiser steps per round")
     # What the exported file says: sampler and default step count (stage 1 keeps the teacher's steps).
-    sampler: str = "ddim"                           # ddim | stochastic (Meng's: one double step, re-noise one back)
-    sample_steps: int = 50
+    sampler: str = option("ddim", "the sampler the file names (stochastic: Meng's, one double step re-noised one back)",
+                          choices=GUIDED_SAMPLERS)
+    sample_steps: int = option(50, "the step count the file names (stage 1: the teacher's)")
 
     def validate(self) -> None:
         problems = []
@@ -110,11 +105,6 @@ class GuidedConfig:
     @property
     def rounds(self) -> list[int]:
         return halving_rounds(self.start_steps, self.target_steps)
-
-    @property
-    def alpha(self) -> float:
-        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
-
 
 def halving_problems(start_steps: int, target_steps: int) -> list[str]:
     """What is wrong with progressive rounds from ``start_steps`` to ``target_steps`` (halving per round), if anything."""
@@ -199,7 +189,7 @@ class _GuidedModule(torch.nn.Module):
         """Student latents at ``steps`` trailing steps with guidance weight ``w``, one pass per step."""
         cond = self.prompts(captions)
         cond.update(w_condition(w, self.config.embedding_dim, cond["encoder_hidden_states"], len(captions)))
-        return sample_student(self.student, self.schedule, cond, seeds, select_timesteps("trailing", steps),
+        return sample_student(self.student, self.schedule, cond, seeds, distillation_timesteps(steps),
                               self.config.sampler, consistency_boundary=False)
 
 
@@ -227,7 +217,7 @@ class RoundGrid(torch.nn.Module):
     def __init__(self, schedule: DiscreteSchedule, steps: int):
         super().__init__()
         self.steps = steps
-        self.register_buffer("sigmas", schedule.sigmas_for_timesteps(select_timesteps("trailing", 2 * steps)), persistent=False)
+        self.register_buffer("sigmas", schedule.sigmas_for_timesteps(distillation_timesteps(2 * steps)), persistent=False)
 
     def draw(self, z: torch.Tensor, gen: torch.Generator):
         """Per sample a student step [sigma, sigma_next] with the teacher's midpoint, and x noised to sigma from z."""
@@ -294,7 +284,7 @@ def export_guided_student(student, schedule: DiscreteSchedule, config: GuidedCon
         extra.update(format="unet", layout="diffusers_unet")
     meta = AdapterMetadata(
         kind="guided_student", base=base, prediction=schedule.prediction_type, sampler=config.sampler,
-        steps=steps, timesteps=select_timesteps("trailing", steps), provenance=provenance,
+        steps=steps, timesteps=distillation_timesteps(steps), provenance=provenance,
         guidance={"convention": "imagen", "w_min": config.w_min, "w_max": config.w_max, "default_w": config.default_w},
         extra=extra,
     )
@@ -326,7 +316,6 @@ def load_guided_unet(pipe, path: str | Path, config: GuidedConfig):
     return unet
 
 
-
 def train_guided(
     teacher: str | Path,                     # diffusers pipeline folder or single-file checkpoint
     data,                                    # CaptionedImages, or a dataset spec for load_dataset ("proxy", a folder, shards)
@@ -338,28 +327,21 @@ def train_guided(
     **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Stage 1: distil ``teacher`` into a w-conditioned student and export it; None if stopped by ``stop_after``."""
-    config.validate()
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    run = RunOptions(**run_options)
-    model = build_stage1(setup.pipe, config, seed=run.seed)
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    setup = method.setup
+    model = build_stage1(setup.pipe, config, seed=method.run.seed)
     log.info("guided student: %s trainable parameters", f"{sum(p.numel() for p in model.student.parameters()):,}")
-    preview = setup.preview_captions()
 
     def sample_fn(m, step):
         for w in (0.0, config.default_w):
-            setup.save_grid(m.sample(preview, list(range(len(preview))), min(config.sample_steps, 8), w),
-                            run_dir / "samples" / f"step-{step:08d}-w{w:g}.png")
+            method.preview(lambda captions, seeds: m.sample(captions, seeds, min(config.sample_steps, 8), w),
+                           f"step-{step:08d}-w{w:g}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "guided_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "guided stage 1", run, sample_fn=sample_fn)
-    if run.stops_before(config.steps):
-        return None
-    on_main_process(lambda: export_guided_student(model.student, model.schedule, config, out, setup.base, config.sample_steps, 1,
-                                                  provenance("guided", teacher, config.steps, setup, config,
-                                                             PROVENANCE_FIELDS)))
-    return out
+    def export(m):
+        export_guided_student(m.student, m.schedule, config, method.out, setup.base, config.sample_steps, 1,
+                              method.provenance("guided", config.steps, PROVENANCE_FIELDS))
+
+    return train_and_export(method, "guided", model, export, "guided stage 1", sample_fn=sample_fn)
 
 
 def train_progressive(
@@ -377,11 +359,9 @@ def train_progressive(
     A LoRA student stays one: each round trains the same LoRA further.
 
     A round whose student file exists is done; a resumed run continues the unfinished round from its checkpoint."""
-    config.validate()
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    setup = method.setup
     schedule = schedule_of(setup.pipe)
-    run = RunOptions(**run_options)
     preview = setup.preview_captions()
 
     def build_round(current, steps):
@@ -393,51 +373,13 @@ def train_progressive(
 
     def export(m, path, steps):
         export_guided_student(m.student, schedule, config, path, setup.base, steps, 2,
-                              {**provenance("guided", teacher, config.round_steps, setup, config, PROVENANCE_FIELDS),
+                              {**method.provenance("guided", config.round_steps, PROVENANCE_FIELDS),
                                "from_student": str(student), "round": f"{2 * steps} -> {steps} steps"})
 
     def load(path):
         return load_guided_unet(setup.pipe, path, config)
 
-    return progressive_rounds(setup, load(student), load, build_round, export, sample, config, run_dir, out, "guided_student.safetensors", "guided stage 2",
-                              run)
+    return progressive_rounds(method, load(student), load, build_round, export, sample, "guided_student.safetensors",
+                              "guided stage 2")
 
 
-def progressive_rounds(setup, current, load, build_round, export, sample, config, run_dir: Path, out: Path, file_name: str,
-                       desc: str, run: RunOptions) -> Optional[Path]:
-    """The rounds of progressive distillation (``config.rounds``, ``config.round_steps`` each), shared by guided
-    distillation and SnapFusion: round N trains ``build_round(current, N)`` (its student starts as, and its teacher is,
-    the previous round's student) and ``export``s it to ``run_dir/round-NNsteps/file_name``; ``load`` reads such a file
-    back. A round whose file exists is done; a resumed run continues the unfinished round from its checkpoint;
-    ``run.stop_after`` counts steps over all rounds."""
-    import shutil
-
-    if not run.resume:
-        for finished in sorted(run_dir.glob("round-*steps")):
-            log.warning("starting over: removing %s", finished)
-            shutil.rmtree(finished)
-    for index, steps in enumerate(config.rounds):
-        done_before = index * config.round_steps
-        round_run = run if run.stop_after is None else dataclasses.replace(run, stop_after=run.stop_after - done_before)
-        round_dir = run_dir / f"round-{steps:02d}steps"
-        round_file = round_dir / file_name
-        if round_file.exists():
-            current = load(round_file)
-            continue
-        if round_run.stops_before(1):
-            return None
-        model = build_round(current, steps)
-        if config.gradient_checkpointing:
-            model.student.enable_gradient_checkpointing()
-
-        def sample_fn(m, step, steps=steps, round_dir=round_dir):
-            setup.save_grid(sample(m, steps), round_dir / "samples" / f"step-{step:08d}.png")
-
-        model = fit(model, round_dir, setup.batch_fn(config.batch_size), config, f"{desc}: {2 * steps} -> {steps} steps",
-                    round_run, total_steps=config.round_steps, sample_fn=sample_fn)
-        if round_run.stops_before(config.round_steps):
-            return None
-        on_main_process(lambda: export(model, round_file, steps))
-        current = load(round_file)
-    on_main_process(lambda: shutil.copyfile(run_dir / f"round-{config.target_steps:02d}steps" / file_name, out))
-    return out

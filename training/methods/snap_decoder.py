@@ -5,7 +5,6 @@ latents the teacher generates (no images needed); the distillation repairs what 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -16,9 +15,8 @@ import torch
 
 from ...core.adapter_file import atomic_write
 from ..pruned_decoder import PrunedDecoder, prune_decoder
-from ..driver import fit, on_main_process
-from ..teacher_data import load_teacher_data
-from ..options import RunOptions, load_options, replace_options
+from ..driver import start_run, train_and_export
+from ..options import OptimiserOptions, load_options, option, positive_float, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -26,19 +24,16 @@ DECODER_CONFIG_KEY = "fewstep.decoder_config"   # safetensors metadata of a deco
 
 
 @dataclass
-class DecoderConfig:
+class DecoderConfig(OptimiserOptions):
     """The efficient decoder's options (SnapFusion prunes half of the channels; the rest are ours)."""
 
-    keep: float = 0.5                  # share of each level's channels kept
-    latents: int = 2000                # teacher-generated latents to distil on
-    latent_steps: int = 25             # DDIM steps of those samples (with CFG ``latent_cfg_scale``)
-    latent_cfg_scale: float = 7.5
+    keep: float = option(0.5, "share of each level's channels kept")
+    latents: int = option(2000, "teacher-generated latents to distil on")
+    latent_steps: int = option(25, "DDIM steps of the teacher's latents")
+    latent_cfg_scale: float = option(7.5, "CFG scale of the teacher's latents")
     steps: int = 5000
-    lr: float = 1e-4
+    lr: float = option(1e-4, "learning rate (the pruned decoder)", parse=positive_float)
     warmup_steps: int = 100
-    batch_size: int = 8
-    ema_decay: Optional[float] = 0.999
-    grad_clip: float = 1.0
 
     def validate(self) -> None:
         problems = []
@@ -133,11 +128,8 @@ def train_decoder(
     **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Prune the decoder to ``config.keep`` of its channels and distil it on teacher-generated latents."""
-    config.validate()
-    run = RunOptions(**run_options)
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    pipe = setup.pipe
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    run_dir, run, setup, pipe = method.run_dir, method.run, method.setup, method.setup.pipe
     cached = run_dir / "teacher_latents.pt"
     if cached.is_file():
         latents = torch.load(cached, map_location="cpu", weights_only=True)   # a tensor: never unpickle
@@ -155,12 +147,8 @@ def train_decoder(
     def batch_fn(gen):
         return {"latents": latents[torch.randint(0, len(latents), (config.batch_size,), generator=gen)]}
 
-    (run_dir / "decoder_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = fit(model, run_dir, batch_fn, config, "decoder", run)
-    if run.stops_before(config.steps):
-        return None
     made = {"method": "snapfusion_decoder", "teacher": str(teacher), "keep": config.keep, "train_steps": config.steps,
             "latents": config.latents, "parameters": pruned, "original_parameters": full}
-    on_main_process(lambda: write_decoder(model.student, out, made))
-    return out
+    return train_and_export(method, "decoder", model, lambda m: write_decoder(m.student, method.out, made), "decoder",
+                            batch_fn=batch_fn)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,43 +17,46 @@ import torch
 from ...core.adapter_file import AdapterMetadata, write_adapter
 from ...core.guidance import cfg
 from ...core.parameterization import append_dims, distillation_weight
-from ...core.schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, DiscreteSchedule, select_timesteps
+from ...core.schedule import NUM_TRAIN_TIMESTEPS, PREDICTIONS, DiscreteSchedule, distillation_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder, cat_cond
 from ..students import sample_student
-from ..driver import fit, on_main_process, provenance
-from ..teacher_data import load_teacher_data, schedule_of
-from ..options import RunOptions, load_options, replace_options
-from .guided import RoundGrid, halving_problems, halving_rounds, progressive_rounds
+from ..driver import progressive_rounds, start_run, train_and_export
+from ..teacher_data import schedule_of
+from ..options import (CheckpointingOption, OptimiserOptions, count, fraction, load_options, option,
+                       positive_float, replace_options)
+from .guided import RoundGrid, halving_problems, halving_rounds
 from .snap_architecture import SlimArchitecture, build_slim_unet
 from .snap_blocks import BlockSkipping, sample_skipped_blocks
 
 log = logging.getLogger("fewstep")
 
 @dataclass
-class SnapConfig:
-    """SnapFusion's options. The paper gives no skip probability or robust-training loss weights: those are ours."""
+class SnapConfig(OptimiserOptions, CheckpointingOption):
+    """SnapFusion's options, for all its steps: robust and slim training (the ``finetune`` subcommands' options) and
+    step distillation (``distill``'s). The paper gives no skip probability or robust-training loss weights: those are
+    ours."""
 
-    skip_probability: float = 0.1      # each block skipped independently per step during robust training (ours)
-    distill_weight: float = 1.0        # the full teacher's prediction as a second target, next to the data (ours)
-    caption_dropout: float = 0.1       # keeps the unconditional prediction (CFG) trained
+    skip_probability: float = option(0.1, "chance that each block is skipped in a step of robust training (ours)",
+                                     command="finetune")
+    distill_weight: float = option(1.0, "weight of the full teacher's prediction as a second target, next to the data's "
+                                   "(ours)", command="finetune")
+    caption_dropout: float = option(0.1, "fraction of captions replaced by the empty prompt (keeps CFG trained)",
+                                    parse=fraction, command="finetune")
     slim_prediction: str = "v_prediction"  # what the slim UNet learns to predict (SnapFusion fine-tunes to v before step distillation)
-    steps: int = 10000                 # robust and slim training
-    lr: float = 1e-5
-    warmup_steps: int = 100
-    batch_size: int = 8
-    ema_decay: Optional[float] = 0.999
-    grad_clip: float = 1.0
-    gradient_checkpointing: bool = False
+    steps: int = option(10000, "optimiser steps (robust and slim training)", command="finetune")
+    lr: float = option(1e-5, "learning rate (whole UNet)", parse=positive_float)
+    warmup_steps: int = option(100, "linear learning-rate warm-up (each distillation round has its own)", parse=count)
     # Step distillation: progressive rounds (two teacher DDIM steps -> one student step) from start_steps to target_steps.
-    start_steps: int = 32
-    target_steps: int = 8
-    round_steps: int = 2000
-    cfg_probability: float = 0.1       # p: the share of batches distilled CFG-aware (0: plain progressive distillation)
-    cfg_scale_min: float = 2.0         # their CFG scale, drawn per sample in [min, max] (diffusers' convention)
-    cfg_scale_max: float = 14.0
-    cfg_original_weight: float = 0.2   # gamma: the plain loss's weight next to the CFG-aware one
-    sample_cfg_scale: float = 7.5      # the CFG scale the exported student proposes
+    start_steps: int = option(32, "the first round's teacher steps", command="distill")
+    target_steps: int = option(8, "the final student's steps", command="distill")
+    round_steps: int = option(2000, "optimiser steps per round", command="distill")
+    cfg_probability: float = option(0.1, "p: the share of batches distilled CFG-aware (0: plain progressive distillation)",
+                                    command="distill")
+    cfg_scale_min: float = option(2.0, "lowest CFG scale drawn for CFG-aware batches (diffusers' convention)", command="distill")
+    cfg_scale_max: float = option(14.0, "highest CFG scale drawn for CFG-aware batches", command="distill")
+    cfg_original_weight: float = option(0.2, "gamma: the plain loss's weight next to the CFG-aware one", command="distill")
+    sample_cfg_scale: float = option(7.5, "the CFG scale the exported student proposes", command="distill")
 
     def validate(self) -> None:
         problems = []
@@ -191,35 +193,28 @@ def _train_student(teacher, data, run_dir, out, config: SnapConfig, resolution, 
                    made, student_prediction: Optional[str] = None, **run_options) -> Optional[Path]:
     from ..teacher import write_pipeline
 
-    config.validate()
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    setup = method.setup
     pipe = setup.pipe
-    run = RunOptions(**run_options)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.seed)
+        torch.manual_seed(method.run.seed)
         model = RobustTraining(pipe, config, None if make_student is None else make_student(pipe.unet), student_prediction)
     log.info("%s training: %s student parameters (the teacher's: %s), %d blocks each skipped with probability %g", desc,
              f"{_parameters(model.student):,}", f"{_parameters(model.teacher):,}", len(model.skipping.blocks),
              config.skip_probability)
-    preview = setup.preview_captions()
-
     def sample_fn(m, step):   # the whole student, 25 DDIM steps without CFG
-        setup.save_grid(sample_student(m.student, m.student_schedule, m.prompts(preview), list(range(len(preview))),
-                                       select_timesteps("trailing", 25), "ddim", consistency_boundary=False),
-                        run_dir / "samples" / f"step-{step:08d}.png")
+        method.preview(lambda captions, seeds: sample_student(m.student, m.student_schedule, m.prompts(captions), seeds,
+                                                              distillation_timesteps(25), "ddim", consistency_boundary=False),
+                       f"step-{step:08d}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "snapfusion_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, desc, run, sample_fn=sample_fn)
-    if run.stops_before(config.steps):
-        return None
-    made = {**made(pipe.unet), "steps": config.steps, "batch_size": config.batch_size, "images": len(setup.captions),
-            "config": dataclasses.asdict(config)}
-    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=model.student_schedule.prediction_type)
-    components = {**pipe.components, "unet": model.student.requires_grad_(False).eval(), "scheduler": scheduler}
-    on_main_process(lambda: write_pipeline(pipe.__class__(**components), out, made))
-    return out
+    def export(m):
+        provenance = {**made(pipe.unet), "steps": config.steps, "batch_size": config.batch_size, "images": len(setup.captions),
+                      "config": dataclasses.asdict(config)}
+        scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type=m.student_schedule.prediction_type)
+        components = {**pipe.components, "unet": m.student.requires_grad_(False).eval(), "scheduler": scheduler}
+        write_pipeline(pipe.__class__(**components), method.out, provenance)
+
+    return train_and_export(method, "snapfusion", model, export, desc, sample_fn=sample_fn)
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -288,10 +283,9 @@ def train_step_distillation(
     from ..teacher import pipeline_provenance
     from .snap_decoder import read_decoder
 
-    config.validate()
     pruned_decoder = read_decoder(decoder) if decoder is not None else None
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    setup = method.setup
     schedule = schedule_of(setup.pipe)
     made_by = pipeline_provenance(teacher)
     architecture = made_by.get("architecture")
@@ -303,20 +297,19 @@ def train_step_distillation(
 
     def sample(m, steps) -> torch.Tensor:
         cond, uncond = m.prompts.with_unconditional(preview)
-        return sample_student(m.student, schedule, cond, list(range(len(preview))), select_timesteps("trailing", steps), "ddim",
+        return sample_student(m.student, schedule, cond, list(range(len(preview))), distillation_timesteps(steps), "ddim",
                               consistency_boundary=False, uncond=uncond, cfg_scale=config.sample_cfg_scale)
 
     def export(m, path, steps):
         fields = ("cfg_probability", "cfg_scale_min", "cfg_scale_max", "cfg_original_weight", "start_steps", "target_steps")
         export_snap_student(m.student, path, setup.base, schedule.prediction_type, steps, config.sample_cfg_scale,
-                            {**provenance("snapfusion", teacher, config.round_steps, setup, config, fields),
+                            {**method.provenance("snapfusion", config.round_steps, fields),
                              "round": f"{2 * steps} -> {steps} steps", "made_from": made_by},
                             SlimArchitecture.from_dict(architecture) if architecture else None, slim=made_by.get("slim", False),
                             decoder=pruned_decoder)
 
-    return progressive_rounds(setup, setup.pipe.unet, lambda path: load_student(setup.pipe, path).unet, build_round, export,
-                              sample, config, run_dir, out, "snap_student.safetensors", "SnapFusion step distillation",
-                              RunOptions(**run_options))
+    return progressive_rounds(method, setup.pipe.unet, lambda path: load_student(setup.pipe, path).unet, build_round, export,
+                              sample, "snap_student.safetensors", "SnapFusion step distillation")
 
 
 def export_snap_student(unet, path: str | Path, base: str, prediction: str, steps: int, cfg_scale: float, provenance: dict,
@@ -329,7 +322,7 @@ def export_snap_student(unet, path: str | Path, base: str, prediction: str, step
 
     meta = AdapterMetadata(
         kind="snap_student", base=base, prediction=prediction, sampler="ddim", steps=steps,
-        timesteps=select_timesteps("trailing", steps), provenance=provenance,
+        timesteps=distillation_timesteps(steps), provenance=provenance,
         extra={"unet_config": {k: v for k, v in unet.config.items() if not k.startswith("_")}, "layout": "diffusers_unet",
                "cfg_scale": cfg_scale, "slim": slim, **({"architecture": architecture.to_dict()} if architecture is not None else {}),
                **({"decoder_config": decoder.config} if decoder is not None else {})})

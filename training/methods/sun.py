@@ -22,8 +22,6 @@ layer's own key/value weights with alpha = 0, so training starts from the base m
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +32,15 @@ import torch
 from ...core.adapter_file import AdapterMetadata, write_adapter
 from ...core.parameterization import append_dims, distillation_weight, progressive_distillation_target, start_noise_scaling
 from ...core.samplers import get_sampler
-from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, select_timesteps
+from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, distillation_timesteps
 from ...core.sun import VARIANTS
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import PromptEncoder
 from ..students import sample_student
 from ..sun_attention import attach_sun, new_sun_adapter
-from ..driver import fit, on_main_process, provenance
-from ..teacher_data import load_teacher_data, schedule_of
-from ..options import RunOptions, load_options, replace_options
+from ..driver import start_run, train_and_export
+from ..teacher_data import schedule_of
+from ..options import CheckpointingOption, OptimiserOptions, count, load_options, option, positive_float, replace_options
 
 log = logging.getLogger("fewstep")
 
@@ -52,33 +50,34 @@ PROVENANCE_FIELDS = ("variant", "cfg_scale", "empty_negative_prob", "truncate_pr
 
 
 @dataclass
-class SunConfig:
+class SunConfig(OptimiserOptions, CheckpointingOption):
     """SUN's options. The paper states none of its training hyperparameters; defaults are ours, named as such."""
 
-    variant: str = "add_pos"                # add_pos: the released file's (extra positive branch) | plain
-    cfg_scale: float = 7.5                  # the teacher's CFG scale the adapter reproduces (diffusers convention)
-    empty_negative_prob: float = 0.5        # share of samples whose negative prompt is empty (plain CFG)
-    negative_prompts: Optional[str] = None  # text file, one negative prompt per line (default: the training captions)
-    truncate_prompt_prob: float = 0.0       # share of positive captions cut to their first words: vaguer prompts, whose
-                                            # samples a negative prompt can steer (few-caption datasets need them)
-    loss_space: str = "x"                   # x: x0 error weighted by max(SNR, 1) (keeps the first, noisiest step's weight) | eps: noise MSE
+    variant: str = option("add_pos", "add_pos: also an extra positive branch, as the released adapter; plain: the negative "
+                          "branch only", choices=VARIANTS)
+    cfg_scale: float = option(7.5, "the teacher's CFG scale the adapter reproduces (diffusers convention)")
+    empty_negative_prob: float = option(0.5, "share of samples whose negative prompt is empty (plain CFG)")
+    negative_prompts: Optional[str] = option(None, "text file with one negative prompt per line to train with (none: the "
+                                             "training captions)", parse=str)
+    truncate_prompt_prob: float = option(0.0, "share of captions cut to their first words: vaguer prompts, whose samples a "
+                                         "negative prompt can steer (few-caption datasets need them)")
+    loss_space: str = option("x", "x: x0 error weighted by max(SNR, 1) (keeps the first, noisiest step's weight); eps: "
+                             "noise MSE", choices=LOSS_SPACES)
     # Multi-step consistency against the teacher's CFG trajectory.
-    msc_weight: float = 1.0
-    msc_teacher_steps: int = 24             # a multiple of sample_steps, so the student's timesteps lie on the grid
-    msc_batch_size: int = 2                 # samples per step that get a teacher rollout (the costly part)
+    msc_weight: float = option(1.0, "weight of the multi-step consistency loss (0: off)")
+    msc_teacher_steps: int = option(24, "steps of the teacher's DPM-Solver++ CFG trajectory (a multiple of the student's "
+                                    "steps, so that its timesteps lie on the grid)")
+    msc_batch_size: int = option(2, "samples per step that get a teacher trajectory (the costly part)", parse=count)
     teacher_sampler: str = "dpmpp_2m"       # the paper's baseline: DPM-Solver++ with CFG
     # Optimisation: only the adapter is trained.
     steps: int = 20000
-    lr: float = 1e-4                        # the key/value projections'
-    gain_lr_scale: float = 30.0             # alpha/beta learn at lr times this: per-channel gains must move by O(1)
-    warmup_steps: int = 0
-    batch_size: int = 8
+    lr: float = option(1e-4, "learning rate of the adapter's key/value projections", parse=positive_float)
+    gain_lr_scale: float = option(30.0, "the per-channel gains (alpha, beta) learn at lr times this: they must move by O(1)",
+                                  parse=positive_float)
     ema_decay: Optional[float] = 0.9999
-    grad_clip: float = 1.0
-    gradient_checkpointing: bool = False
     # What the exported file says (the released adapter: DPM-Solver++ at 4 trailing steps).
-    sampler: str = "dpmpp_2m"
-    sample_steps: int = 4
+    sampler: str = option("dpmpp_2m", "the sampler the file names", choices=("dpmpp_2m", "ddim"))
+    sample_steps: int = option(4, "the step count the file names")
 
     def validate(self) -> None:
         problems = []
@@ -142,7 +141,7 @@ class SunTraining(torch.nn.Module):
         self.prompts = PromptEncoder(pipe)
         self.denoiser = UNetDenoiser(self.unet, schedule)
         # The student's trailing timesteps as a sub-grid of the teacher's rollout grid.
-        self.register_buffer("rollout_sigmas", schedule.sigmas_for_timesteps(select_timesteps("trailing", config.msc_teacher_steps)),
+        self.register_buffer("rollout_sigmas", schedule.sigmas_for_timesteps(distillation_timesteps(config.msc_teacher_steps)),
                              persistent=False)
         self.stride = config.msc_teacher_steps // config.sample_steps
 
@@ -232,7 +231,7 @@ class SunTraining(torch.nn.Module):
         neg = self.prompts([negative] * len(captions))
         with self.inputs.negative_prompt(neg["encoder_hidden_states"]):
             return sample_student(self.unet, self.schedule, self.prompts(captions), seeds,
-                                  select_timesteps("trailing", self.config.sample_steps), self.config.sampler, consistency_boundary=False)
+                                  distillation_timesteps(self.config.sample_steps), self.config.sampler, consistency_boundary=False)
 
 
 def negative_pool(config: SunConfig, captions: Sequence[str]) -> list[str]:
@@ -247,7 +246,7 @@ def export_sun_adapter(adapter, schedule: DiscreteSchedule, config: SunConfig, p
     """The adapter's tensors (our layout, fp16) + metadata as one fewstep adapter file (atomic write)."""
     meta = AdapterMetadata(
         kind="sun_adapter", base=base, prediction=schedule.prediction_type, sampler=config.sampler, steps=config.sample_steps,
-        timesteps=select_timesteps("trailing", config.sample_steps), provenance=provenance,
+        timesteps=distillation_timesteps(config.sample_steps), provenance=provenance,
         guidance={"convention": "cfg", "cfg_scale": config.cfg_scale},
         extra={"variant": config.variant, "layout": "fewstep", "cfg_scale": 1.0},
     )
@@ -270,12 +269,10 @@ def train_sun(
     **run_options,                           # RunOptions: mixed_precision, checkpoint_every, ..., stop_after
 ) -> Optional[Path]:
     """Train a SUN adapter for ``teacher`` and export it; None if stopped by ``stop_after``."""
-    config.validate()
-    run_dir, out = Path(run_dir), Path(out)
-    setup = load_teacher_data(teacher, data, resolution, teacher_config)
-    run = RunOptions(**run_options)
+    method = start_run(teacher, data, run_dir, out, config, resolution, teacher_config, **run_options)
+    setup = method.setup
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(run.seed)
+        torch.manual_seed(method.run.seed)
         model = SunTraining(setup.pipe, config, schedule_of(setup.pipe), negative_pool(config, setup.captions))
     if config.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
@@ -286,15 +283,10 @@ def train_sun(
 
     def sample_fn(m, step):
         for label, negative in (("empty", ""), ("negative", preview_negative)):
-            setup.save_grid(m.sample(preview, list(range(len(preview))), negative),
-                            run_dir / "samples" / f"step-{step:08d}-{label}.png")
+            method.preview(lambda captions, seeds: m.sample(captions, seeds, negative), f"step-{step:08d}-{label}")
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "sun_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    model = fit(model, run_dir, setup.batch_fn(config.batch_size), config, "SUN", run,
-                sample_fn=sample_fn, lr_scales=model.lr_scales())
-    if run.stops_before(config.steps):
-        return None
-    on_main_process(lambda: export_sun_adapter(model.adapter, model.schedule, config, out, setup.base, provenance(
-        "sun", teacher, config.steps, setup, config, PROVENANCE_FIELDS)))
-    return out
+    def export(m):
+        export_sun_adapter(m.adapter, m.schedule, config, method.out, setup.base,
+                           method.provenance("sun", config.steps, PROVENANCE_FIELDS))
+
+    return train_and_export(method, "sun", model, export, "SUN", sample_fn=sample_fn, lr_scales=model.lr_scales())
