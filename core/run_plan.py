@@ -57,6 +57,13 @@ def check_kind(name: str, kind: str, supported: Sequence[str], host: str) -> Non
         raise AdapterFileError(f"{name}: is a {kind}; {host} {listed} files so far: update fewstep")
 
 
+def unet_blend(weight: torch.Tensor, student: torch.Tensor, strength: float) -> torch.Tensor:
+    """UNET_BLEND's weight: (1 - strength) of the model's plus ``strength`` of the student's (torch.lerp: at strength
+    1 exactly the student's). Hosts that patch through a ModelPatcher express the same as "diff" patches
+    (``model_patcher.unet_blend``)."""
+    return weight.lerp(student.to(weight), strength)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     kind: str

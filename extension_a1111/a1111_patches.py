@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..core.guidance import TimeEmbedWithW
+from ..core.run_plan import unet_blend
 from ..core.sun import multi_head_attention
 from .ldm_unet import sun_layers
 from .run_state import RUN_ATTR, ActiveRun, pending_undo
@@ -79,7 +80,7 @@ def apply_student(sd_model, active: ActiveRun) -> None:
     with torch.no_grad():
         for key, ldm in active.student_keys.items():
             param, saved = params[ldm], params[ldm].detach().to("cpu", copy=True)
-            param.lerp_(active.adapter.tensors[key].to(param), plan.strength)
+            param.copy_(unet_blend(param, active.adapter.tensors[key], plan.strength))
             pending_undo.push(f"weight {ldm}", lambda param=param, saved=saved: param.data.copy_(saved.to(param)))
     if plan.w is None:
         return

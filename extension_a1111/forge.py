@@ -22,6 +22,7 @@ from ..core.guidance import TimeEmbedWithW
 from ..core.run_plan import LORA, SUN_LAYERS, UNET_BLEND
 from ..core.schedule import DiscreteSchedule
 from ..model_patcher.sun import cross_attention_features, put_sun_patches, with_sun_negative
+from ..model_patcher.unet_blend import add_unet_blend
 from .ldm_unet import student_keys, sun_layers
 from .run_state import ActiveRun
 
@@ -93,9 +94,8 @@ def patch_unet(p, active: ActiveRun) -> None:
         # Weight merged = weight · (1 − strength) + student · strength, after the patches already there (LoRAs).
         # Forge re-merges weights when the names of the patch sets change: the name says which file, which version.
         name = f"fewstep:{active.adapter.path}:{os.stat(active.adapter.path).st_mtime_ns}"
-        unet.add_patches(filename=name, strength_patch=plan.strength, strength_model=1 - plan.strength,
-                         patches={f"diffusion_model.{ldm}": ("diff", (tensors[key],))
-                                  for key, ldm in active.student_keys.items()})
+        add_unet_blend(unet, {f"diffusion_model.{ldm}": tensors[key] for key, ldm in active.student_keys.items()},
+                       plan.strength, filename=name)
     if plan.w is not None:
         time_embed = unet.get_model_object("diffusion_model.time_embed")
         unet.add_object_patch("diffusion_model.time_embed", TimeEmbedWithW(time_embed, plan.w_offset(active.adapter.tensors)))

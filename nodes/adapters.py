@@ -23,6 +23,7 @@ from ..core.run_plan import LORA, OWN_UNET, SUN_LAYERS, UNET_BLEND, RunPlan, che
 from ..core.samplers import get_sampler
 from ..core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, timesteps_for_denoise
 from ..core.unet_names import comfy_unet_config
+from ..model_patcher.unet_blend import add_unet_blend
 
 logger = logging.getLogger("fewstep")
 
@@ -130,27 +131,25 @@ def add_lora(model, clip, adapter: Adapter, strength: float, notes: list[str]):
 
 
 def add_unet_weights(model, adapter: Adapter, strength: float):
-    """A clone carrying a student's whole UNet (guided, GDD): each weight becomes (1 - strength) of the model's plus
-    ``strength`` of the student's (0: the loaded model, 1: the student); every tensor must fit. The student's weights
-    go in as they are, never as differences from the model's: ComfyUI patches a loaded model's weights in place, so
-    the weights read here may already carry an earlier run's patches."""
+    """A clone carrying a student's whole UNet (guided, GDD) at ``strength`` (0: the loaded model, 1: the student), as
+    ``model_patcher.unet_blend`` puts it on; every tensor must fit."""
     import comfy.utils
 
     name = os.path.basename(adapter.path)
     ldm_of = comfy.utils.unet_to_diffusers(model.model.model_config.unet_config)   # diffusers name -> LDM name
     base = model.model.state_dict()   # names, shapes and dtypes only
-    patches, unmatched = {}, []
+    weights, unmatched = {}, []
     for key, value in without_w_embedding(adapter.tensors).items():
         target = "diffusion_model." + ldm_of.get(key, "")
         if key not in ldm_of or target not in base or base[target].shape != value.shape:
             unmatched.append(key)
             continue
-        patches[target] = ("diff", (value.to(base[target].dtype),))
+        weights[target] = value.to(base[target].dtype)
     if unmatched:
         raise AdapterFileError(f"{name}: {len(unmatched)} UNet tensors do not fit this model (e.g. {unmatched[0]}): "
                                "the student was made for a different model")
     model = model.clone()
-    model.add_patches(patches, strength_patch=strength, strength_model=1.0 - strength)
+    add_unet_blend(model, weights, strength)
     return model
 
 

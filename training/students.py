@@ -20,7 +20,7 @@ import torch
 from ..core.adapter_file import (KINDS, SNAP_DECODER_PREFIX, W_EMBEDDING_KEY, Adapter, AdapterFileError, describe, read_adapter,
                                  read_header, without_w_embedding)
 from ..core.lora import LoraKeyError, merge_lora, read_lora
-from ..core.run_plan import LORA, OWN_UNET, SUN_LAYERS, UNET_BLEND, RunPlan, check_kind, plan_run
+from ..core.run_plan import LORA, OWN_UNET, SUN_LAYERS, UNET_BLEND, RunPlan, check_kind, plan_run, unet_blend
 from ..core.parameterization import start_noise_scaling
 from ..core.samplers import get_sampler
 from ..core.schedule import DiscreteSchedule
@@ -62,10 +62,10 @@ def load_unet_weights(unet, tensors: dict, name: str) -> None:
 
 
 def blend_unet_weights(unet, tensors: dict, strength: float, name: str) -> None:
-    """A whole UNet's weights on ``unet`` as the plan's UNET_BLEND says: (1 - strength) of its own plus ``strength``
-    of the file's (torch.lerp: at strength 1 exactly the file's); every key must fit."""
+    """A whole UNet's weights on ``unet`` as the plan's UNET_BLEND says (``core.run_plan.unet_blend``); every key must
+    fit."""
     own = unet.state_dict()
-    load_unet_weights(unet, {k: own[k].lerp(v.to(own[k]), strength) if k in own and own[k].shape == v.shape else v
+    load_unet_weights(unet, {k: unet_blend(own[k], v, strength) if k in own and own[k].shape == v.shape else v
                              for k, v in tensors.items()}, name)
 
 
