@@ -71,7 +71,6 @@ class RunPlan:
     sampler: str                       # a name from core.samplers.SAMPLERS
     timesteps: tuple[int, ...]         # one per step at full denoise, highest first
     cfg_scale: float                   # the CFG scale to sample with (1: no CFG); the file's unless the user gave one
-    trained_cfg_scale: float           # the CFG scale the adapter was trained for
     consistency_boundary: bool         # the model's x0 goes through LCM's boundary condition
     strength: float                    # the adapter's weight
     w: Optional[float] = None          # a guided student's guidance weight: ``w_offset`` goes on the time MLP
@@ -116,8 +115,7 @@ def plan_run(meta: AdapterMetadata, strength: float = 1.0, steps: int = 0, sampl
             notes.append(f"w = {w:g} lies outside the trained range [{lo:g}, {hi:g}]: expect weaker control")
     else:
         w = None
-    trained_cfg = float(meta.extra.get("cfg_scale", 1.0))
     return RunPlan(kind=meta.kind, weights=weights_form(meta), sampler=sampler, timesteps=tuple(meta.timesteps_for(steps)),
-                   cfg_scale=trained_cfg if cfg_scale is None else float(cfg_scale), trained_cfg_scale=trained_cfg,
+                   cfg_scale=float(meta.extra.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale),
                    consistency_boundary=meta.consistency_boundary, strength=float(strength), w=w,
                    negative_strength=float(negative_strength) if meta.kind == "sun_adapter" else None, notes=tuple(notes))
