@@ -28,7 +28,7 @@ import torch
 from fewstep.core.adapter_file import describe, read_header
 from fewstep.training.bench import bench_label, training_data
 from fewstep.training.evaluation import BUNDLED_TEACHER
-from fewstep.training.evaluation import StudentEntry, TeacherEntry, prompt_set, save_class_grid
+from fewstep.training.evaluation import SPLITS, StudentEntry, TeacherEntry, prompt_set, save_class_grid
 from fewstep.training.data import PROXY_STYLES, load_proxy_dataset
 from fewstep.training.metrics import FeatureStatistics, frechet_distance, get_feature_extractor
 from fewstep.training.proxy_classifier import classify_proxy_images
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--finetune-steps", type=int, default=1000, help="fine-tuning steps when it is made here")
     parser.add_argument("--per-class", type=int, default=50, help="samples per class (20 classes)")
     parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--split", choices=sorted(SPLITS), default="test", help="prompts x seeds (choices are made on validation)")
     parser.add_argument("--out", type=Path, required=True, help="the JSON to write (grids go beside it)")
     args = parser.parse_args()
 
@@ -81,7 +82,8 @@ def main() -> None:
     # Roughly what a model fully in the style scores: the held-out images in the style, weighted per class as the prompts.
     styled = in_style(args.style, PROXY_STYLES[args.style](heldout.images), heldout.labels)
     ceiling = float(np.mean([styled[heldout.labels == c].mean() for c in np.unique(heldout.labels)]))
-    captions, labels, seeds = prompt_set(args.per_class)
+    prompts = prompt_set(args.per_class, args.split)
+    captions, labels, seeds = prompts.captions, prompts.labels, prompts.seeds
     pipes = {"base": load_teacher(BUNDLED_TEACHER), "finetuned": load_teacher(finetuned)}
     configurations = [("base", TeacherEntry(50)), ("finetuned", TeacherEntry(50)), ("finetuned", TeacherEntry(4))]
     adapters = {}
@@ -106,7 +108,7 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     document = {"adapters": adapters, "finetuned": str(finetuned), "fine-tune": f"proxy teacher on proxy-{args.style}",
                 f"{args.style}_fraction_of_heldout_in_style": ceiling,
-                "samples_per_configuration": len(captions),
+                "samples_per_configuration": len(captions), "split": args.split,
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")

@@ -20,15 +20,20 @@ def tiny_teacher(tmp_path_factory):
 
 
 def test_prompt_set_is_fixed():
-    captions, labels, seeds = evaluation.prompt_set(3)
-    assert len(captions) == 60 and captions[:3] == [PROXY_CLASSES[0]] * 3 and seeds[:4] == [0, 1, 2, 0]
+    prompts = evaluation.prompt_set(3)
+    assert len(prompts.captions) == 60 and prompts.captions[:3] == [PROXY_CLASSES[0]] * 3 and prompts.seeds[:4] == [0, 1, 2, 0]
     again = evaluation.prompt_set(3)
-    assert again[0] == captions and np.array_equal(again[1], labels) and again[2] == seeds
+    assert again.captions == prompts.captions and np.array_equal(again.labels, prompts.labels) and again.seeds == prompts.seeds
 
 
-def test_entries_count_guided_passes():
+def test_entries_count_guided_passes_and_every_set_holds_both_teacher_baselines():
     assert evaluation.TeacherEntry(50).nfe == 100 and evaluation.TeacherEntry(4, cfg_scale=1.0).nfe == 4
-    assert [e.steps for e in bench.BENCH_SETS["teacher"]] == [50, 25, 8, 4, 2]
+    assert [(e.steps, e.cfg_scale) for e in bench.BENCH_SETS["teacher"]] == [
+        (50, 4.0), (50, evaluation.BEST_CFG_SCALE), (25, 4.0), (8, 4.0), (4, 4.0), (2, 4.0)]
+    for name, entries in bench.BENCH_SETS.items():
+        if name != "cfg":
+            assert set(bench.BASELINES) <= set(entries), name
+    assert evaluation.BEST_CFG_SCALE in bench.CFG_SWEEP
 
 
 def test_evaluate_entry_is_deterministic_and_writes_a_grid(tiny_teacher, tmp_path):
@@ -36,21 +41,42 @@ def test_evaluate_entry_is_deterministic_and_writes_a_grid(tiny_teacher, tmp_pat
     entry = evaluation.TeacherEntry(2)
     a = evaluation.evaluate_entry(pipe, entry, per_class=2, batch_size=16, grid_path=tmp_path / "g.png")
     b = evaluation.evaluate_entry(pipe, entry, per_class=2, batch_size=40)
-    assert a["fid"] == pytest.approx(b["fid"], rel=1e-4) and a["prompt_accuracy"] == b["prompt_accuracy"]
+    for name in ("fid", "fid_classifier", "class_fid", "precision", "recall"):
+        assert a[name] == pytest.approx(b[name], rel=1e-4, abs=1e-6), name
+        low, high = a["intervals"][name]
+        assert low <= a[name] <= high, name
+    assert a["prompt_accuracy"] == b["prompt_accuracy"] and a["split"] == "validation" and a["samples"] == 40
     assert a["nfe"] == 4 and 0 <= a["prompt_accuracy"] <= 1 and a["seconds_per_image"] > 0
+    test = evaluation.evaluate_entry(pipe, entry, per_class=2, batch_size=40, split="test", resamples=0)
+    assert test["fid"] != a["fid"] and "intervals" not in test   # other seeds; no bootstrap asked for
     from PIL import Image
 
     assert Image.open(tmp_path / "g.png").size == (32 * 20, 32 * 2)
 
 
 def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkeypatch):
-    monkeypatch.setitem(bench.BENCH_SETS, "smoke", [evaluation.TeacherEntry(2), evaluation.TeacherEntry(1)])
-    doc = bench.run_bench("smoke", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path, progress=False)
+    baseline = evaluation.TeacherEntry(2)
+    monkeypatch.setattr(bench, "BASELINES", (baseline,))
+    monkeypatch.setitem(bench.BENCH_SETS, "smoke", [baseline, evaluation.TeacherEntry(1)])
+    samples, pipe = {}, load_teacher(tiny_teacher)
+    doc = bench.run_bench("smoke", tiny_teacher, per_class=2, batch_size=20, out_dir=tmp_path, progress=False, seed_sets=2,
+                          resamples=20, samples=samples, pipe=pipe)
     assert json.loads((tmp_path / "smoke.json").read_text()) == doc
+    assert doc["split"] == "test" and doc["baselines"] == ["teacher-2steps-cfg4"] and doc["samples_per_configuration"] == 80
     table = (tmp_path / "smoke.md").read_text()
-    assert "teacher-2steps-cfg4" in table and "teacher-1steps-cfg4" in table and "*uniform noise*" in table
-    assert doc["sanity"]["real_train_images"] < doc["sanity"]["uniform_noise"]
+    assert "teacher-2steps-cfg4" in table and "teacher-1steps-cfg4" in table and "*uniform noise*" in table and " ± " in table
+    one_step = doc["results"][1]
+    assert set(one_step["vs"]["teacher-2steps-cfg4"]) == set(bench.SCORES) and len(one_step["per_seed_set"]["fid"]) == 2
+    assert doc["sanity"]["real_train_images"]["fid"] < doc["sanity"]["uniform_noise"]["fid"]
     assert sorted(p.name for p in (tmp_path / "smoke-grids").iterdir()) == ["teacher-1steps-cfg4.png", "teacher-2steps-cfg4.png"]
+    # A second set run with the same samples cache samples nothing again; a validation run writes files of its own.
+    monkeypatch.setattr(evaluation.TeacherEntry, "generate", lambda *a, **k: pytest.fail("sampled again"))
+    again = bench.run_bench("smoke", tiny_teacher, per_class=2, batch_size=20, out_dir=tmp_path / "again", progress=False,
+                            seed_sets=2, resamples=20, samples=samples, pipe=pipe)
+    assert [r["fid"] for r in again["results"]] == [r["fid"] for r in doc["results"]]
+    with pytest.raises(pytest.fail.Exception, match="sampled again"):
+        bench.run_bench("smoke", tiny_teacher, per_class=2, out_dir=tmp_path, progress=False, split="validation", samples=samples,
+                        pipe=pipe)
     with pytest.raises(ValueError, match="unknown bench set"):
         bench.run_bench("nope", tiny_teacher, out_dir=tmp_path)
 

@@ -136,11 +136,13 @@ def test_sample_factor_and_matrix_square_root_give_the_same_distance():
     assert abs(M.frechet_distance(by_samples, by_moments)) < 1e-6 * float(by_samples.cov.trace())
 
 
-def test_heldout_statistics_are_computed_once_per_process():
-    first = M.heldout_statistics(max_images=16, device="cpu")
-    assert M.heldout_statistics(max_images=16, device="cpu") is first
-    assert first.count == 16 and first.mean.shape == (M.FEATURE_DIM,) and first.cov.dtype == torch.float64
-    assert M.fid_to_heldout(load_proxy_dataset("heldout").images[:16], device="cpu", max_heldout_images=16) > 0
+def test_the_benchmark_reference_is_embedded_once_per_process_and_class_balanced():
+    from fewstep.training import scores
+
+    first = scores.reference(device="cpu")
+    assert scores.reference(device="cpu") is first
+    assert first.effnet.count == 20 * scores.REFERENCE_PER_CLASS and first.effnet.mean.shape == (M.FEATURE_DIM,)
+    assert first.effnet.cov.dtype == torch.float64 and np.bincount(first.embedded.labels).min() == scores.REFERENCE_PER_CLASS
 
 
 # --- prompt accuracy --------------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """`fewstep bench`: named sets of sampling configurations measured on the proxy benchmark.
 
-Each configuration is scored by ``evaluation.evaluate_entry`` (same prompts, same seeds, FID, prompt accuracy, NFE,
-seconds per image). Results go to ``bench/results/<set>.json``, a markdown table beside it, and one PNG grid per
+Each configuration is scored by ``evaluation.evaluate_entry`` on one split (``test`` unless asked otherwise; choices
+are made on ``validation``): same prompts, same seeds, both FIDs, class FID, precision and recall, prompt accuracy, each
+with its interval, NFE and seconds per image. Every set holds the teacher at 50 steps with CFG 4 and at its best CFG
+on validation; every other row says, per score, whether it differs from each of them beyond the noise
+(``scores.compare``). Results go to ``bench/results/<set>.json``, a markdown table beside it, and one PNG grid per
 configuration.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import platform
 from pathlib import Path
 from typing import Sequence
@@ -18,7 +22,9 @@ import numpy as np
 import torch
 
 from .data import PROXY_CLASSES
-from .evaluation import BUNDLED_FLASH, BUNDLED_TEACHER, DEFAULT_CFG_SCALE, StudentEntry, TeacherEntry, evaluate_entry
+from .evaluation import (BEST_CFG_SCALE, BUNDLED_FLASH, BUNDLED_TEACHER, DEFAULT_CFG_SCALE, StudentEntry, TeacherEntry,
+                         evaluate_entry)
+from .scores import RESAMPLES, SCORES, WITHIN_NOISE, Z_95, balanced_indices, compare, score_images
 from .pipelines import load_teacher
 from .teacher import pipeline_provenance
 
@@ -72,26 +78,32 @@ def bench_label(metadata) -> str:
     return f"{label}_synth" if "synthesized" in (metadata.provenance or {}) else label
 
 
+# The teacher at 50 steps with CFG 4 and at its best CFG: the rows every other row is compared with.
+BASELINES = (TeacherEntry(50), TeacherEntry(50, BEST_CFG_SCALE))
+CFG_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)
+
 BENCH_SETS = {
-    "teacher": [TeacherEntry(s) for s in (50, 25, 8, 4, 2)],
+    "teacher": [*BASELINES, *[TeacherEntry(s) for s in (25, 8, 4, 2)]],
+    # Where BEST_CFG_SCALE comes from: run on validation only.
+    "cfg": [TeacherEntry(50, s) for s in CFG_SWEEP],
     # The student at its file's sampler, and at 4 and 2 steps also with the paper's LCM re-noising (consistency).
-    "flash": [TeacherEntry(50), TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1),
+    "flash": [*BASELINES, TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1),
               StudentEntry(4, sampler="consistency"), StudentEntry(2, sampler="consistency")],
     # Stage 1 at the teacher's step count (half the NFE), the few-step rows both samplers, and w as a control.
-    "guided": [TeacherEntry(50), _guided(50), TeacherEntry(8), TeacherEntry(4),
+    "guided": [*BASELINES, _guided(50), TeacherEntry(8), TeacherEntry(4),
                *[_guided(n, sampler=s) for n in (8, 4, 2, 1) for s in ("ddim", "stochastic")],
                *[e for w in (0.0, 1.0, 6.0) for e in (TeacherEntry(50, w + 1.0), _guided(50, w))]],
     # The adapter's own sampler (DPM-Solver++) and DDIM at 4 steps, then 8 and 2; plus the negative-prompt study.
-    "sun": [TeacherEntry(50), TeacherEntry(8), TeacherEntry(4), _sun(4), _sun(4, "ddim"), _sun(8), _sun(2)],
+    "sun": [*BASELINES, TeacherEntry(8), TeacherEntry(4), _sun(4), _sun(4, "ddim"), _sun(8), _sun(2)],
     # One step: the teacher (the generator's starting point, with CFG), Flash, and each GDD variant given (the ablation),
     # trained on the real images or on the teacher's samples (`--data-free`, or `--data` a `fewstep synth` folder).
-    "gdd": [TeacherEntry(50), TeacherEntry(1), StudentEntry(1),
+    "gdd": [*BASELINES, TeacherEntry(1), StudentEntry(1),
             *[StudentEntry(1, adapter=None, label=label + data) for data in ("", "_synth") for label in GDD_LABELS.values()]],
     # Eight steps: the teacher (50 and 8), the guided student, SnapFusion's students with CFG (the ablation, the slim UNet).
-    "snapfusion": [TeacherEntry(50), TeacherEntry(8), _guided(8), *[_snap(label) for label in SNAP_LABELS]],
+    "snapfusion": [*BASELINES, TeacherEntry(8), _guided(8), *[_snap(label) for label in SNAP_LABELS]],
     # Flash on the real training images (the bundled LoRA) next to Flash on a set the teacher synthesized.
-    "data_free": [TeacherEntry(50), TeacherEntry(4), *[StudentEntry(n, label=label, adapter=adapter) for n in (4, 2, 1)
-                                                       for label, adapter in (("flash", str(BUNDLED_FLASH)), ("flash_synth", None))]],
+    "data_free": [*BASELINES, TeacherEntry(4), *[StudentEntry(n, label=label, adapter=adapter) for n in (4, 2, 1)
+                                                 for label, adapter in (("flash", str(BUNDLED_FLASH)), ("flash_synth", None))]],
 }
 
 # The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.
@@ -106,13 +118,18 @@ NEGATIVE_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 def run_bench(
     set_name: str = "teacher",            # which BENCH_SETS entry
     teacher: str | Path = BUNDLED_TEACHER,  # the pipeline folder to sample
-    per_class: int = 50,                  # samples per class (20 classes); 50 -> 1,000 images per configuration
+    per_class: int = 25,                  # samples per class (20 classes) in each seed set
     batch_size: int = 250,                # samples generated together
     out_dir: str | Path = "bench/results",  # JSON, markdown and grids go here
     progress: bool = True,                # progress bar over configurations
     adapter: str | Path | Sequence[str | Path] | None = None,  # student file(s): each student row takes the one made
                                                                 # for its step count, else the first (flash: the bundled one)
     plan: str | Path | None = None,       # snapfusion: the `fewstep snap plan --out` file whose block table to include
+    split: str = "test",                  # "test" (what tables report) or "validation" (what choices are made on)
+    seed_sets: int = 2,                   # disjoint seed sets; 25 x 2 -> 1,000 images per configuration
+    resamples: int = RESAMPLES,           # bootstrap draws per score
+    samples: dict | None = None,          # generated images shared with other run_bench calls (the same pipe)
+    pipe=None,                            # the loaded teacher (default: load ``teacher``)
 ) -> dict:
     """Run a bench set and write its results; returns the JSON document."""
     from tqdm.auto import tqdm
@@ -122,25 +139,34 @@ def run_bench(
     if set_name not in BENCH_SETS:
         raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
     out_dir = Path(out_dir)
-    pipe = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
+    pipe = pipe if pipe is not None else load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
     adapters = [str(a) for a in ([adapter] if isinstance(adapter, (str, Path)) else adapter or [])]
-    entries = [resolved for e in BENCH_SETS[set_name]
-               for resolved in (_with_adapters(e, adapters) if isinstance(e, StudentEntry) else [e])]
+    entries = list(dict.fromkeys(resolved for e in BENCH_SETS[set_name]     # BEST_CFG_SCALE may be one of the set's
+                                 for resolved in (_with_adapters(e, adapters) if isinstance(e, StudentEntry) else [e])))
     skipped = [e.name for e in entries if isinstance(e, StudentEntry) and e.adapter is None]
     if skipped:
         log.warning("no --adapter file for %s: left out", ", ".join(skipped))
     entries = [e for e in entries if e.name not in skipped]
+    name = set_name if split == "test" else f"{set_name}_{split}"   # the files' names
     rows = []
-    for entry in tqdm(entries, desc=f"bench {set_name}", disable=not progress):
-        rows.append(evaluate_entry(pipe, entry, per_class, batch_size, grid_path=out_dir / f"{set_name}-grids" / f"{entry.name}.png"))
+    for entry in tqdm(entries, desc=f"bench {set_name} ({split})", disable=not progress):
+        rows.append(evaluate_entry(pipe, entry, per_class, batch_size, out_dir / f"{name}-grids" / f"{entry.name}.png",
+                                   split, seed_sets, resamples, samples))
         if isinstance(entry, StudentEntry):
             rows[-1]["training"] = training_data(entry.adapter)
-        log.info("%s: FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["prompt_accuracy"])
+        log.info("%s: FID %.2f, class FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["class_fid"],
+                 rows[-1]["prompt_accuracy"])
+    baselines = [r for r in rows if r["name"] in {b.name for b in BASELINES}]
+    if resamples:
+        for row in rows:
+            row["vs"] = {b["name"]: compare(row, b) for b in baselines if b is not row}
     document = {
-        "sanity": fid_sanity(per_class),
-        "set": set_name, "teacher": str(teacher), "adapters": sorted({e.adapter for e in entries if isinstance(e, StudentEntry)}),
-        "samples_per_configuration": per_class * len(PROXY_CLASSES), "per_class": per_class,
-        "reference": "proxy held-out split (1,500 real images), EfficientNet-Lite0 features",
+        "set": set_name, "split": split, "teacher": str(teacher),
+        "adapters": sorted({e.adapter for e in entries if isinstance(e, StudentEntry)}),
+        "samples_per_configuration": per_class * seed_sets * len(PROXY_CLASSES), "per_class": per_class, "seed_sets": seed_sets,
+        "resamples": resamples, "baselines": [b["name"] for b in baselines],
+        "sanity": real_and_noise(per_class, seed_sets, resamples),
+        "reference": "class-balanced proxy held-out split (50 real images per class, 1,000 in all)",
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
@@ -150,12 +176,12 @@ def run_bench(
         document.update(snapfusion_measurements(pipe, [e for e in entries if getattr(e, "label", None) in SNAP_LABELS], plan))
     if set_name == "data_free":
         document["synth"] = data_free_cost(entries)
-    if set_name == "sun":
+    if set_name == "sun" and split == "test":   # a study to report, not a choice: not run on validation
         document["negative_prompt"] = negative_prompt_study(pipe, next(e.adapter for e in entries if isinstance(e, StudentEntry)),
-                                                          per_class * 10, batch_size)
+                                                          per_class * 20, batch_size, split=split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{set_name}.json").write_text(json.dumps(document, indent=2) + "\n")
-    (out_dir / f"{set_name}.md").write_text(markdown_table(document))
+    (out_dir / f"{name}.json").write_text(json.dumps(document, indent=1) + "\n")
+    (out_dir / f"{name}.md").write_text(markdown_table(document))
     return document
 
 
@@ -212,26 +238,32 @@ def training_data(adapter: str) -> dict:
             "images_seen": steps * batch if steps and batch else None}
 
 
-def fid_sanity(per_class: int) -> dict:
-    """FID at the same sample count for real training images (the floor) and uniform noise (the ceiling)."""
+def real_and_noise(per_class: int, seed_sets: int, resamples: int) -> dict:
+    """The scores of real training images in the benchmark's layout (disjoint sets of ``per_class`` per class: the
+    floor, and the real-vs-real spread) and of uniform noise (the ceiling; values only)."""
     from .data import load_proxy_dataset
-    from .metrics import fid_to_heldout
 
     train = load_proxy_dataset("train")
-    idx = np.concatenate([np.flatnonzero(train.labels == c)[:per_class] for c in range(len(PROXY_CLASSES))])
-    noise = np.random.default_rng(0).integers(0, 256, size=(len(idx), 32, 32, 3), dtype=np.uint8)
-    return {"real_train_images": fid_to_heldout(train.images[idx]), "uniform_noise": fid_to_heldout(noise)}
+    picks = balanced_indices(train.labels, per_class * seed_sets, seed=1)
+    within_class = np.tile(np.arange(per_class * seed_sets), len(PROXY_CLASSES))
+    real = score_images(train.images[picks], train.labels[picks], within_class // per_class, resamples)
+    noise = np.random.default_rng(0).integers(0, 256, size=(len(picks), 32, 32, 3), dtype=np.uint8)
+    return {"real_train_images": {"name": "real training images", "samples": len(picks), **real},
+            "uniform_noise": {"name": "uniform noise", "samples": len(picks),
+                              **score_images(noise, train.labels[picks], resamples=0)}}
 
 
 def negative_prompt_study(pipe, adapter: str, samples: int, batch_size: int, steps: int = 4,
                           strengths: Sequence[float] = NEGATIVE_STRENGTHS, teacher_steps: int = 50,
-                          classes: Sequence[str] = NEGATIVE_CLASSES) -> dict:
+                          classes: Sequence[str] = NEGATIVE_CLASSES, split: str = "test") -> dict:
     """How often the neutral prompt gives a class, with an empty negative prompt and with that class as the negative:
-    for the teacher with CFG (at ``teacher_steps``) and the SUN adapter at ``steps``, over negative strengths."""
+    for the teacher with CFG (at ``teacher_steps``) and the SUN adapter at ``steps``, over negative strengths. Each
+    rate has its 95 % interval (normal approximation of the binomial)."""
+    from .evaluation import SPLITS
     from .proxy_classifier import classify_proxy_images
     from .students import load_student
 
-    captions, seeds = [NEUTRAL_PROMPT] * samples, list(range(samples))
+    captions, seeds = [NEUTRAL_PROMPT] * samples, [SPLITS[split] + i for i in range(samples)]
     teacher = TeacherEntry(teacher_steps)
     configurations = [(teacher.name, None, lambda neg: teacher.generate(pipe, captions, seeds, batch_size, neg))]
     for strength in strengths:
@@ -247,26 +279,64 @@ def negative_prompt_study(pipe, adapter: str, samples: int, batch_size: int, ste
             with_empty = float((empty == label).double().mean())
             with_class = float((classify_proxy_images(generate(negative)) == label).double().mean())
             rows.append({"name": name, "negative_strength": strength, "negative": negative, "rate_empty_negative": with_empty,
-                         "rate_class_negative": with_class, "ratio": with_class / with_empty if with_empty else None})
-    return {"prompt": NEUTRAL_PROMPT, "samples": samples,
+                         "rate_class_negative": with_class, "ratio": with_class / with_empty if with_empty else None,
+                         "intervals": {"rate_empty_negative": _rate_interval(with_empty, samples),
+                                       "rate_class_negative": _rate_interval(with_class, samples)}})
+    return {"prompt": NEUTRAL_PROMPT, "samples": samples, "split": split,
             "measure": "share of samples the proxy classifier assigns to the class named as negative prompt", "rows": rows}
 
 
+def _rate_interval(rate: float, count: int) -> list[float]:
+    half = Z_95 * math.sqrt(rate * (1 - rate) / count)
+    return [rate - half, rate + half]
+
+
+COLUMNS = {"fid": ("FID ↓", 2), "fid_classifier": ("FID, classifier features ↓", 2), "class_fid": ("class FID ↓", 2),
+           "precision": ("precision ↑", 3), "recall": ("recall ↑", 3), "prompt_accuracy": ("prompt accuracy ↑", 3)}
+SHORT_NAMES = {"fid": "FID", "fid_classifier": "FID-cls", "class_fid": "class FID", "precision": "precision",
+               "recall": "recall", "prompt_accuracy": "accuracy"}
+
+
+def _with_interval(row: dict, name: str) -> str:
+    digits = COLUMNS[name][1]
+    if row[name] is None:
+        return "–"
+    interval = row.get("intervals", {}).get(name)
+    return f"{row[name]:.{digits}f}" + (f" ± {(interval[1] - interval[0]) / 2:.{digits}f}" if interval and None not in interval else "")
+
+
+def _verdict(verdicts: dict[str, str]) -> str:
+    """``compare``'s verdicts in a few words: what is better, what is worse, or "within noise"."""
+    said = [f"{word}: {', '.join(SHORT_NAMES[n] for n, v in verdicts.items() if v == word)}"
+            for word in ("better", "worse") if word in verdicts.values()]
+    return "; ".join(said) or WITHIN_NOISE
+
+
 def markdown_table(document: dict) -> str:
-    trained = any("training" in r for r in document["results"])   # a column for what the students learnt from
-    lines = ["| configuration | NFE | FID ↓ | prompt accuracy ↑ | s / image |" + (" training images seen (dataset) |" if trained else ""),
-             "|---|---|---|---|---|" + ("---|" if trained else "")]
-    for r in document["results"]:
-        lines.append(f"| {r['name']} | {r['nfe']} | {r['fid']:.2f} | {r['prompt_accuracy']:.3f} | {r['seconds_per_image']:.4f} |"
-                     + (f" {_seen(r.get('training'))} |" if trained else ""))
-    if "sanity" in document:
-        sanity = document["sanity"]
-        blank = " – |" if trained else ""
-        lines.append(f"| *real training images* | – | {sanity['real_train_images']:.2f} | – | – |{blank}")
-        lines.append(f"| *uniform noise* | – | {sanity['uniform_noise']:.2f} | – | – |{blank}")
+    rows = document["results"]
+    trained = any("training" in r for r in rows)   # a column for what the students learnt from
+    baselines = document.get("baselines", [])
+    header = (["configuration", "NFE"] + [COLUMNS[n][0] for n in SCORES] + ["s / image"]
+              + (["training images seen (dataset)"] if trained else []) + [f"vs {b}" for b in baselines])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = ([r["name"], str(r["nfe"])] + [_with_interval(r, n) for n in SCORES] + [f"{r['seconds_per_image']:.4f}"]
+                 + ([_seen(r.get("training"))] if trained else [])
+                 + ["–" if b == r["name"] else _verdict(r["vs"][b]) for b in baselines])
+        lines.append("| " + " | ".join(cells) + " |")
+    for sanity in document.get("sanity", {}).values():
+        cells = [f"*{sanity['name']}*", "–"] + [_with_interval(sanity, n) for n in SCORES] + ["–"] * (1 + trained + len(baselines))
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{document['samples_per_configuration']} samples per configuration; {document['reference']}; "
-                 f"classifier accuracy on real held-out images {document['classifier_heldout_accuracy']}; {document['machine']}.")
+    split = document.get("split")
+    layout = (f"{document['samples_per_configuration']} samples per configuration"
+              + (f" ({document['seed_sets']} disjoint seed sets of {document['per_class']} per class, {split} split)"
+                 if split else ""))
+    lines.append(f"{layout}; ± is the 95 % interval from {document.get('resamples', 0)} bootstrap draws over samples; "
+                 f"reference: {document['reference']}; classifier accuracy on real held-out images "
+                 f"{document['classifier_heldout_accuracy']}; {document['machine']}."
+                 + (" A \"vs\" column names the scores that differ from that row beyond the noise (paired bootstrap, "
+                    "the same sign on every seed set)." if baselines else ""))
     if "latency" in document:
         lines += ["", "| per-pass latency, ratio to the teacher's | UNet (batch 2) | decoder |", "|---|---|---|"]
         for name, unet in document["latency"]["unet"].items():
@@ -281,14 +351,15 @@ def markdown_table(document: dict) -> str:
                   f" ({', '.join(cost['devices'])})."]
     if "negative_prompt" in document:
         study = document["negative_prompt"]
-        lines += ["", f"Prompt {study['prompt']!r}, {study['samples']} samples: {study['measure']}.", "",
+        lines += ["", f"Prompt {study['prompt']!r}, {study['samples']} samples: {study['measure']} (± 95 % interval).", "",
                   "| configuration | negative strength | class | rate, empty negative | rate, the class as negative | ratio |",
                   "|---|---|---|---|---|---|"]
         for r in study["rows"]:
             strength = "–" if r["negative_strength"] is None else f"{r['negative_strength']:g}"
             ratio = "–" if r["ratio"] is None else f"{r['ratio']:.2f}"
-            lines.append(f"| {r['name']} | {strength} | {r['negative'].split()[-1]} | {r['rate_empty_negative']:.3f} | "
-                         f"{r['rate_class_negative']:.3f} | {ratio} |")
+            rates = [f"{r[k]:.3f}" + (f" ± {(r['intervals'][k][1] - r['intervals'][k][0]) / 2:.3f}" if "intervals" in r else "")
+                     for k in ("rate_empty_negative", "rate_class_negative")]
+            lines.append(f"| {r['name']} | {strength} | {r['negative'].split()[-1]} | {rates[0]} | {rates[1]} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,10 +1,13 @@
 """The benchmark's evaluation entries: a configuration (the teacher at some steps and CFG, or a student file) sampled
-on the fixed proxy prompt set and scored. ``fewstep eval``, ``fewstep bench`` and the methods' own tables (the
-SnapFusion block table) all score through ``evaluate_entry``.
+on the proxy prompt set and scored. ``fewstep eval``, ``fewstep bench`` and the methods' own tables (the SnapFusion
+block table) all score through ``evaluate_entry``.
 
-Every configuration samples the same prompts with the same seeds (each proxy class ``per_class`` times, seed i for
-its i-th sample) and is scored by FID against the held-out real images (EfficientNet-Lite0 features), prompt accuracy
-(the bundled classifier), NFE and seconds per image.
+Prompts times seeds come in two disjoint splits. Every choice (presets, sampler defaults written into files, learning
+rates, CFG and w defaults, the teacher's best CFG) is made on ``validation``; the README's tables report ``test``. A
+split holds every proxy class ``per_class`` times in each of ``seed_sets`` disjoint seed sets: the k-th sample of a
+class takes seed base + k (validation's base 0 gives the seeds every earlier table used, and every earlier choice was
+made on; test's base is far from any seed used before). ``scores.score`` scores a set in both feature spaces, with
+its bootstrap interval and each seed set's value.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from .data import PROXY_CLASSES
 from .images import save_grid
+from .scores import RESAMPLES, score_images
 from .teacher import sample_images
 
 log = logging.getLogger("fewstep")
@@ -28,7 +32,11 @@ BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
 BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors"
 BUNDLED_SUN = Path(__file__).parent / "assets" / "proxy_sun_adapter.safetensors"
 DEFAULT_CFG_SCALE = 4.0
+# The teacher's best CFG on the validation split (lowest class FID of `fewstep bench --set cfg --split validation`,
+# bench/results/cfg_validation.json): the teacher baseline at its best, next to CFG 4, in every bench set.
+BEST_CFG_SCALE = 2.0
 GRID_SEEDS = 4
+SPLITS = {"validation": 0, "test": 1_000_000}   # each split's first seed
 
 
 @dataclass(frozen=True)
@@ -106,32 +114,56 @@ class StudentEntry:
 _LOADED: dict = {}
 
 
-def prompt_set(per_class: int) -> tuple[list[str], np.ndarray, list[int]]:
-    """(captions, labels, seeds): every proxy class ``per_class`` times, seed i for the i-th sample of a class."""
-    labels = np.repeat(np.arange(len(PROXY_CLASSES)), per_class)
-    seeds = [int(i % per_class) for i in range(len(labels))]
-    return [PROXY_CLASSES[i] for i in labels], labels, seeds
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts and seeds one configuration is sampled on: sample i is ``captions[i]`` (class ``labels[i]``) with
+    ``seeds[i]``, and belongs to seed set ``seed_sets[i]``."""
+
+    captions: list[str]
+    labels: np.ndarray
+    seeds: list[int]
+    seed_sets: np.ndarray
+    split: str
 
 
-def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, batch_size: int, grid_path: Path | None = None) -> dict:
-    """Sample one configuration on the fixed prompt set and score it; optionally save its grid."""
-    from .metrics import fid_to_heldout
-    from .proxy_classifier import prompt_accuracy
+def prompt_set(per_class: int, split: str = "validation", seed_sets: int = 1) -> PromptSet:
+    """Every proxy class ``per_class`` times per seed set, class by class; a class's k-th sample takes the split's
+    first seed + k and belongs to seed set k // per_class."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    per_split = per_class * seed_sets
+    labels = np.repeat(np.arange(len(PROXY_CLASSES)), per_split)
+    within_class = np.tile(np.arange(per_split), len(PROXY_CLASSES))
+    return PromptSet([PROXY_CLASSES[i] for i in labels], labels, [SPLITS[split] + int(k) for k in within_class],
+                     within_class // per_class, split)
 
-    captions, labels, seeds = prompt_set(per_class)
+
+def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, batch_size: int, grid_path: Path | None = None,
+                   split: str = "validation", seed_sets: int = 1, resamples: int = RESAMPLES, samples: dict | None = None) -> dict:
+    """Sample one configuration on a split's prompt set and score it (``resamples`` bootstrap draws for the intervals;
+    0: values only); optionally save its grid. ``samples``: a cache of generated images shared by the calls given it
+    (bench sets run together sample a configuration they share once)."""
+    prompts = prompt_set(per_class, split, seed_sets)
     notes = entry.plan(pipe).notes if isinstance(entry, StudentEntry) else ()   # loads the file: s / image is sampling's
     for note in notes:
         log.warning("%s: %s", entry.name, note)
-    start = time.perf_counter()
-    with torch.no_grad():
-        images = entry.generate(pipe, captions, seeds, batch_size)
-    seconds = time.perf_counter() - start
-    row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "fid": fid_to_heldout(images),
-           "prompt_accuracy": prompt_accuracy(images, labels), "seconds_per_image": seconds / len(images)}
+    key = (id(pipe), entry, tuple(prompts.seeds), tuple(prompts.captions))
+    if samples is not None and key in samples:
+        images, seconds, _ = samples[key]
+    else:
+        start = time.perf_counter()
+        with torch.no_grad():
+            images = entry.generate(pipe, prompts.captions, prompts.seeds, batch_size)
+        seconds = time.perf_counter() - start
+        if samples is not None:
+            samples[key] = images, seconds, pipe   # holding the pipe: its id cannot be another pipe's while cached
+    row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "split": split, "samples": len(images), "per_class": per_class,
+           "seed_sets": seed_sets, **score_images(images, prompts.labels, prompts.seed_sets, resamples),
+           "seconds_per_image": seconds / len(images)}
     if notes:
         row["notes"] = list(notes)
     if grid_path is not None:
-        save_class_grid(images, labels, grid_path)
+        save_class_grid(images, prompts.labels, grid_path)
         row["grid"] = str(grid_path)
     return row
 

@@ -1,5 +1,6 @@
-"""The proxy benchmark's FID, and its command line (``--sanity``; ``--train-classifier`` rebuilds the classifier of
-the other number, prompt accuracy: ``proxy_classifier.py``).
+"""The proxy benchmark's FID, and its command line (``--sanity``; ``--train-classifier`` rebuilds the classifier whose
+features and predictions give the other scores: ``proxy_classifier.py``; ``scores.py`` scores a set with both and
+their intervals).
 
 FID is Heusel et al. (2017), computed on the pooled 1280-d penultimate features of ImageNet-pretrained
 EfficientNet-Lite0 (Tan & Le 2019) instead of InceptionV3, whose weights no offline wheel ships; the numbers are
@@ -194,29 +195,6 @@ def fid(images_a, images_b, batch_size: int | None = None, device: str | torch.d
 def _fixed_subset(count: int, size: int) -> np.ndarray:
     """``size`` indices out of ``count``, spread over the whole set (the proxy splits are ordered by class)."""
     return np.sort(np.random.default_rng(0).choice(count, size, replace=False))
-
-
-@functools.cache
-def _heldout_statistics(max_images: int | None, device: str) -> FeatureStatistics:
-    images = load_proxy_dataset("heldout").images
-    if max_images is not None and max_images < len(images):
-        images = images[_fixed_subset(len(images), max_images)]
-    started = time.perf_counter()
-    features = get_feature_extractor(device)(images)
-    log.info("held-out FID statistics: %d images in %.1f s", len(images), time.perf_counter() - started)
-    return FeatureStatistics.from_features(features)
-
-
-def heldout_statistics(max_images: int | None = None, device: str | torch.device | None = None) -> FeatureStatistics:
-    """Feature statistics of the proxy held-out split (or a fixed subset of it), computed once per process."""
-    return _heldout_statistics(max_images, str(torch.device(device) if device is not None else default_device()))
-
-
-def fid_to_heldout(images, batch_size: int | None = None, device: str | torch.device | None = None,
-                   max_heldout_images: int | None = None) -> float:
-    """FID of ``images`` against the proxy held-out split, the benchmark's FID."""
-    features = get_feature_extractor(device)(images, batch_size)
-    return frechet_distance(FeatureStatistics.from_features(features), heldout_statistics(max_heldout_images, device))
 
 
 # --- command line -----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class ProxyClassifier(nn.Module):
         self.head = nn.Linear(2 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x * 2.0 - 1.0))
+        return self.head(self.features(x * 2.0 - 1.0))   # embed_proxy_images splits this in two
 
 
 @dataclass
@@ -205,20 +205,32 @@ def load_proxy_classifier(path: str | Path = CLASSIFIER_PATH, device: str | torc
 
 
 @torch.no_grad()
-def classify_proxy_images(images, classifier: ProxyClassifier | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Predicted proxy class index (CPU int64) of each image; images of another size are resized to 32x32."""
+def embed_proxy_images(images, classifier: ProxyClassifier | None = None,
+                       batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, predictions) of each image: the classifier's pooled penultimate features (float32, (N, 2 * width),
+    the benchmark's domain feature space) and its predicted proxy class index (int64), both on the CPU. Images of
+    another size are resized to 32x32."""
     classifier = classifier if classifier is not None else load_proxy_classifier()
     device = next(classifier.parameters()).device
     was_training = classifier.training
     classifier.eval()
-    predictions = []
+    features, predictions = [], []
     for start in range(0, len(images), batch_size):
         x = unit_nchw(images[start:start + batch_size], device)
         if x.shape[-2:] != (PROXY_SIZE, PROXY_SIZE):
             x = F.interpolate(x, size=(PROXY_SIZE, PROXY_SIZE), mode="bilinear", align_corners=False, antialias=True)
-        predictions.append(classifier(x).argmax(dim=1).cpu())
+        pooled = classifier.features(x * 2.0 - 1.0)
+        features.append(pooled.float().cpu())
+        predictions.append(classifier.head(pooled).argmax(dim=1).cpu())
     classifier.train(was_training)
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.int64)
+    if not features:
+        return torch.empty(0, classifier.head.in_features), torch.empty(0, dtype=torch.int64)
+    return torch.cat(features), torch.cat(predictions)
+
+
+def classify_proxy_images(images, classifier: ProxyClassifier | None = None, batch_size: int = 256) -> torch.Tensor:
+    """Predicted proxy class index (CPU int64) of each image; images of another size are resized to 32x32."""
+    return embed_proxy_images(images, classifier, batch_size)[1]
 
 
 def prompt_accuracy(images, labels, classifier: ProxyClassifier | None = None, batch_size: int = 256) -> float:

@@ -23,6 +23,7 @@ from .evaluation import StudentEntry, TeacherEntry, evaluate_entry
 from .data import DATA_PACKAGES, require_packages
 from .loop import holding_run_dir
 from .proxy_classifier import proxy_classifier_metadata
+from .scores import RESAMPLES
 from .pipelines import load_teacher
 
 log = logging.getLogger("fewstep")
@@ -62,7 +63,8 @@ def run_quickstart(out_dir: str | Path = "quickstart", teacher: str | Path = BUN
     # Stack each configuration's first grid row: same prompts and seeds, one configuration per row.
     strips = [np.asarray(Image.open(r["grid"]))[:32] for r in rows]
     Image.fromarray(np.concatenate(strips)).resize((strips[0].shape[1] * 3, 32 * len(strips) * 3), Image.NEAREST).save(out_dir / "grid.png")
-    document = {"samples_per_configuration": per_class * 20, "reference": "proxy held-out split, EfficientNet-Lite0 features",
+    document = {"samples_per_configuration": per_class * 20, "resamples": RESAMPLES,
+                "reference": "class-balanced proxy held-out split (50 real images per class), validation seeds",
                 "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"), "machine": "this machine",
                 "results": rows}
     (out_dir / "metrics.md").write_text(markdown_table(document))

@@ -7,29 +7,49 @@ import json
 import os
 import sys
 
-from ..options import finite, positive_int
+from ..options import count, finite, positive_int
+
+
+BENCH_SET_HELP = (
+    "'teacher' (50 steps with CFG 4 and with its best CFG on validation, 25/8/4/2 steps with CFG 4), 'cfg' (the teacher "
+    "at 50 steps over CFG scales: run it on --split validation, where the best CFG is chosen), 'flash' (teacher 50/4/2 "
+    "steps with CFG, Flash student 4/2/1 steps) or 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, "
+    "8/4/2/1 steps with DDIM and stochastic sampling, and a sweep over w; needs --adapter) or 'sun' (teacher 50/8/4 steps "
+    "with CFG vs a SUN adapter at 4/8/2 steps, and how a class named as negative prompt disappears; needs --adapter) or "
+    "'gdd' (one step: teacher 50 and 1 steps with CFG, the Flash student, and each GDD variant given: full, gdd_i, lora; "
+    "needs --adapter) or 'snapfusion' (8 steps: teacher 50 and 8 steps with CFG, the guided student, SnapFusion students "
+    "with CFG: full-size, without CFG-aware distillation, slim; per-pass latency of their UNets and decoders; needs "
+    "--adapter, and --plan for the block table) or 'data_free' (teacher 50 and 4 steps with CFG, the Flash student trained "
+    "on the real images and one trained on a `fewstep synth` set, at 4/2/1 steps, and what synthesizing the set cost; "
+    "needs --adapter). Every set also holds the teacher at 50 steps with CFG 4 and at its best CFG, the rows the others "
+    "are compared with. Repeat --set to run several sets in one process: a configuration they share is sampled once.")
+
+
+def add_split_options(p, split: str, per_class: int, seed_sets: int) -> None:
+    """The prompt-set layout options `bench` and `eval` share."""
+    from ..evaluation import SPLITS
+    from ..scores import RESAMPLES
+
+    p.add_argument("--split", default=split, choices=sorted(SPLITS),
+                   help="prompts x seeds to sample: make every choice on 'validation', report 'test'")
+    p.add_argument("--per-class", type=positive_int, default=per_class, help="samples per prompt class (20 classes) in each seed set")
+    p.add_argument("--seed-sets", type=positive_int, default=seed_sets,
+                   help="disjoint seed sets, each scored on its own too (the spread beside the bootstrap interval)")
+    p.add_argument("--resamples", type=count, default=RESAMPLES, help="bootstrap draws for each score's 95 %% interval (0: none)")
 
 
 def add_bench(subparsers) -> None:
     p = subparsers.add_parser(
         "bench", help="measure a named set of configurations on the proxy benchmark",
-        description="Sample every configuration of a bench set on the same prompts and seeds; score FID against the held-out "
-        "real images (EfficientNet-Lite0 features), prompt accuracy (bundled classifier), NFE and seconds per image. Writes "
-        "OUT_DIR/<set>.json, OUT_DIR/<set>.md and a PNG grid per configuration.",
+        description="Sample every configuration of a bench set on the same prompts and seeds of one split; score FID against "
+        "the class-balanced held-out real images in two feature spaces (EfficientNet-Lite0, the proxy classifier's), class "
+        "FID, precision and recall, prompt accuracy (bundled classifier), each with its 95 %% interval, NFE and seconds per "
+        "image; say which rows differ from the teacher baselines beyond the noise. Writes OUT_DIR/<set>.json (test split; "
+        "<set>_validation.json for validation), the markdown table beside it and a PNG grid per configuration.",
     )
-    p.add_argument("--set", default="teacher", choices=["teacher", "flash", "guided", "sun", "gdd", "snapfusion", "data_free"],
-                   help="'teacher' (50/25/8/4/2 steps with CFG), 'flash' (teacher 50/4/2 steps with CFG, Flash student 4/2/1 "
-                   "steps), 'guided' (teacher with CFG vs a guided student at w = 3: 50 steps, 8/4/2/1 steps with DDIM and "
-                   "stochastic sampling, and a sweep over w; needs --adapter) or 'sun' (teacher 50/8/4 steps with CFG vs a SUN "
-                   "adapter at 4/8/2 steps, and how a class named as negative prompt disappears; needs --adapter) or 'gdd' "
-                   "(one step: teacher 50 and 1 steps with CFG, the Flash student, and each GDD variant given: full, gdd_i, "
-                   "lora; needs --adapter) or 'snapfusion' (8 steps: teacher 50 and 8 steps with CFG, the guided student, "
-                   "SnapFusion students with CFG: full-size, without CFG-aware distillation, slim; per-pass latency of their "
-                   "UNets and decoders; needs --adapter, and --plan for the block table) or 'data_free' (teacher 50 and 4 steps with "
-                   "CFG, the Flash student trained on the real images and one trained on a `fewstep synth` set, at 4/2/1 "
-                   "steps, and what synthesizing the set cost; needs --adapter)")
+    p.add_argument("--set", action="append", default=None, choices=sorted(BENCH_SET_NAMES), help=BENCH_SET_HELP + " (default: teacher)")
     p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
-    p.add_argument("--per-class", type=positive_int, default=50, help="samples per prompt class (20 classes)")
+    add_split_options(p, "test", 25, 2)
     p.add_argument("--batch-size", type=positive_int, default=250, help="samples generated at once")
     p.add_argument("--out-dir", default="bench/results", help="where results go")
     p.add_argument("--adapter", action="append", default=None,
@@ -40,33 +60,45 @@ def add_bench(subparsers) -> None:
     p.set_defaults(run=run_bench_command)
 
 
+BENCH_SET_NAMES = ("teacher", "cfg", "flash", "guided", "sun", "gdd", "snapfusion", "data_free")
+NEEDS_ADAPTER = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`",
+                 "gdd": "gdd_student files from `fewstep train gdd` (one per --variant to compare)",
+                 "data_free": "a flash_lora file trained on a `fewstep synth` set (`fewstep train flash --data-free` or --data)"}
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
+    import torch
+
     from ..bench import markdown_table, run_bench
     from ..evaluation import BUNDLED_TEACHER
+    from ..pipelines import load_teacher
 
-    needs = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`",
-             "gdd": "gdd_student files from `fewstep train gdd` (one per --variant to compare)",
-             "data_free": "a flash_lora file trained on a `fewstep synth` set (`fewstep train flash --data-free` or --data)"}
-    if args.set in needs and not args.adapter:
-        print(f"error: --set {args.set} needs --adapter: {needs[args.set]}", file=sys.stderr)
-        return 2
-    document = run_bench(args.set, args.teacher or BUNDLED_TEACHER, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter,
-                         plan=args.plan)
-    print(markdown_table(document), end="")
+    sets = list(dict.fromkeys(args.set or ["teacher"]))
+    for name in sets:
+        if name in NEEDS_ADAPTER and not args.adapter:
+            print(f"error: --set {name} needs --adapter: {NEEDS_ADAPTER[name]}", file=sys.stderr)
+            return 2
+    teacher = args.teacher or BUNDLED_TEACHER
+    pipe, samples = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu"), {}
+    for name in sets:
+        document = run_bench(name, teacher, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter, plan=args.plan,
+                             split=args.split, seed_sets=args.seed_sets, resamples=args.resamples, samples=samples, pipe=pipe)
+        print(markdown_table(document), end="")
     return 0
 
 
 def add_eval(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="score a model or a folder of images (FID, prompt accuracy, NFE, seconds per image)",
-        description="Either sample a teacher pipeline at --steps/--cfg on the proxy prompt set and score it, or score an "
-        "existing folder of captioned images (--images) by FID against the proxy held-out set or a --reference folder.",
+        "eval", help="score a model or a folder of images (FID, class FID, precision/recall, prompt accuracy, NFE, s/image)",
+        description="Either sample a teacher pipeline at --steps/--cfg (or an --adapter on it) on the proxy prompt set of a "
+        "split and score it, each score with its 95 %% interval, or score an existing folder of captioned images "
+        "(--images) against the proxy held-out set or by FID against a --reference folder.",
     )
     p.add_argument("--teacher", default=None, help="pipeline folder to sample (default: the bundled proxy teacher)")
     p.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: 25, or the adapter's own)")
     p.add_argument("--adapter", default=None, help="sample this adapter file on the teacher instead (no CFG, its sampler and timesteps)")
     p.add_argument("--cfg", type=finite, default=4.0, help="CFG scale (diffusers convention; 1 disables guidance)")
-    p.add_argument("--per-class", type=positive_int, default=50, help="samples per prompt class")
+    add_split_options(p, "validation", 50, 1)
     p.add_argument("--images", default=None, help="score this folder of images with .txt captions / metadata.jsonl instead")
     p.add_argument("--reference", default=None, help="with --images: real images to compare with (default: proxy held-out set)")
     p.add_argument("--clip-model", default=None,
@@ -78,17 +110,20 @@ def add_eval(subparsers) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     if args.images:
         from ..data import PROXY_CLASSES, read_image_folder
-        from ..metrics import fid, fid_to_heldout
-        from ..proxy_classifier import prompt_accuracy
+        from ..metrics import fid
+        from ..scores import score_images
 
         data = read_image_folder(args.images, size=32 if args.reference is None else None)
         result = {"images": len(data), "skipped": len(data.skipped)}
         if args.reference:
             result["fid"] = fid(data.images, read_image_folder(args.reference).images)
+        elif set(data.captions) <= set(PROXY_CLASSES):
+            result.update(score_images(data.images, [PROXY_CLASSES.index(c) for c in data.captions], resamples=args.resamples))
+            result.pop("replicates", None)
         else:
-            result["fid"] = fid_to_heldout(data.images)
-        if set(data.captions) <= set(PROXY_CLASSES):
-            result["prompt_accuracy"] = prompt_accuracy(data.images, [PROXY_CLASSES.index(c) for c in data.captions])
+            print("error: without --reference the images' captions must be proxy prompts (\"a handwritten digit seven\", ...); "
+                  "give --reference REAL_FOLDER to score other images by FID", file=sys.stderr)
+            return 2
         if args.clip_model:
             from ..clip_score import clip_score
 
@@ -109,15 +144,24 @@ def run_eval(args: argparse.Namespace) -> int:
         else:
             entry = TeacherEntry(args.steps if args.steps is not None else 25, args.cfg)
         try:
-            result = evaluate_entry(load_teacher(args.teacher or BUNDLED_TEACHER), entry, args.per_class, 250)
+            result = evaluate_entry(load_teacher(args.teacher or BUNDLED_TEACHER), entry, args.per_class, 250, split=args.split,
+                                    seed_sets=args.seed_sets, resamples=args.resamples)
         except AdapterFileError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
+        result.pop("replicates", None)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        intervals = result.pop("intervals", {})
         for key, value in result.items():
-            print(f"{key:<18} {value:.4f}" if isinstance(value, float) else f"{key:<18} {value}")
+            if key in intervals:
+                low, high = intervals[key]
+                print(f"{key:<18} {value:.4f} ± {(high - low) / 2:.4f}")
+            elif isinstance(value, float):
+                print(f"{key:<18} {value:.4f}")
+            elif not isinstance(value, dict):
+                print(f"{key:<18} {value}")
     return 0
 
 

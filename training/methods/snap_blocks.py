@@ -121,11 +121,11 @@ def block_table(pipe, per_class: int = 10, steps: int = 25, cfg_scale: float = 4
         skipping = BlockSkipping(unet)
         view = pipe.__class__(**{**pipe.components, "unet": unet})
         entry = TeacherEntry(steps, cfg_scale)
-        full = evaluate_entry(view, entry, per_class, batch_size=250)
+        full = evaluate_entry(view, entry, per_class, batch_size=250, resamples=0)
         table["quality"] = {"steps": steps, "cfg_scale": cfg_scale, "samples": per_class * len(PROXY_CLASSES),
                             "fid": full["fid"], "prompt_accuracy": full["prompt_accuracy"]}
         for row in tqdm(rows, desc="blocks skipped one at a time", disable=not progress):
             with skipping.skip([row["block"]]):
-                skipped = evaluate_entry(view, entry, per_class, batch_size=250)
+                skipped = evaluate_entry(view, entry, per_class, batch_size=250, resamples=0)
             row.update(fid=skipped["fid"], prompt_accuracy=skipped["prompt_accuracy"], fid_increase=skipped["fid"] - full["fid"])
     return table
