@@ -17,9 +17,9 @@ Noise, two ways. A stratified bootstrap over the samples (each class resampled w
 with the same draws for every set of the same layout, so that two rows' replicates pair up) gives the interval
 ``value +- 1.96 se``: centred on the value, since resampling with repeats biases FID itself upwards but hardly its
 spread. Checked on disjoint sets of real images (tests/test_scores.py): the interval's se is within about 1.1x of
-their spread for every score but the EfficientNet FID, where it is conservative (1.6x at 500 images, 2.3x at 200),
-since the repeats a draw holds add a spread of their own in 1280 dimensions; paired differences (``compare``) share
-their draws and so cancel it. And each disjoint seed set is scored on its own. ``compare`` calls two rows different only where the paired
+their spread for most scores; it is conservative for the EfficientNet FID (1.6x at 500 images, 2.3x at 200: the
+repeats a draw holds add a spread of their own in 1280 dimensions, which paired differences cancel, since they share
+their draws) and about 1.4x narrow for recall (a draw's manifold is built from its distinct samples). And each disjoint seed set is scored on its own. ``compare`` calls two rows different only where the paired
 bootstrap difference is beyond 1.96 of its se and every seed set's difference has the same sign.
 """
 
