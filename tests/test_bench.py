@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from fewstep.training import bench, evaluation
+from fewstep.training.cli.measure import BENCH_SET_NAMES
 from fewstep.training.data import PROXY_CLASSES
 from fewstep.training.pipelines import load_teacher
 from fewstep.training.teacher import train_teacher
@@ -31,8 +32,10 @@ def test_entries_count_guided_passes_and_every_set_holds_both_teacher_baselines(
     assert [(e.steps, e.cfg_scale) for e in bench.BENCH_SETS["teacher"]] == [
         (50, 4.0), (50, evaluation.BEST_CFG_SCALE), (25, 4.0), (8, 4.0), (4, 4.0), (2, 4.0)]
     for name, entries in bench.BENCH_SETS.items():
-        if name != "cfg":
-            assert set(bench.BASELINES) <= set(entries), name
+        if not name.endswith("cfg"):
+            baselines = bench.ATTRIBUTE_BASELINES if name in bench.ATTRIBUTE_SETS else bench.BASELINES
+            assert set(baselines) <= set(entries), name
+    assert set(BENCH_SET_NAMES) == set(bench.BENCH_SETS)
     assert evaluation.BEST_CFG_SCALE in bench.CFG_SWEEP
 
 
@@ -66,7 +69,7 @@ def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkey
     table = (tmp_path / "smoke.md").read_text()
     assert "teacher-2steps-cfg4" in table and "teacher-1steps-cfg4" in table and "*uniform noise*" in table and " ± " in table
     one_step = doc["results"][1]
-    assert set(one_step["vs"]["teacher-2steps-cfg4"]) == set(bench.SCORES) and len(one_step["per_seed_set"]["fid"]) == 2
+    assert set(one_step["vs"]["teacher-2steps-cfg4"]) == set(evaluation.PROXY.scores) and len(one_step["per_seed_set"]["fid"]) == 2
     assert doc["sanity"]["real_train_images"]["fid"] < doc["sanity"]["uniform_noise"]["fid"]
     assert sorted(p.name for p in (tmp_path / "smoke-grids").iterdir()) == ["teacher-1steps-cfg4.png", "teacher-2steps-cfg4.png"]
     # A second set run with the same samples cache samples nothing again; a validation run writes files of its own.

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fewstep.training import scores as S
-from fewstep.training.data import PROXY_CLASSES, load_proxy_dataset
-from fewstep.training.evaluation import SPLITS, prompt_set
+from fewstep.training.data import PROXY_CLASSES, balanced_indices, load_proxy_dataset
+from fewstep.training.evaluation import SPLITS, class_major, prompt_set
 from fewstep.training.metrics import FeatureStatistics, fid_from_features
 
 PER_CLASS, SETS = 10, 10   # ten disjoint real sets of 200 images (10 per class)
@@ -17,9 +17,9 @@ PER_CLASS, SETS = 10, 10   # ten disjoint real sets of 200 images (10 per class)
 def real_sets():
     """Real training images in the benchmark's layout (class by class; a class's k-th image in set k // PER_CLASS)."""
     train = load_proxy_dataset("train")
-    picks = S.balanced_indices(train.labels, PER_CLASS * SETS, seed=1)
-    set_of = np.tile(np.arange(PER_CLASS * SETS), len(PROXY_CLASSES)) // PER_CLASS
-    return S.embed(train.images[picks], train.labels[picks], "cpu"), set_of
+    picks = balanced_indices(train.labels, PER_CLASS * SETS, seed=1)
+    labels, _, set_of = class_major(PER_CLASS, SETS)
+    return S.embed(train.images[picks], labels, "cpu"), set_of
 
 
 def _subset(embedded: S.Embedded, mask: np.ndarray) -> S.Embedded:

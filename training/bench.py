@@ -22,9 +22,10 @@ import numpy as np
 import torch
 
 from .data import PROXY_CLASSES
-from .evaluation import (BEST_CFG_SCALE, BUNDLED_FLASH, BUNDLED_TEACHER, DEFAULT_CFG_SCALE, StudentEntry, TeacherEntry,
-                         evaluate_entry)
-from .scores import RESAMPLES, SCORES, WITHIN_NOISE, Z_95, balanced_indices, compare, score_images
+from . import attributes
+from .evaluation import (BEST_CFG_SCALE, BUNDLED_ATTRIBUTES_TEACHER, BUNDLED_FLASH, BUNDLED_TEACHER, DEFAULT_CFG_SCALE, PROXY,
+                         PromptSuite, StudentEntry, TeacherEntry, evaluate_entry)
+from .scores import RESAMPLES, WITHIN_NOISE, Z_95, compare
 from .pipelines import load_teacher
 from .teacher import pipeline_provenance
 
@@ -106,6 +107,27 @@ BENCH_SETS = {
                                                  for label, adapter in (("flash", str(BUNDLED_FLASH)), ("flash_synth", None))]],
 }
 
+# The attributes split (attributes.py): its own teacher, trained on it, its prompts and its scores. The teacher at 50,
+# 8, 4 and 2 steps with and without CFG, and Flash and SUN students distilled from it (given with --adapter); its best
+# CFG is chosen on validation with the sweep.
+ATTRIBUTE_BASELINES = (TeacherEntry(50),)
+ATTRIBUTE_SETS = {
+    "attributes": [*ATTRIBUTE_BASELINES, *[TeacherEntry(s, c) for s in (50, 8, 4, 2) for c in (DEFAULT_CFG_SCALE, 1.0)],
+                   *[StudentEntry(n, adapter=None, label=label) for label in ("flash", "sun") for n in (4, 2)]],
+    "attributes_cfg": [TeacherEntry(50, s) for s in CFG_SWEEP],
+}
+BENCH_SETS.update(ATTRIBUTE_SETS)
+
+
+def suite_of(set_name: str) -> PromptSuite:
+    """The prompts and scores of a bench set."""
+    return attributes.SUITE if set_name in ATTRIBUTE_SETS else PROXY
+
+
+def default_teacher(set_name: str) -> Path:
+    """The bundled teacher a bench set samples unless given another."""
+    return BUNDLED_ATTRIBUTES_TEACHER if set_name in ATTRIBUTE_SETS else BUNDLED_TEACHER
+
 # The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.
 # Under the proxy's (randomly initialised, frozen) text encoder "a handwritten digit" gives mostly twos (87% of the
 # teacher's samples) and some threes: "two" shows whether a negative prompt removes what a prompt gives; "seven",
@@ -117,7 +139,7 @@ NEGATIVE_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 def run_bench(
     set_name: str = "teacher",            # which BENCH_SETS entry
-    teacher: str | Path = BUNDLED_TEACHER,  # the pipeline folder to sample
+    teacher: str | Path | None = None,    # the pipeline folder to sample (default: the set's, ``default_teacher``)
     per_class: int = 25,                  # samples per class (20 classes) in each seed set
     batch_size: int = 250,                # samples generated together
     out_dir: str | Path = "bench/results",  # JSON, markdown and grids go here
@@ -138,7 +160,8 @@ def run_bench(
 
     if set_name not in BENCH_SETS:
         raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
-    out_dir = Path(out_dir)
+    out_dir, suite = Path(out_dir), suite_of(set_name)
+    teacher = teacher or default_teacher(set_name)
     pipe = pipe if pipe is not None else load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
     adapters = [str(a) for a in ([adapter] if isinstance(adapter, (str, Path)) else adapter or [])]
     entries = list(dict.fromkeys(resolved for e in BENCH_SETS[set_name]     # BEST_CFG_SCALE may be one of the set's
@@ -151,22 +174,23 @@ def run_bench(
     rows = []
     for entry in tqdm(entries, desc=f"bench {set_name} ({split})", disable=not progress):
         rows.append(evaluate_entry(pipe, entry, per_class, batch_size, out_dir / f"{name}-grids" / f"{entry.name}.png",
-                                   split, seed_sets, resamples, samples))
+                                   split, seed_sets, resamples, samples, suite))
         if isinstance(entry, StudentEntry):
             rows[-1]["training"] = training_data(entry.adapter)
-        log.info("%s: FID %.2f, class FID %.2f, accuracy %.3f", entry.name, rows[-1]["fid"], rows[-1]["class_fid"],
-                 rows[-1]["prompt_accuracy"])
-    baselines = [r for r in rows if r["name"] in {b.name for b in BASELINES}]
+        log.info("%s: %s", entry.name, ", ".join(f"{n} {rows[-1][n]}" for n in suite.scores))
+    baseline_names = {b.name for b in (ATTRIBUTE_BASELINES if set_name in ATTRIBUTE_SETS else BASELINES)}
+    baselines = [r for r in rows if r["name"] in baseline_names]
     if resamples:
         for row in rows:
             row["vs"] = {b["name"]: compare(row, b) for b in baselines if b is not row}
     document = {
         "set": set_name, "split": split, "teacher": str(teacher),
         "adapters": sorted({e.adapter for e in entries if isinstance(e, StudentEntry)}),
+        "prompts": suite.name, "scores": list(suite.scores),
         "samples_per_configuration": per_class * seed_sets * len(PROXY_CLASSES), "per_class": per_class, "seed_sets": seed_sets,
         "resamples": resamples, "baselines": [b["name"] for b in baselines],
-        "sanity": real_and_noise(per_class, seed_sets, resamples),
-        "reference": "class-balanced proxy held-out split (50 real images per class, 1,000 in all)",
+        "sanity": suite.sanity(per_class, seed_sets, resamples),
+        "reference": suite.reference,
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
                    f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
@@ -238,21 +262,6 @@ def training_data(adapter: str) -> dict:
             "images_seen": steps * batch if steps and batch else None}
 
 
-def real_and_noise(per_class: int, seed_sets: int, resamples: int) -> dict:
-    """The scores of real training images in the benchmark's layout (disjoint sets of ``per_class`` per class: the
-    floor, and the real-vs-real spread) and of uniform noise (the ceiling; values only)."""
-    from .data import load_proxy_dataset
-
-    train = load_proxy_dataset("train")
-    picks = balanced_indices(train.labels, per_class * seed_sets, seed=1)
-    within_class = np.tile(np.arange(per_class * seed_sets), len(PROXY_CLASSES))
-    real = score_images(train.images[picks], train.labels[picks], within_class // per_class, resamples)
-    noise = np.random.default_rng(0).integers(0, 256, size=(len(picks), 32, 32, 3), dtype=np.uint8)
-    return {"real_train_images": {"name": "real training images", "samples": len(picks), **real},
-            "uniform_noise": {"name": "uniform noise", "samples": len(picks),
-                              **score_images(noise, train.labels[picks], resamples=0)}}
-
-
 def negative_prompt_study(pipe, adapter: str, samples: int, batch_size: int, steps: int = 4,
                           strengths: Sequence[float] = NEGATIVE_STRENGTHS, teacher_steps: int = 50,
                           classes: Sequence[str] = NEGATIVE_CLASSES, split: str = "test") -> dict:
@@ -292,9 +301,12 @@ def _rate_interval(rate: float, count: int) -> list[float]:
 
 
 COLUMNS = {"fid": ("FID ↓", 2), "fid_classifier": ("FID, classifier features ↓", 2), "class_fid": ("class FID ↓", 2),
-           "precision": ("precision ↑", 3), "recall": ("recall ↑", 3), "prompt_accuracy": ("prompt accuracy ↑", 3)}
+           "precision": ("precision ↑", 3), "recall": ("recall ↑", 3), "prompt_accuracy": ("prompt accuracy ↑", 3),
+           "class_accuracy": ("class ↑", 3), "colour_accuracy": ("colour ↑", 3), "pair_accuracy": ("pair ↑", 3),
+           "position_accuracy": ("position ↑", 3)}
 SHORT_NAMES = {"fid": "FID", "fid_classifier": "FID-cls", "class_fid": "class FID", "precision": "precision",
-               "recall": "recall", "prompt_accuracy": "accuracy"}
+               "recall": "recall", "prompt_accuracy": "accuracy", "class_accuracy": "class", "colour_accuracy": "colour",
+               "pair_accuracy": "pair", "position_accuracy": "position"}
 
 
 def _with_interval(row: dict, name: str) -> str:
@@ -313,19 +325,19 @@ def _verdict(verdicts: dict[str, str]) -> str:
 
 
 def markdown_table(document: dict) -> str:
-    rows = document["results"]
+    rows, scores = document["results"], document.get("scores", PROXY.scores)
     trained = any("training" in r for r in rows)   # a column for what the students learnt from
     baselines = document.get("baselines", [])
-    header = (["configuration", "NFE"] + [COLUMNS[n][0] for n in SCORES] + ["s / image"]
+    header = (["configuration", "NFE"] + [COLUMNS[n][0] for n in scores] + ["s / image"]
               + (["training images seen (dataset)"] if trained else []) + [f"vs {b}" for b in baselines])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = ([r["name"], str(r["nfe"])] + [_with_interval(r, n) for n in SCORES] + [f"{r['seconds_per_image']:.4f}"]
+        cells = ([r["name"], str(r["nfe"])] + [_with_interval(r, n) for n in scores] + [f"{r['seconds_per_image']:.4f}"]
                  + ([_seen(r.get("training"))] if trained else [])
                  + ["–" if b == r["name"] else _verdict(r["vs"][b]) for b in baselines])
         lines.append("| " + " | ".join(cells) + " |")
     for sanity in document.get("sanity", {}).values():
-        cells = [f"*{sanity['name']}*", "–"] + [_with_interval(sanity, n) for n in SCORES] + ["–"] * (1 + trained + len(baselines))
+        cells = [f"*{sanity['name']}*", "–"] + [_with_interval(sanity, n) for n in scores] + ["–"] * (1 + trained + len(baselines))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     split = document.get("split")

@@ -1,4 +1,5 @@
-"""Datasets of (image, caption): a folder with captions, and the bundled proxy set of digits and animal silhouettes.
+"""Datasets of (image, caption): a folder with captions, and the bundled proxy set of digits and animal silhouettes
+(also in the benchmark's attributes layout).
 
 Broken or unreadable images, images without a caption and captions without an image are left out, counted and
 reported, never fatal: a dataset of thousands of scraped files always holds a few. What cannot be meant (a caption
@@ -9,7 +10,7 @@ as uint8 RGB arrays (16-bit ones scaled to 8 bits); resizing and normalisation b
 from __future__ import annotations
 
 import dataclasses
-
+import functools
 import gzip
 import io
 import importlib.util
@@ -101,7 +102,7 @@ def read_image_folder(root: str | Path, size: int | None = None) -> CaptionedIma
 def check_dataset(spec: str) -> None:
     """The cheap part of ``load_dataset(spec)``, for before any expensive work: the folder, shards or data packages are
     there, captions and ``metadata.jsonl`` read, and at least one image opens. A ``fewstep synth`` folder passes."""
-    if spec == "proxy" or spec.startswith("proxy-") and spec[len("proxy-"):] in PROXY_STYLES:
+    if _is_proxy_spec(spec):
         require_packages(PROXY_PACKAGES)
     elif _is_shard_spec(spec):
         _shards(spec)
@@ -360,15 +361,124 @@ def load_proxy_dataset(split: str = "train") -> CaptionedImages:
 
 # "Styles" of the proxy set to fine-tune a teacher on (uint8 NHWC in and out). Inverted colours are the visible one,
 # but the proxy VAE never saw light backgrounds and reconstructs them badly; mirrored images keep its statistics.
+PROXY_ATTRIBUTES = "proxy-attributes"
 PROXY_STYLES = {"inverted": lambda images: 255 - images, "mirrored": lambda images: images[:, :, ::-1].copy()}
 
 
+def _is_proxy_spec(spec: str) -> bool:
+    return spec in ("proxy", PROXY_ATTRIBUTES) or spec.startswith("proxy-") and spec[len("proxy-"):] in PROXY_STYLES
+
+
+def balanced_indices(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
+    """``per_class`` indices of every proxy class, drawn once with ``seed`` and listed class by class (in draw order)."""
+    rng = np.random.default_rng(seed)
+    picks = []
+    for c in range(len(PROXY_CLASSES)):
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class:
+            raise ValueError(f"class {PROXY_CLASSES[c]!r} has {len(members)} images; {per_class} asked for")
+        picks.append(rng.permutation(members)[:per_class])
+    return np.concatenate(picks)
+
+
+# --- the proxy set in the attributes layout (the benchmark's attributes split, ``attributes.py``) -------------------
+# Coloured items on coloured backgrounds ("a red digit seven on a blue background") and pairs side by side at half size
+# ("a digit three left of a cat"), built from the proxy images.
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40)}
+COLOUR_NAMES = tuple(COLOURS)
+ITEM_NAMES = tuple(f"digit {d}" for d in DIGIT_NAMES) + ANIMAL_NAMES   # the proxy classes, in their order, as attribute prompts name them
+COLOURED, PAIR = 0, 1   # kinds
+HALF = PROXY_SIZE // 2
+ATTRIBUTE_SEEDS = {"train": 0, "heldout": 1}   # each split's layout is drawn with its own seed
+
+
+@dataclass(frozen=True)
+class AttributePrompt:
+    """One prompt's attributes: a coloured item (``first`` on ``background``) or a pair (``first`` left of
+    ``second``). Items index the proxy classes (digits 0-9, animals 10-19), colours ``COLOUR_NAMES``."""
+
+    kind: int
+    first: int
+    second: int = -1
+    colour: int = -1
+    background: int = -1
+
+    @property
+    def caption(self) -> str:
+        if self.kind == COLOURED:
+            return f"a {COLOUR_NAMES[self.colour]} {ITEM_NAMES[self.first]} on a {COLOUR_NAMES[self.background]} background"
+        return f"{_a(ITEM_NAMES[self.first])} left of {_a(ITEM_NAMES[self.second])}"
+
+
+def _a(item: str) -> str:
+    return ("an " if item[0] in "aeiou" else "a ") + item
+
+
+def all_prompts(kind: int) -> list[AttributePrompt]:
+    """Every prompt of a kind: each item in each (colour, background) of distinct colours; each digit with each animal,
+    in both orders."""
+    digits, animals = range(len(DIGIT_NAMES)), range(len(DIGIT_NAMES), len(ITEM_NAMES))
+    if kind == COLOURED:
+        return [AttributePrompt(COLOURED, item, colour=c, background=b) for item in range(len(ITEM_NAMES))
+                for c in range(len(COLOURS)) for b in range(len(COLOURS)) if c != b]
+    return [AttributePrompt(PAIR, *order) for d in digits for a in animals for order in ((d, a), (a, d))]
+
+
+def compose(prompt: AttributePrompt, grey: np.ndarray, second: np.ndarray | None = None) -> np.ndarray:
+    """The prompt's image (uint8 (32, 32, 3)) from proxy images (uint8 (32, 32, 3), white on black) of its items."""
+    if prompt.kind == COLOURED:
+        level = grey[..., :1].astype(np.float64) / 255.0
+        colour, background = (np.array(COLOURS[COLOUR_NAMES[i]], dtype=np.float64) for i in (prompt.colour, prompt.background))
+        return np.rint(background + level * (colour - background)).astype(np.uint8)
+    image = np.zeros((PROXY_SIZE, PROXY_SIZE, 3), dtype=np.uint8)
+    for left, item in ((0, grey), (HALF, second)):
+        # 2x2 means: the half-size item, centred vertically in its half
+        image[HALF // 2:HALF // 2 + HALF, left:left + HALF] = item.reshape(HALF, 2, HALF, 2, 3).mean(axis=(1, 3)).round()
+    return image
+
+
+def attribute_dataset(split: str = "train", per_class: int | None = None) -> tuple[CaptionedImages, list[AttributePrompt]]:
+    """Images of the proxy set's ``split`` ("train" or "heldout") in the attributes layout, drawn with a fixed seed per
+    split: every proxy image once as a coloured item (colours drawn at random), or with ``per_class`` that many of
+    each class (class-balanced, like the benchmark's prompts); then as many pairs (a digit and an animal drawn at
+    random, in random order)."""
+    base = load_proxy_dataset(split)
+    rng = np.random.default_rng(ATTRIBUTE_SEEDS[split])
+    items = rng.permutation(len(base) if per_class is None else balanced_indices(base.labels, per_class, ATTRIBUTE_SEEDS[split]))
+    colours = all_prompts(COLOURED)
+    images, prompts = [], []
+    for index in items:
+        label = int(base.labels[index])
+        options = [p for p in colours if p.first == label]
+        prompt = options[rng.integers(len(options))]
+        images.append(compose(prompt, base.images[index]))
+        prompts.append(prompt)
+    digits = np.flatnonzero(base.labels < len(DIGIT_NAMES))
+    animals = np.flatnonzero(base.labels >= len(DIGIT_NAMES))
+    for _ in range(len(items)):
+        d, a = int(rng.choice(digits)), int(rng.choice(animals))
+        left, right = (d, a) if rng.random() < 0.5 else (a, d)
+        prompt = AttributePrompt(PAIR, int(base.labels[left]), int(base.labels[right]))
+        images.append(compose(prompt, base.images[left], base.images[right]))
+        prompts.append(prompt)
+    return CaptionedImages(np.stack(images), [p.caption for p in prompts]), prompts
+
+
+@functools.cache
+def load_attribute_dataset(split: str = "train") -> CaptionedImages:
+    """``attribute_dataset(split)``'s images and captions (``fewstep train teacher --data proxy-attributes``)."""
+    return attribute_dataset(split)[0]
+
+
 def load_dataset(spec: str, size: int | None = PROXY_SIZE) -> CaptionedImages:
-    """``proxy`` (the bundled set), ``proxy-inverted`` / ``proxy-mirrored`` (the same in a style, see PROXY_STYLES), a
-    folder of captioned images, or webdataset shards (``a.tar``, ``shards/*.tar``)."""
-    if spec == "proxy" or spec.startswith("proxy-") and spec[len("proxy-"):] in PROXY_STYLES:
-        data = load_proxy_dataset("train")
-        images = data.images if spec == "proxy" else PROXY_STYLES[spec[len("proxy-"):]](data.images)
+    """``proxy`` (the bundled set), ``proxy-inverted`` / ``proxy-mirrored`` (the same in a style, see PROXY_STYLES),
+    ``proxy-attributes`` (the attributes layout, ``attribute_dataset``), a folder of captioned images, or
+    webdataset shards (``a.tar``, ``shards/*.tar``)."""
+    if _is_proxy_spec(spec):
+        data = load_attribute_dataset("train") if spec == PROXY_ATTRIBUTES else load_proxy_dataset("train")
+        style = PROXY_STYLES.get(spec[len("proxy-"):])
+        images = data.images if style is None else style(data.images)
         if size is not None and size != images.shape[1]:   # a teacher of another native size (its latents must match)
             images = np.stack([_resized(im, size) for im in images])
         return dataclasses.replace(data, images=images)

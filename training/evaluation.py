@@ -16,14 +16,14 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from .data import PROXY_CLASSES
 from .images import save_grid
-from .scores import RESAMPLES, score_images
+from .scores import RESAMPLES, SCORES, score_images
 from .teacher import sample_images
 
 log = logging.getLogger("fewstep")
@@ -31,6 +31,7 @@ log = logging.getLogger("fewstep")
 BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
 BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors"
 BUNDLED_SUN = Path(__file__).parent / "assets" / "proxy_sun_adapter.safetensors"
+BUNDLED_ATTRIBUTES_TEACHER = Path(__file__).parent / "assets" / "proxy_attributes_teacher"   # attributes.py's split
 DEFAULT_CFG_SCALE = 4.0
 # The teacher's best CFG on the validation split (lowest class FID of `fewstep bench --set cfg --split validation`,
 # bench/results/cfg_validation.json): the teacher baseline at its best, next to CFG 4, in every bench set.
@@ -116,34 +117,85 @@ _LOADED: dict = {}
 
 @dataclass(frozen=True)
 class PromptSet:
-    """The prompts and seeds one configuration is sampled on: sample i is ``captions[i]`` (class ``labels[i]``) with
-    ``seeds[i]``, and belongs to seed set ``seed_sets[i]``."""
+    """The prompts and seeds one configuration is sampled on: sample i is ``captions[i]`` with ``seeds[i]``, and
+    belongs to seed set ``seed_sets[i]``; ``labels[i]`` is its stratum in the bootstrap (its proxy class; on the
+    attributes split its kind, with its attributes in ``attributes[i]``)."""
 
     captions: list[str]
     labels: np.ndarray
     seeds: list[int]
     seed_sets: np.ndarray
     split: str
+    attributes: tuple = ()
+
+
+def check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+
+
+def class_major(per_class: int, seed_sets: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The proxy benchmark's layout: (class, k, seed set) of each sample, every class ``per_class`` times in each
+    seed set, class by class; the k-th sample of a class is in seed set k // per_class."""
+    per_split = per_class * seed_sets
+    within_class = np.tile(np.arange(per_split), len(PROXY_CLASSES))
+    return np.repeat(np.arange(len(PROXY_CLASSES)), per_split), within_class, within_class // per_class
 
 
 def prompt_set(per_class: int, split: str = "validation", seed_sets: int = 1) -> PromptSet:
-    """Every proxy class ``per_class`` times per seed set, class by class; a class's k-th sample takes the split's
-    first seed + k and belongs to seed set k // per_class."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-    per_split = per_class * seed_sets
-    labels = np.repeat(np.arange(len(PROXY_CLASSES)), per_split)
-    within_class = np.tile(np.arange(per_split), len(PROXY_CLASSES))
-    return PromptSet([PROXY_CLASSES[i] for i in labels], labels, [SPLITS[split] + int(k) for k in within_class],
-                     within_class // per_class, split)
+    """Every proxy class ``per_class`` times per seed set (``class_major``); a class's k-th sample takes the split's
+    first seed + k."""
+    check_split(split)
+    labels, within_class, sets = class_major(per_class, seed_sets)
+    return PromptSet([PROXY_CLASSES[i] for i in labels], labels, [SPLITS[split] + int(k) for k in within_class], sets, split)
+
+
+def real_and_noise(per_class: int, seed_sets: int, resamples: int) -> dict:
+    """The scores of real training images in the benchmark's layout (disjoint sets of ``per_class`` per class: the
+    floor, and the real-vs-real spread) and of uniform noise (the ceiling; values only)."""
+    from .data import balanced_indices, load_proxy_dataset
+
+    train = load_proxy_dataset("train")
+    picks = balanced_indices(train.labels, per_class * seed_sets, seed=1)
+    labels, _, sets = class_major(per_class, seed_sets)
+    noise = np.random.default_rng(0).integers(0, 256, size=(len(picks), 32, 32, 3), dtype=np.uint8)
+    return {"real_train_images": {"name": "real training images", "samples": len(picks),
+                                  **score_images(train.images[picks], labels, sets, resamples)},
+            "uniform_noise": {"name": "uniform noise", "samples": len(picks), **score_images(noise, labels, resamples=0)}}
+
+
+@dataclass(frozen=True)
+class PromptSuite:
+    """What a bench set samples and how it scores it: ``prompts(per_class, split, seed_sets)`` the prompt set (20
+    classes' worth of samples ``per_class`` times per seed set), ``score(images, prompts, resamples)`` its scores,
+    ``grid(images, prompts, path)`` its preview, ``sanity(per_class, seed_sets, resamples)`` the rows real images and
+    noise give; ``reference`` says what the FIDs compare with."""
+
+    name: str
+    scores: tuple[str, ...]
+    prompts: Callable[[int, str, int], PromptSet]
+    score: Callable[[np.ndarray, PromptSet, int], dict]
+    grid: Callable[[np.ndarray, PromptSet, Path], None]
+    sanity: Callable[[int, int, int], dict]
+    reference: str
+
+
+def _score_proxy(images: np.ndarray, prompts: PromptSet, resamples: int) -> dict:
+    return score_images(images, prompts.labels, prompts.seed_sets, resamples)
+
+
+def _proxy_grid(images: np.ndarray, prompts: PromptSet, path: Path) -> None:
+    save_class_grid(images, prompts.labels, path)
 
 
 def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, batch_size: int, grid_path: Path | None = None,
-                   split: str = "validation", seed_sets: int = 1, resamples: int = RESAMPLES, samples: dict | None = None) -> dict:
-    """Sample one configuration on a split's prompt set and score it (``resamples`` bootstrap draws for the intervals;
-    0: values only); optionally save its grid. ``samples``: a cache of generated images shared by the calls given it
-    (bench sets run together sample a configuration they share once)."""
-    prompts = prompt_set(per_class, split, seed_sets)
+                   split: str = "validation", seed_sets: int = 1, resamples: int = RESAMPLES, samples: dict | None = None,
+                   suite: PromptSuite | None = None) -> dict:
+    """Sample one configuration on a split's prompt set of ``suite`` (default: the proxy classes) and score it
+    (``resamples`` bootstrap draws for the intervals; 0: values only); optionally save its grid. ``samples``: a cache
+    of generated images shared by the calls given it (bench sets run together sample a configuration they share once)."""
+    suite = suite or PROXY
+    prompts = suite.prompts(per_class, split, seed_sets)
     notes = entry.plan(pipe).notes if isinstance(entry, StudentEntry) else ()   # loads the file: s / image is sampling's
     for note in notes:
         log.warning("%s: %s", entry.name, note)
@@ -158,12 +210,11 @@ def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, bat
         if samples is not None:
             samples[key] = images, seconds, pipe   # holding the pipe: its id cannot be another pipe's while cached
     row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "split": split, "samples": len(images), "per_class": per_class,
-           "seed_sets": seed_sets, **score_images(images, prompts.labels, prompts.seed_sets, resamples),
-           "seconds_per_image": seconds / len(images)}
+           "seed_sets": seed_sets, **suite.score(images, prompts, resamples), "seconds_per_image": seconds / len(images)}
     if notes:
         row["notes"] = list(notes)
     if grid_path is not None:
-        save_class_grid(images, prompts.labels, grid_path)
+        suite.grid(images, prompts, grid_path)
         row["grid"] = str(grid_path)
     return row
 
@@ -174,3 +225,7 @@ def save_class_grid(images: np.ndarray, labels: np.ndarray, path: Path, seeds: i
     grid_idx = np.concatenate([np.flatnonzero(labels == c)[:shown] for c in range(len(PROXY_CLASSES))])
     grid = images[grid_idx].reshape(len(PROXY_CLASSES), shown, *images.shape[1:]).transpose(1, 0, 2, 3, 4)
     save_grid(grid.reshape(-1, *images.shape[1:]), path, columns=len(PROXY_CLASSES))
+
+
+PROXY = PromptSuite("proxy", SCORES, prompt_set, _score_proxy, _proxy_grid, real_and_noise,
+                    "class-balanced proxy held-out split (50 real images per class, 1,000 in all)")

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .data import PROXY_CLASSES, load_proxy_dataset
+from .data import PROXY_CLASSES, balanced_indices, load_proxy_dataset
 from .images import default_device
 from .metrics import FeatureStatistics, get_feature_extractor
 
 SCORES = ("fid", "fid_classifier", "class_fid", "precision", "recall", "prompt_accuracy")
-LOWER_IS_BETTER = frozenset({"fid", "fid_classifier", "class_fid"})
+LOWER_IS_BETTER = frozenset({"fid", "fid_classifier", "class_fid"})   # of every set's scores (attributes.py's too)
 REFERENCE_PER_CLASS = 50   # the held-out split's digit classes have 50 images, its animal classes 100
 RESAMPLES = 100
 NEIGHBOURS = 3             # Kynkaanniemi et al.'s k
@@ -70,18 +70,6 @@ def embed(images, labels, device: str | torch.device | None = None) -> Embedded:
     return Embedded(effnet.double(), domain.double(), predictions.numpy(), labels)
 
 
-def balanced_indices(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
-    """``per_class`` indices of every class, drawn once with ``seed`` and listed class by class (in draw order)."""
-    rng = np.random.default_rng(seed)
-    picks = []
-    for c in range(len(PROXY_CLASSES)):
-        members = np.flatnonzero(labels == c)
-        if len(members) < per_class:
-            raise ValueError(f"class {PROXY_CLASSES[c]!r} has {len(members)} images; {per_class} asked for")
-        picks.append(rng.permutation(members)[:per_class])
-    return np.concatenate(picks)
-
-
 class _Reference:
     """The class-balanced held-out images in both feature spaces, with what every score needs of them."""
 
@@ -110,7 +98,7 @@ def _kth_neighbour_distance(distances: torch.Tensor) -> torch.Tensor:
     return distances.kthvalue(NEIGHBOURS + 1, dim=1).values
 
 
-class _FrechetTo:
+class FrechetTo:
     """The Frechet distance of a weighted sample set (row i counted ``counts[i]`` times, as a bootstrap draw or a seed
     set selects it) to fixed statistics. The features are projected on the reference's covariance factor once, so a
     weighting costs one SVD of (rows drawn x reference rank): with S_a = F_a^T F_a, tr (S_a S_b)^(1/2) is the sum of the
@@ -140,9 +128,9 @@ class _Measures:
     def __init__(self, embedded: Embedded, ref: _Reference):
         self.labels = torch.as_tensor(embedded.labels)
         self.correct = torch.as_tensor(embedded.predictions == embedded.labels, dtype=torch.float64)
-        self.fid = _FrechetTo(embedded.effnet, ref.effnet)
-        self.fid_classifier = _FrechetTo(embedded.domain, ref.domain)
-        self.classes = [(self.labels == c, _FrechetTo(embedded.domain[self.labels == c], ref.classes[c]))
+        self.fid = FrechetTo(embedded.effnet, ref.effnet)
+        self.fid_classifier = FrechetTo(embedded.domain, ref.domain)
+        self.classes = [(self.labels == c, FrechetTo(embedded.domain[self.labels == c], ref.classes[c]))
                         for c in range(len(PROXY_CLASSES)) if (self.labels == c).any()]
         to_reference = torch.cdist(embedded.domain, ref.embedded.domain)          # (samples, reference)
         self.inside_reference = (to_reference <= ref.radii).any(dim=1).double()   # precision, per sample
@@ -177,15 +165,21 @@ def bootstrap_counts(labels: np.ndarray, resamples: int, seed: int = BOOTSTRAP_S
 
 def score(embedded: Embedded, seed_sets: Sequence[int] | np.ndarray | None = None, resamples: int = RESAMPLES,
           device: str | torch.device | None = None) -> dict:
-    """Every score of the set, its 95 % interval from ``resamples`` bootstrap draws (none with 0), each seed set's value
-    (``per_seed_set``, where ``seed_sets`` names more than one) and the bootstrap replicates ``compare`` pairs."""
-    measures = _Measures(embedded, reference(device=device))
-    values = measures(torch.ones(len(embedded.labels), dtype=torch.float64))
-    result: dict = {name: _defined(v) for name, v in values.items()}
+    """Every score of the set with its noise (``with_noise``), the bootstrap stratified by class."""
+    return with_noise(_Measures(embedded, reference(device=device)), SCORES, embedded.labels, seed_sets, resamples)
+
+
+def with_noise(measures: Callable[[torch.Tensor], dict[str, float]], names: Sequence[str], strata: np.ndarray,
+               seed_sets: Sequence[int] | np.ndarray | None = None, resamples: int = RESAMPLES) -> dict:
+    """The scores ``names`` that ``measures`` gives a set under a weighting of its samples (counts per sample), each
+    with its 95 % interval from ``resamples`` bootstrap draws stratified by ``strata`` (none with 0), each seed set's
+    value (``per_seed_set``, where ``seed_sets`` names more than one) and the bootstrap replicates ``compare`` pairs."""
+    values = measures(torch.ones(len(strata), dtype=torch.float64))
+    result: dict = {name: _defined(values[name]) for name in names}
     if resamples:
-        replicates = [measures(counts) for counts in bootstrap_counts(embedded.labels, resamples)]
+        replicates = [measures(counts) for counts in bootstrap_counts(strata, resamples)]
         result["intervals"], result["replicates"] = {}, {}
-        for name in SCORES:
+        for name in names:
             column = np.array([r[name] for r in replicates])
             half = Z_95 * float(column.std(ddof=1))
             result["intervals"][name] = [_defined(values[name] - half), _defined(values[name] + half)]
@@ -193,7 +187,7 @@ def score(embedded: Embedded, seed_sets: Sequence[int] | np.ndarray | None = Non
     if seed_sets is not None and len(np.unique(seed_sets)) > 1:
         seed_sets = np.asarray(seed_sets)
         per_set = [measures(torch.as_tensor(seed_sets == s, dtype=torch.float64)) for s in np.unique(seed_sets)]
-        result["per_seed_set"] = {name: [_defined(r[name]) for r in per_set] for name in SCORES}
+        result["per_seed_set"] = {name: [_defined(r[name]) for r in per_set] for name in names}
     return result
 
 
@@ -216,7 +210,7 @@ def compare(row: dict, baseline: dict) -> dict[str, str]:
     if len(row["replicates"]["fid"]) != len(baseline["replicates"]["fid"]) or row.get("samples") != baseline.get("samples"):
         raise ValueError(f"{row.get('name')} and {baseline.get('name')} were not scored on the same layout")
     verdicts = {}
-    for name in SCORES:
+    for name in row["replicates"]:
         paired = [(a, b) for a, b in zip(row["replicates"][name], baseline["replicates"][name]) if None not in (a, b)]
         sets = list(zip(row.get("per_seed_set", {}).get(name, ()), baseline.get("per_seed_set", {}).get(name, ())))
         if None in (row[name], baseline[name]) or len(paired) < 2 or any(None in pair for pair in sets):

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..options import count, finite, positive_int
+from ..reproduce import RECIPES
 
 
 BENCH_SET_HELP = (
@@ -22,7 +23,11 @@ BENCH_SET_HELP = (
     "--adapter, and --plan for the block table) or 'data_free' (teacher 50 and 4 steps with CFG, the Flash student trained "
     "on the real images and one trained on a `fewstep synth` set, at 4/2/1 steps, and what synthesizing the set cost; "
     "needs --adapter). Every set also holds the teacher at 50 steps with CFG 4 and at its best CFG, the rows the others "
-    "are compared with. Repeat --set to run several sets in one process: a configuration they share is sampled once.")
+    "are compared with. On the attributes split (coloured items on coloured backgrounds, pairs side by side; scored by "
+    "per-attribute accuracy), with its own teacher: 'attributes' (that teacher at 50/8/4/2 steps with CFG 4 and without "
+    "CFG, and Flash and SUN students distilled from it at 4/2 steps, given with --adapter) and 'attributes_cfg' (its CFG "
+    "sweep, for --split validation). Repeat --set to run several sets in one process: a configuration they share is "
+    "sampled once.")
 
 
 def add_split_options(p, split: str, per_class: int, seed_sets: int) -> None:
@@ -48,7 +53,8 @@ def add_bench(subparsers) -> None:
         "<set>_validation.json for validation), the markdown table beside it and a PNG grid per configuration.",
     )
     p.add_argument("--set", action="append", default=None, choices=sorted(BENCH_SET_NAMES), help=BENCH_SET_HELP + " (default: teacher)")
-    p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher)")
+    p.add_argument("--teacher", default=None, help="teacher pipeline folder (default: the bundled proxy teacher; for the "
+                   "attributes sets, the bundled teacher trained on that split)")
     add_split_options(p, "test", 25, 2)
     p.add_argument("--batch-size", type=positive_int, default=250, help="samples generated at once")
     p.add_argument("--out-dir", default="bench/results", help="where results go")
@@ -57,10 +63,16 @@ def add_bench(subparsers) -> None:
                    "method, GDD's of its variant: the one made for its step count, e.g. one per progressive round, else the "
                    "first; rows with none are left out); flash rows: default the bundled proxy LoRA")
     p.add_argument("--plan", default=None, help="snapfusion: the `fewstep snap plan --out` file whose block table to include")
+    p.add_argument("--reproduce", default=None, choices=sorted(RECIPES),
+                   help="retrain a set's students with the options they were trained with (the bundled Flash and SUN files "
+                   "too; --dry-run lists the commands), then bench them; every step is resumable: rerun to continue")
+    p.add_argument("--runs-dir", default="runs/reproduce", help="--reproduce: where its training runs go")
+    p.add_argument("--dry-run", action="store_true", help="--reproduce: print the commands it would run, run nothing")
     p.set_defaults(run=run_bench_command)
 
 
-BENCH_SET_NAMES = ("teacher", "cfg", "flash", "guided", "sun", "gdd", "snapfusion", "data_free")
+
+BENCH_SET_NAMES = ("teacher", "cfg", "flash", "guided", "sun", "gdd", "snapfusion", "data_free", "attributes", "attributes_cfg")
 NEEDS_ADAPTER = {"guided": "a guided_student file from `fewstep train guided`", "sun": "a sun_adapter file from `fewstep train sun`",
                  "gdd": "gdd_student files from `fewstep train gdd` (one per --variant to compare)",
                  "data_free": "a flash_lora file trained on a `fewstep synth` set (`fewstep train flash --data-free` or --data)"}
@@ -69,21 +81,52 @@ NEEDS_ADAPTER = {"guided": "a guided_student file from `fewstep train guided`", 
 def run_bench_command(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import markdown_table, run_bench
-    from ..evaluation import BUNDLED_TEACHER
+    from ..bench import default_teacher, markdown_table, run_bench
     from ..pipelines import load_teacher
 
+    if args.reproduce:
+        return run_reproduce(args)
+    if args.dry_run:
+        print("error: --dry-run goes with --reproduce", file=sys.stderr)
+        return 2
     sets = list(dict.fromkeys(args.set or ["teacher"]))
     for name in sets:
         if name in NEEDS_ADAPTER and not args.adapter:
             print(f"error: --set {name} needs --adapter: {NEEDS_ADAPTER[name]}", file=sys.stderr)
             return 2
-    teacher = args.teacher or BUNDLED_TEACHER
-    pipe, samples = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu"), {}
+    pipes, samples = {}, {}   # each teacher loaded once
     for name in sets:
+        teacher = args.teacher or default_teacher(name)
+        if teacher not in pipes:
+            pipes[teacher] = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
         document = run_bench(name, teacher, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter, plan=args.plan,
-                             split=args.split, seed_sets=args.seed_sets, resamples=args.resamples, samples=samples, pipe=pipe)
+                             split=args.split, seed_sets=args.seed_sets, resamples=args.resamples, samples=samples,
+                             pipe=pipes[teacher])
         print(markdown_table(document), end="")
+    return 0
+
+
+def run_reproduce(args: argparse.Namespace) -> int:
+    """Run a recipe's commands (its runs under --runs-dir), then its bench with the split and layout options given;
+    stop at the first that fails. Each runs as its own process, as if typed at a shell. With --dry-run, print them only."""
+    import shlex
+    import subprocess
+
+    if args.set or args.adapter or args.teacher or args.plan:
+        print("error: --reproduce names its own --set, --adapter and --plan, on the bundled teacher; give it the split and "
+              "layout options only", file=sys.stderr)
+        return 2
+    options = ["--split", args.split, "--per-class", str(args.per_class), "--seed-sets", str(args.seed_sets),
+               "--resamples", str(args.resamples), "--batch-size", str(args.batch_size), "--out-dir", args.out_dir]
+    recipe = RECIPES[args.reproduce]
+    commands = recipe.commands(args.runs_dir)
+    commands[-1] += options
+    print(f"reproducing {recipe.what}", flush=True)
+    for number, command in enumerate(commands, 1):
+        print(f"[{number}/{len(commands)}] fewstep {shlex.join(command)}", flush=True)
+        status = 0 if args.dry_run else subprocess.run([sys.executable, "-m", "fewstep.training.cli", *command]).returncode
+        if status:
+            return status
     return 0
 
 

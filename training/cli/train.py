@@ -25,8 +25,9 @@ def add_train(subparsers) -> None:
         "diffusers pipeline folder that every fewstep command loads like SD1.5.",
     )
     p.add_argument("--data", default="proxy",
-                   help="'proxy' (the bundled digits + animal silhouettes), a folder of images with .txt captions / metadata.jsonl, "
-                   "or webdataset shards ('shards/*.tar'); images are resized to 32x32")
+                   help="'proxy' (the bundled digits + animal silhouettes), 'proxy-attributes' (the same coloured on coloured "
+                   "backgrounds, and in pairs side by side: the benchmark's attributes split), a folder of images with .txt "
+                   "captions / metadata.jsonl, or webdataset shards ('shards/*.tar'); images are resized to 32x32")
     p.add_argument("--run-dir", default="runs/teacher", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
     p.add_argument("--out", default=None, help="where to write the pipeline folder (default: RUN_DIR/pipeline)")
     p.add_argument("--preset", default="proxy", choices=["proxy", "tiny"], help="network sizes: proxy (bundled teacher) or tiny (tests)")
