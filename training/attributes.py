@@ -170,6 +170,7 @@ def score_images(images: np.ndarray, prompts: PromptSet, resamples: int = RESAMP
     return with_noise(_Measures(images, prompts.attributes, device), SCORES, prompts.labels, prompts.seed_sets, resamples)
 
 
+@functools.cache   # as evaluation.real_and_noise
 def real_and_noise(per_class: int, seed_sets: int, resamples: int) -> dict:
     """The scores of real training images with their own prompts (what the readers get right of real images: the
     ceiling of every accuracy) in the benchmark's layout, and of uniform noise (values only)."""

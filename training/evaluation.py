@@ -12,6 +12,7 @@ its bootstrap interval and each seed set's value.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -150,6 +151,7 @@ def prompt_set(per_class: int, split: str = "validation", seed_sets: int = 1) ->
     return PromptSet([PROXY_CLASSES[i] for i in labels], labels, [SPLITS[split] + int(k) for k in within_class], sets, split)
 
 
+@functools.cache   # bench sets run together share it (callers copy it into their document, never change it)
 def real_and_noise(per_class: int, seed_sets: int, resamples: int) -> dict:
     """The scores of real training images in the benchmark's layout (disjoint sets of ``per_class`` per class: the
     floor, and the real-vs-real spread) and of uniform noise (the ceiling; values only)."""
@@ -193,7 +195,8 @@ def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, bat
                    suite: PromptSuite | None = None) -> dict:
     """Sample one configuration on a split's prompt set of ``suite`` (default: the proxy classes) and score it
     (``resamples`` bootstrap draws for the intervals; 0: values only); optionally save its grid. ``samples``: a cache
-    of generated images shared by the calls given it (bench sets run together sample a configuration they share once)."""
+    of generated images, and of their scores, shared by the calls given it (bench sets run together sample and score a
+    configuration they share once)."""
     suite = suite or PROXY
     prompts = suite.prompts(per_class, split, seed_sets)
     notes = entry.plan(pipe).notes if isinstance(entry, StudentEntry) else ()   # loads the file: s / image is sampling's
@@ -209,8 +212,14 @@ def evaluate_entry(pipe, entry: TeacherEntry | StudentEntry, per_class: int, bat
         seconds = time.perf_counter() - start
         if samples is not None:
             samples[key] = images, seconds, pipe   # holding the pipe: its id cannot be another pipe's while cached
+    scored_key = (key, suite.name, resamples)
+    scored = samples.get(scored_key) if samples is not None else None
+    if scored is None:
+        scored = suite.score(images, prompts, resamples)
+        if samples is not None:
+            samples[scored_key] = scored
     row = {**asdict(entry), "name": entry.name, "nfe": entry.nfe, "split": split, "samples": len(images), "per_class": per_class,
-           "seed_sets": seed_sets, **suite.score(images, prompts, resamples), "seconds_per_image": seconds / len(images)}
+           "seed_sets": seed_sets, **scored, "seconds_per_image": seconds / len(images)}
     if notes:
         row["notes"] = list(notes)
     if grid_path is not None:
