@@ -7,7 +7,8 @@ rates, CFG and w defaults, the teacher's best CFG) is made on ``validation``; th
 split holds every proxy class ``per_class`` times in each of ``seed_sets`` disjoint seed sets: the k-th sample of a
 class takes seed base + k (validation's base 0 gives the seeds every earlier table used, and every earlier choice was
 made on; test's base is far from any seed used before). ``scores.score`` scores a set in both feature spaces, with
-its bootstrap interval and each seed set's value.
+its bootstrap interval and each seed set's value. A ``PromptSuite`` bundles a prompt set with its scores: ``PROXY``
+(the 20 classes), or the attributes split's (``attributes.SUITE``).
 """
 
 from __future__ import annotations
