@@ -104,3 +104,18 @@ def test_the_attributes_bench_set_runs_on_its_prompts(tmp_path, monkeypatch):
     assert "colour ↑" in table and "position ↑" in table and json.loads((tmp_path / "attributes.json").read_text()) == doc
     assert bench.default_teacher("attributes") == evaluation.BUNDLED_ATTRIBUTES_TEACHER
     assert bench.default_teacher("teacher") == evaluation.BUNDLED_TEACHER and len(D.PROXY_CLASSES) == 20
+
+
+def test_a_bundled_teacher_trains_its_students_on_its_own_data_with_the_proxy_preset(tmp_path, capsys, monkeypatch):
+    from fewstep.training.bench import is_bundled_lineage
+    from fewstep.training.cli import main
+
+    attributes_teacher = tmp_path / "attributes_teacher"
+    attributes_teacher.mkdir()
+    monkeypatch.setitem(evaluation.BUNDLED_TEACHER_DATA, attributes_teacher, "proxy-attributes")
+    assert evaluation.bundled_teacher_data(evaluation.BUNDLED_TEACHER) == "proxy" and is_bundled_lineage(attributes_teacher)
+    assert evaluation.bundled_teacher_data(tmp_path) is None and not is_bundled_lineage(tmp_path)
+    for teacher, data, preset in ((attributes_teacher, "proxy-attributes", "proxy"), (tmp_path, "proxy", "paper")):
+        assert main(["train", "flash", "--teacher", str(teacher), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0
+        options = json.loads(capsys.readouterr().out)
+        assert (options["data"], options["preset"]) == (data, preset)

@@ -24,7 +24,7 @@ import torch
 from .data import PROXY_CLASSES
 from . import attributes
 from .evaluation import (BEST_CFG_SCALE, BUNDLED_ATTRIBUTES_TEACHER, BUNDLED_FLASH, BUNDLED_TEACHER, DEFAULT_CFG_SCALE, PROXY,
-                         PromptSuite, StudentEntry, TeacherEntry, evaluate_entry)
+                         PromptSuite, StudentEntry, TeacherEntry, bundled_teacher_data, evaluate_entry)
 from .scores import RESAMPLES, WITHIN_NOISE, Z_95, compare
 from .pipelines import load_teacher
 from .teacher import pipeline_provenance
@@ -34,10 +34,10 @@ log = logging.getLogger("fewstep")
 
 
 def is_bundled_lineage(teacher: str | Path) -> bool:
-    """Is ``teacher`` the bundled proxy teacher or a fine-tune of it, however many deep (each `fewstep train finetune`
+    """Is ``teacher`` a bundled proxy teacher or a fine-tune of one, however many deep (each `fewstep train finetune`
     pipeline records its parent as ``finetuned_from``)? Such teachers take the proxy's defaults, e.g. CFG 4."""
-    path, bundled, seen = Path(teacher).resolve(), BUNDLED_TEACHER.resolve(), set()
-    while path != bundled:
+    path, seen = Path(teacher).resolve(), set()
+    while bundled_teacher_data(path) is None:
         parent = pipeline_provenance(path).get("finetuned_from")
         if path in seen or not parent:
             return False

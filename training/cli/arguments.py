@@ -22,7 +22,8 @@ def add_teacher_args(p, method: str, out_name: str, label: str, out_what: str = 
     """What every distillation command takes: teacher, data, where to write, preset and config file."""
     add_teacher_source(p)
     p.add_argument("--data", default=None,
-                   help="'proxy' (bundled digits + animals, the default), a folder of images with .txt captions / "
+                   help="'proxy' (bundled digits + animals, the default), 'proxy-attributes' (the same coloured and in "
+                   "pairs: the default for the bundled attributes teacher), a folder of images with .txt captions / "
                    "metadata.jsonl (a `fewstep synth` folder too, images or latents), or webdataset shards ('shards/*.tar')")
     p.add_argument("--data-free", default=None, metavar="PROMPTS",
                    help="no dataset: the teacher first writes its own (latents) into RUN_DIR/synth from these prompts "
@@ -31,13 +32,13 @@ def add_teacher_args(p, method: str, out_name: str, label: str, out_what: str = 
     p.add_argument("--synth-count", type=positive_int, default=10000, help="--data-free: samples in the set")
     p.add_argument("--synth-steps", type=positive_int, default=25, help="--data-free: teacher sampling steps, DDIM")
     p.add_argument("--synth-cfg", type=finite, default=None,
-                   help="--data-free: the teacher's CFG scale (default: 4 for the bundled teacher and fine-tunes of it, 7.5 otherwise)")
+                   help="--data-free: the teacher's CFG scale (default: 4 for the bundled teachers and fine-tunes of them, 7.5 otherwise)")
     p.add_argument("--resolution", type=positive_int, default=None, help="training image size (default: the teacher's native size)")
     p.add_argument("--run-dir", default=f"runs/{method}", help="checkpoints, logs (metrics.jsonl, TensorBoard) and sample grids")
     p.add_argument("--out", default=None, help=f"{out_what} to write (default: RUN_DIR/{out_name})")
     p.add_argument("--preset", default=None, choices=["paper", "proxy"],
                    help="option defaults: the paper's SD setup, or the CPU-sized proxy setup (default: proxy for the bundled "
-                   "teacher, paper otherwise)")
+                   "teachers, paper otherwise)")
     p.add_argument("--config", default=None, help=f"JSON file of {label} options (field names as in `--dry-run` output)")
 
 

@@ -197,13 +197,13 @@ def run_distillation(args: argparse.Namespace, method: str, load_config, overrid
     import dataclasses
     from pathlib import Path
 
-    from ..evaluation import BUNDLED_TEACHER
+    from ..evaluation import BUNDLED_TEACHER, bundled_teacher_data
     from ..data import check_dataset
     from ..loop import lock_run_dir
     from ..pipelines import TeacherError
 
     teacher = Path(args.teacher) if args.teacher else BUNDLED_TEACHER
-    preset = args.preset or ("proxy" if teacher.resolve() == BUNDLED_TEACHER.resolve() else "paper")
+    preset = args.preset or ("proxy" if bundled_teacher_data(teacher) else "paper")
     try:
         config = load_config(preset, args.config, **overrides)
         if not teacher.exists():
@@ -216,7 +216,7 @@ def run_distillation(args: argparse.Namespace, method: str, load_config, overrid
         print("error: --data and --data-free exclude each other: train on a dataset, or on one the teacher writes", file=sys.stderr)
         return 2
     out = args.out or str(Path(args.run_dir) / out_name)
-    data = str(Path(args.run_dir) / "synth") if args.data_free else args.data or "proxy"
+    data = str(Path(args.run_dir) / "synth") if args.data_free else args.data or bundled_teacher_data(teacher) or "proxy"
     if not args.data_free:
         check_dataset(data)
     options = {"teacher": str(teacher), "data": data, "preset": preset, "run_dir": args.run_dir, "out": out,
