@@ -17,6 +17,7 @@ Usage: python bench/finetuned_style.py --adapter FILE [--adapter FILE ...] [--st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -29,8 +30,9 @@ from fewstep.core.adapter_file import describe, read_header
 from fewstep.training.bench import bench_label, training_data
 from fewstep.training.evaluation import BUNDLED_TEACHER
 from fewstep.training.evaluation import SPLITS, StudentEntry, TeacherEntry, prompt_set, save_class_grid
-from fewstep.training.data import PROXY_STYLES, load_proxy_dataset
-from fewstep.training.metrics import FeatureStatistics, frechet_distance, get_feature_extractor
+from fewstep.training.data import PROXY_STYLES, balanced_indices, load_proxy_dataset
+from fewstep.training.metrics import FeatureStatistics, get_feature_extractor
+from fewstep.training.scores import REFERENCE_PER_CLASS, RESAMPLES, FrechetTo, with_noise
 from fewstep.training.proxy_classifier import classify_proxy_images
 from fewstep.training.pipelines import load_teacher
 
@@ -46,13 +48,22 @@ def in_style(style: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return ((flipped & ~as_is) & (labels < 10)).numpy()
 
 
-def evaluate(style: str, images: np.ndarray, labels: np.ndarray, references: dict[str, FeatureStatistics], extractor) -> dict:
-    styled = in_style(style, images, labels)
-    normalised = np.where(styled[:, None, None, None], PROXY_STYLES[style](images), images)   # both styles are involutions
-    features = FeatureStatistics.from_features(extractor(images))
-    return {f"{style}_fraction": float(styled.mean()),
-            **{f"fid_vs_{name}": frechet_distance(features, ref) for name, ref in references.items()},
-            "prompt_accuracy": float((classify_proxy_images(normalised) == torch.as_tensor(labels)).double().mean())}
+def evaluate(style: str, images: np.ndarray, prompts, references: dict[str, FeatureStatistics], extractor) -> dict:
+    """The style share, FID against each reference and prompt accuracy, each with its 95 % interval and per seed set
+    (``scores.with_noise``: the bootstrap stratified by class, as the bench's)."""
+    labels = prompts.labels
+    styled = torch.as_tensor(in_style(style, images, labels), dtype=torch.float64)
+    normalised = np.where(styled.numpy()[:, None, None, None] > 0, PROXY_STYLES[style](images), images)   # involutions
+    correct = (classify_proxy_images(normalised) == torch.as_tensor(labels)).double()
+    features = extractor(images).double()
+    frechet = {f"fid_vs_{name}": FrechetTo(features, ref) for name, ref in references.items()}
+
+    def measures(counts: torch.Tensor) -> dict[str, float]:
+        return {f"{style}_fraction": float(counts @ styled / counts.sum()), "prompt_accuracy": float(counts @ correct / counts.sum()),
+                **{name: distance(counts) for name, distance in frechet.items()}}
+
+    names = [f"{style}_fraction", *frechet, "prompt_accuracy"]
+    return with_noise(measures, names, labels, prompts.seed_sets, RESAMPLES)
 
 
 def main() -> None:
@@ -63,7 +74,8 @@ def main() -> None:
     parser.add_argument("--finetuned", type=Path, default=None, help="the fine-tuned pipeline (default: make one in --run-dir)")
     parser.add_argument("--run-dir", type=Path, default=None, help="where the fine-tune is made (default: runs/finetune-STYLE)")
     parser.add_argument("--finetune-steps", type=int, default=1000, help="fine-tuning steps when it is made here")
-    parser.add_argument("--per-class", type=int, default=50, help="samples per class (20 classes)")
+    parser.add_argument("--per-class", type=int, default=25, help="samples per class (20 classes) in each seed set")
+    parser.add_argument("--seed-sets", type=int, default=2, help="disjoint seed sets, each scored on its own too")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--split", choices=sorted(SPLITS), default="test", help="prompts x seeds (choices are made on validation)")
     parser.add_argument("--out", type=Path, required=True, help="the JSON to write (grids go beside it)")
@@ -76,13 +88,14 @@ def main() -> None:
         finetuned = finetune_teacher(BUNDLED_TEACHER, f"proxy-{args.style}", run_dir, run_dir / "pipeline",
                                      steps=args.finetune_steps)
     heldout = load_proxy_dataset("heldout")
+    picks = balanced_indices(heldout.labels, REFERENCE_PER_CLASS)   # class-balanced, like the prompts: the bench's reference
+    heldout = dataclasses.replace(heldout, images=heldout.images[picks], labels=heldout.labels[picks])
     extractor = get_feature_extractor()
     references = {"heldout": FeatureStatistics.from_features(extractor(heldout.images)),
                   f"heldout_{args.style}": FeatureStatistics.from_features(extractor(PROXY_STYLES[args.style](heldout.images)))}
-    # Roughly what a model fully in the style scores: the held-out images in the style, weighted per class as the prompts.
-    styled = in_style(args.style, PROXY_STYLES[args.style](heldout.images), heldout.labels)
-    ceiling = float(np.mean([styled[heldout.labels == c].mean() for c in np.unique(heldout.labels)]))
-    prompts = prompt_set(args.per_class, args.split)
+    # Roughly what a model fully in the style scores: the (class-balanced) held-out images in the style.
+    ceiling = float(in_style(args.style, PROXY_STYLES[args.style](heldout.images), heldout.labels).mean())
+    prompts = prompt_set(args.per_class, args.split, args.seed_sets)
     captions, labels, seeds = prompts.captions, prompts.labels, prompts.seeds
     pipes = {"base": load_teacher(BUNDLED_TEACHER), "finetuned": load_teacher(finetuned)}
     configurations = [("base", TeacherEntry(50)), ("finetuned", TeacherEntry(50)), ("finetuned", TeacherEntry(4))]
@@ -103,12 +116,13 @@ def main() -> None:
         seconds = time.perf_counter() - start
         name = f"{model}/{entry.name}"
         rows.append({"name": name, "model": model, "nfe": entry.nfe, "seconds_per_image": seconds / len(images),
-                     **evaluate(args.style, images, labels, references, extractor)})
+                     **evaluate(args.style, images, prompts, references, extractor)})
         save_class_grid(images, labels, args.out.parent / f"{args.out.stem}-grids" / f"{name.replace('/', '_')}.png", seeds=2)
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "replicates"}), flush=True)
     document = {"adapters": adapters, "finetuned": str(finetuned), "fine-tune": f"proxy teacher on proxy-{args.style}",
                 f"{args.style}_fraction_of_heldout_in_style": ceiling,
-                "samples_per_configuration": len(captions), "split": args.split,
+                "samples_per_configuration": len(captions), "split": args.split, "seed_sets": args.seed_sets,
+                "resamples": RESAMPLES, "reference": f"the held-out split, {REFERENCE_PER_CLASS} images per class",
                 "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
