@@ -33,8 +33,7 @@ def test_entries_count_guided_passes_and_every_set_holds_both_teacher_baselines(
         (50, 4.0), (50, evaluation.BEST_CFG_SCALE), (25, 4.0), (8, 4.0), (4, 4.0), (2, 4.0)]
     for name, entries in bench.BENCH_SETS.items():
         if not name.endswith("cfg"):
-            baselines = bench.ATTRIBUTE_BASELINES if name in bench.ATTRIBUTE_SETS else bench.BASELINES
-            assert set(baselines) <= set(entries), name
+            assert set(bench.baselines_of(name)) <= set(entries), name
     assert set(BENCH_SET_NAMES) == set(bench.BENCH_SETS)
     assert evaluation.BEST_CFG_SCALE in bench.CFG_SWEEP
 

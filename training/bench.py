@@ -128,6 +128,11 @@ def default_teacher(set_name: str) -> Path:
     """The bundled teacher a bench set samples unless given another."""
     return BUNDLED_ATTRIBUTES_TEACHER if set_name in ATTRIBUTE_SETS else BUNDLED_TEACHER
 
+
+def baselines_of(set_name: str) -> tuple[TeacherEntry, ...]:
+    """The rows every other row of a bench set is compared with."""
+    return ATTRIBUTE_BASELINES if set_name in ATTRIBUTE_SETS else BASELINES
+
 # The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.
 # Under the proxy's (randomly initialised, frozen) text encoder "a handwritten digit" gives mostly twos (87% of the
 # teacher's samples) and some threes: "two" shows whether a negative prompt removes what a prompt gives; "seven",
@@ -178,8 +183,7 @@ def run_bench(
         if isinstance(entry, StudentEntry):
             rows[-1]["training"] = training_data(entry.adapter)
         log.info("%s: %s", entry.name, ", ".join(f"{n} {rows[-1][n]}" for n in suite.scores))
-    baseline_names = {b.name for b in (ATTRIBUTE_BASELINES if set_name in ATTRIBUTE_SETS else BASELINES)}
-    baselines = [r for r in rows if r["name"] in baseline_names]
+    baselines = [r for r in rows if r["name"] in {b.name for b in baselines_of(set_name)}]
     if resamples:
         for row in rows:
             row["vs"] = {b["name"]: compare(row, b) for b in baselines if b is not row}

@@ -361,8 +361,8 @@ def load_proxy_dataset(split: str = "train") -> CaptionedImages:
 
 # "Styles" of the proxy set to fine-tune a teacher on (uint8 NHWC in and out). Inverted colours are the visible one,
 # but the proxy VAE never saw light backgrounds and reconstructs them badly; mirrored images keep its statistics.
-PROXY_ATTRIBUTES = "proxy-attributes"
 PROXY_STYLES = {"inverted": lambda images: 255 - images, "mirrored": lambda images: images[:, :, ::-1].copy()}
+PROXY_ATTRIBUTES = "proxy-attributes"   # the set in the attributes layout (below)
 
 
 def _is_proxy_spec(spec: str) -> bool:

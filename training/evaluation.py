@@ -35,18 +35,18 @@ BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors
 BUNDLED_SUN = Path(__file__).parent / "assets" / "proxy_sun_adapter.safetensors"
 BUNDLED_ATTRIBUTES_TEACHER = Path(__file__).parent / "assets" / "proxy_attributes_teacher"   # attributes.py's split
 BUNDLED_TEACHER_DATA = {BUNDLED_TEACHER: "proxy", BUNDLED_ATTRIBUTES_TEACHER: "proxy-attributes"}
-
-
-def bundled_teacher_data(teacher: str | Path) -> str | None:
-    """The dataset (a ``data.load_dataset`` spec) a bundled teacher was trained on; None for any other teacher."""
-    resolved = Path(teacher).resolve()
-    return next((data for path, data in BUNDLED_TEACHER_DATA.items() if path.resolve() == resolved), None)
 DEFAULT_CFG_SCALE = 4.0
 # The teacher's best CFG on the validation split (lowest class FID of `fewstep bench --set cfg --split validation`,
 # bench/results/cfg_validation.json): the teacher baseline at its best, next to CFG 4, in every bench set.
 BEST_CFG_SCALE = 2.0
 GRID_SEEDS = 4
 SPLITS = {"validation": 0, "test": 1_000_000}   # each split's first seed
+
+
+def bundled_teacher_data(teacher: str | Path) -> str | None:
+    """The dataset (a ``data.load_dataset`` spec) a bundled teacher was trained on; None for any other teacher."""
+    resolved = Path(teacher).resolve()
+    return next((data for path, data in BUNDLED_TEACHER_DATA.items() if path.resolve() == resolved), None)
 
 
 @dataclass(frozen=True)
