@@ -93,8 +93,8 @@ def test_the_attributes_bench_set_runs_on_its_prompts(tmp_path, monkeypatch):
     teacher = train_teacher(data, tmp_path / "run", tmp_path / "pipe", preset="tiny", vae_steps=2, unet_steps=2, batch_size=8,
                             sample_every=0, progress=False)
     baseline = evaluation.TeacherEntry(2)
-    monkeypatch.setattr(bench, "ATTRIBUTE_BASELINES", (baseline,))
-    monkeypatch.setitem(bench.BENCH_SETS, "attributes", [baseline, evaluation.TeacherEntry(2, 1.0)])
+    monkeypatch.setitem(bench.BENCH_SETS, "attributes", dataclasses.replace(
+        bench.BENCH_SETS["attributes"], entries=(baseline, evaluation.TeacherEntry(2, 1.0)), baselines=(baseline,)))
     doc = bench.run_bench("attributes", teacher, per_class=1, batch_size=20, out_dir=tmp_path, progress=False, seed_sets=2,
                           resamples=10, pipe=load_teacher(teacher))
     assert doc["prompts"] == "attributes" and doc["scores"] == list(A.SCORES) and doc["baselines"] == [baseline.name]
@@ -102,8 +102,8 @@ def test_the_attributes_bench_set_runs_on_its_prompts(tmp_path, monkeypatch):
     assert doc["sanity"]["real_train_images"]["colour_accuracy"] > 0.9 > doc["sanity"]["uniform_noise"]["prompt_accuracy"]
     table = (tmp_path / "attributes.md").read_text()
     assert "colour ↑" in table and "position ↑" in table and json.loads((tmp_path / "attributes.json").read_text()) == doc
-    assert bench.default_teacher("attributes") == evaluation.BUNDLED_ATTRIBUTES_TEACHER
-    assert bench.default_teacher("teacher") == evaluation.BUNDLED_TEACHER and len(D.PROXY_CLASSES) == 20
+    assert bench.BENCH_SETS["attributes"].teacher == evaluation.BUNDLED_ATTRIBUTES_TEACHER
+    assert bench.BENCH_SETS["teacher"].teacher == evaluation.BUNDLED_TEACHER and len(D.PROXY_CLASSES) == 20
 
 
 def test_a_bundled_teacher_trains_its_students_on_its_own_data_with_the_proxy_preset(tmp_path, capsys, monkeypatch):

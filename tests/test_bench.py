@@ -29,11 +29,10 @@ def test_prompt_set_is_fixed():
 
 def test_entries_count_guided_passes_and_every_set_holds_both_teacher_baselines():
     assert evaluation.TeacherEntry(50).nfe == 100 and evaluation.TeacherEntry(4, cfg_scale=1.0).nfe == 4
-    assert [(e.steps, e.cfg_scale) for e in bench.BENCH_SETS["teacher"]] == [
+    assert [(e.steps, e.cfg_scale) for e in bench.BENCH_SETS["teacher"].entries] == [
         (50, 4.0), (50, evaluation.BEST_CFG_SCALE), (25, 4.0), (8, 4.0), (4, 4.0), (2, 4.0)]
-    for name, entries in bench.BENCH_SETS.items():
-        if not name.endswith("cfg"):
-            assert set(bench.baselines_of(name)) <= set(entries), name
+    for name, bench_set in bench.BENCH_SETS.items():
+        assert bench_set.baselines and set(bench_set.baselines) <= set(bench_set.entries), name
     assert set(BENCH_SET_NAMES) == set(bench.BENCH_SETS)
     assert evaluation.BEST_CFG_SCALE in bench.CFG_SWEEP
 
@@ -58,8 +57,7 @@ def test_evaluate_entry_is_deterministic_and_writes_a_grid(tiny_teacher, tmp_pat
 
 def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkeypatch):
     baseline = evaluation.TeacherEntry(2)
-    monkeypatch.setattr(bench, "BASELINES", (baseline,))
-    monkeypatch.setitem(bench.BENCH_SETS, "smoke", [baseline, evaluation.TeacherEntry(1)])
+    monkeypatch.setitem(bench.BENCH_SETS, "smoke", bench.BenchSet((baseline, evaluation.TeacherEntry(1)), (baseline,)))
     samples, pipe = {}, load_teacher(tiny_teacher)
     doc = bench.run_bench("smoke", tiny_teacher, per_class=2, batch_size=20, out_dir=tmp_path, progress=False, seed_sets=2,
                           resamples=20, samples=samples, pipe=pipe)
@@ -135,7 +133,8 @@ def test_the_snapfusion_set_routes_each_student_file_and_times_unets_and_decoder
     assert labels == {"slim": "snap_slim", "nocfg": "snap_nocfg"}
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps({"blocks": [{"block": "mid_block.attentions.0"}]}))
-    monkeypatch.setitem(bench.BENCH_SETS, "snapfusion", [evaluation.TeacherEntry(2), *[bench._snap(label) for label in bench.SNAP_LABELS]])
+    monkeypatch.setitem(bench.BENCH_SETS, "snapfusion",
+                        bench.BenchSet((evaluation.TeacherEntry(2), *[bench._snap(label) for label in bench.SNAP_LABELS])))
     doc = bench.run_bench("snapfusion", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path / "out", progress=False,
                           adapter=[str(files["slim"]), str(files["nocfg"])], plan=plan)
     names = [r["name"] for r in doc["results"]]
@@ -172,8 +171,9 @@ def test_the_data_free_set_puts_the_synthesized_data_student_beside_the_real_dat
         write_adapter(files[label], lora, AdapterMetadata(kind="flash_lora", base="sd15", timesteps=[999, 749, 499, 249],
                                                           provenance={"method": "flash", **made}))
     assert [bench.bench_label(describe(read_header(p), p.name)[0]) for p in files.values()] == ["flash", "flash_synth"]
-    monkeypatch.setitem(bench.BENCH_SETS, "data_free", [evaluation.TeacherEntry(2), evaluation.StudentEntry(2, adapter=str(files["real"])),
-                                                        evaluation.StudentEntry(2, label="flash_synth", adapter=None)])
+    monkeypatch.setitem(bench.BENCH_SETS, "data_free", bench.BenchSet((
+        evaluation.TeacherEntry(2), evaluation.StudentEntry(2, adapter=str(files["real"])),
+        evaluation.StudentEntry(2, label="flash_synth", adapter=None))))
     doc = bench.run_bench("data_free", tiny_teacher, per_class=1, batch_size=20, out_dir=tmp_path / "out", progress=False,
                           adapter=[str(files["synth"])])
     assert [r["name"] for r in doc["results"]] == ["teacher-2steps-cfg4", "flash-2steps", "flash_synth-2steps"]

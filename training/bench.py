@@ -83,55 +83,58 @@ def bench_label(metadata) -> str:
 BASELINES = (TeacherEntry(50), TeacherEntry(50, BEST_CFG_SCALE))
 CFG_SWEEP = (1.0, 1.5, 2.0, 3.0, 4.0)
 
+
+@dataclasses.dataclass(frozen=True)
+class BenchSet:
+    """A bench set: its rows, the rows the others are compared with, the prompts and scores it is measured on, and the
+    bundled teacher it samples unless given another."""
+
+    entries: tuple[TeacherEntry | StudentEntry, ...]
+    baselines: tuple[TeacherEntry, ...] = BASELINES
+    suite: PromptSuite = PROXY
+    teacher: Path = BUNDLED_TEACHER
+
+
+def _proxy(*entries: TeacherEntry | StudentEntry) -> BenchSet:
+    return BenchSet((*BASELINES, *entries))
+
+
+# The attributes split (attributes.py): its own teacher, trained on it, its prompts and its scores; its best CFG is
+# chosen on validation with the sweep.
+ATTRIBUTE_BASELINES = (TeacherEntry(50),)
+
+
+def _attributes(*entries: TeacherEntry | StudentEntry) -> BenchSet:
+    return BenchSet(entries, ATTRIBUTE_BASELINES, attributes.SUITE, BUNDLED_ATTRIBUTES_TEACHER)
+
+
 BENCH_SETS = {
-    "teacher": [*BASELINES, *[TeacherEntry(s) for s in (25, 8, 4, 2)]],
+    "teacher": _proxy(*[TeacherEntry(s) for s in (25, 8, 4, 2)]),
     # Where BEST_CFG_SCALE comes from: run on validation only.
-    "cfg": [TeacherEntry(50, s) for s in CFG_SWEEP],
+    "cfg": BenchSet(tuple(TeacherEntry(50, s) for s in CFG_SWEEP)),
     # The student at its file's sampler, and at 4 and 2 steps also with the paper's LCM re-noising (consistency).
-    "flash": [*BASELINES, TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1),
-              StudentEntry(4, sampler="consistency"), StudentEntry(2, sampler="consistency")],
+    "flash": _proxy(TeacherEntry(4), TeacherEntry(2), StudentEntry(4), StudentEntry(2), StudentEntry(1),
+                    StudentEntry(4, sampler="consistency"), StudentEntry(2, sampler="consistency")),
     # Stage 1 at the teacher's step count (half the NFE), the few-step rows both samplers, and w as a control.
-    "guided": [*BASELINES, _guided(50), TeacherEntry(8), TeacherEntry(4),
-               *[_guided(n, sampler=s) for n in (8, 4, 2, 1) for s in ("ddim", "stochastic")],
-               *[e for w in (0.0, 1.0, 6.0) for e in (TeacherEntry(50, w + 1.0), _guided(50, w))]],
+    "guided": _proxy(_guided(50), TeacherEntry(8), TeacherEntry(4),
+                     *[_guided(n, sampler=s) for n in (8, 4, 2, 1) for s in ("ddim", "stochastic")],
+                     *[e for w in (0.0, 1.0, 6.0) for e in (TeacherEntry(50, w + 1.0), _guided(50, w))]),
     # The adapter's own sampler (DPM-Solver++) and DDIM at 4 steps, then 8 and 2; plus the negative-prompt study.
-    "sun": [*BASELINES, TeacherEntry(8), TeacherEntry(4), _sun(4), _sun(4, "ddim"), _sun(8), _sun(2)],
+    "sun": _proxy(TeacherEntry(8), TeacherEntry(4), _sun(4), _sun(4, "ddim"), _sun(8), _sun(2)),
     # One step: the teacher (the generator's starting point, with CFG), Flash, and each GDD variant given (the ablation),
     # trained on the real images or on the teacher's samples (`--data-free`, or `--data` a `fewstep synth` folder).
-    "gdd": [*BASELINES, TeacherEntry(1), StudentEntry(1),
-            *[StudentEntry(1, adapter=None, label=label + data) for data in ("", "_synth") for label in GDD_LABELS.values()]],
+    "gdd": _proxy(TeacherEntry(1), StudentEntry(1),
+                  *[StudentEntry(1, adapter=None, label=label + data) for data in ("", "_synth") for label in GDD_LABELS.values()]),
     # Eight steps: the teacher (50 and 8), the guided student, SnapFusion's students with CFG (the ablation, the slim UNet).
-    "snapfusion": [*BASELINES, TeacherEntry(8), _guided(8), *[_snap(label) for label in SNAP_LABELS]],
+    "snapfusion": _proxy(TeacherEntry(8), _guided(8), *[_snap(label) for label in SNAP_LABELS]),
     # Flash on the real training images (the bundled LoRA) next to Flash on a set the teacher synthesized.
-    "data_free": [*BASELINES, TeacherEntry(4), *[StudentEntry(n, label=label, adapter=adapter) for n in (4, 2, 1)
-                                                 for label, adapter in (("flash", str(BUNDLED_FLASH)), ("flash_synth", None))]],
+    "data_free": _proxy(TeacherEntry(4), *[StudentEntry(n, label=label, adapter=adapter) for n in (4, 2, 1)
+                                           for label, adapter in (("flash", str(BUNDLED_FLASH)), ("flash_synth", None))]),
+    # The teacher at 50, 8, 4 and 2 steps with and without CFG, and Flash and SUN students distilled from it (--adapter).
+    "attributes": _attributes(*ATTRIBUTE_BASELINES, *[TeacherEntry(s, c) for s in (50, 8, 4, 2) for c in (DEFAULT_CFG_SCALE, 1.0)],
+                              *[StudentEntry(n, adapter=None, label=label) for label in ("flash", "sun") for n in (4, 2)]),
+    "attributes_cfg": _attributes(*[TeacherEntry(50, s) for s in CFG_SWEEP]),
 }
-
-# The attributes split (attributes.py): its own teacher, trained on it, its prompts and its scores. The teacher at 50,
-# 8, 4 and 2 steps with and without CFG, and Flash and SUN students distilled from it (given with --adapter); its best
-# CFG is chosen on validation with the sweep.
-ATTRIBUTE_BASELINES = (TeacherEntry(50),)
-ATTRIBUTE_SETS = {
-    "attributes": [*ATTRIBUTE_BASELINES, *[TeacherEntry(s, c) for s in (50, 8, 4, 2) for c in (DEFAULT_CFG_SCALE, 1.0)],
-                   *[StudentEntry(n, adapter=None, label=label) for label in ("flash", "sun") for n in (4, 2)]],
-    "attributes_cfg": [TeacherEntry(50, s) for s in CFG_SWEEP],
-}
-BENCH_SETS.update(ATTRIBUTE_SETS)
-
-
-def suite_of(set_name: str) -> PromptSuite:
-    """The prompts and scores of a bench set."""
-    return attributes.SUITE if set_name in ATTRIBUTE_SETS else PROXY
-
-
-def default_teacher(set_name: str) -> Path:
-    """The bundled teacher a bench set samples unless given another."""
-    return BUNDLED_ATTRIBUTES_TEACHER if set_name in ATTRIBUTE_SETS else BUNDLED_TEACHER
-
-
-def baselines_of(set_name: str) -> tuple[TeacherEntry, ...]:
-    """The rows every other row of a bench set is compared with."""
-    return ATTRIBUTE_BASELINES if set_name in ATTRIBUTE_SETS else BASELINES
 
 # The negative-prompt study: a prompt that names no class, sampled with an empty negative prompt and with a class's.
 # Under the proxy's (randomly initialised, frozen) text encoder "a handwritten digit" gives mostly twos (87% of the
@@ -144,7 +147,7 @@ NEGATIVE_STRENGTHS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 def run_bench(
     set_name: str = "teacher",            # which BENCH_SETS entry
-    teacher: str | Path | None = None,    # the pipeline folder to sample (default: the set's, ``default_teacher``)
+    teacher: str | Path | None = None,    # the pipeline folder to sample (default: the set's, ``BenchSet.teacher``)
     per_class: int = 25,                  # samples per class (20 classes) in each seed set
     batch_size: int = 250,                # samples generated together
     out_dir: str | Path = "bench/results",  # JSON, markdown and grids go here
@@ -165,11 +168,12 @@ def run_bench(
 
     if set_name not in BENCH_SETS:
         raise ValueError(f"unknown bench set {set_name!r}; expected one of {sorted(BENCH_SETS)}")
-    out_dir, suite = Path(out_dir), suite_of(set_name)
-    teacher = teacher or default_teacher(set_name)
+    bench_set = BENCH_SETS[set_name]
+    out_dir, suite = Path(out_dir), bench_set.suite
+    teacher = teacher or bench_set.teacher
     pipe = pipe if pipe is not None else load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
     adapters = [str(a) for a in ([adapter] if isinstance(adapter, (str, Path)) else adapter or [])]
-    entries = list(dict.fromkeys(resolved for e in BENCH_SETS[set_name]     # BEST_CFG_SCALE may be one of the set's
+    entries = list(dict.fromkeys(resolved for e in bench_set.entries     # BEST_CFG_SCALE may be one of the set's
                                  for resolved in (_with_adapters(e, adapters) if isinstance(e, StudentEntry) else [e])))
     skipped = [e.name for e in entries if isinstance(e, StudentEntry) and e.adapter is None]
     if skipped:
@@ -183,7 +187,7 @@ def run_bench(
         if isinstance(entry, StudentEntry):
             rows[-1]["training"] = training_data(entry.adapter)
         log.info("%s: %s", entry.name, ", ".join(f"{n} {rows[-1][n]}" for n in suite.scores))
-    baselines = [r for r in rows if r["name"] in {b.name for b in baselines_of(set_name)}]
+    baselines = [r for r in rows if r["name"] in {b.name for b in bench_set.baselines}]
     if resamples:
         for row in rows:
             row["vs"] = {b["name"]: compare(row, b) for b in baselines if b is not row}

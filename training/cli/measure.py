@@ -81,7 +81,7 @@ NEEDS_ADAPTER = {"guided": "a guided_student file from `fewstep train guided`", 
 def run_bench_command(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import default_teacher, markdown_table, run_bench
+    from ..bench import BENCH_SETS, markdown_table, run_bench
     from ..pipelines import load_teacher
 
     if args.reproduce:
@@ -96,7 +96,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             return 2
     pipes, samples = {}, {}   # each teacher loaded once
     for name in sets:
-        teacher = args.teacher or default_teacher(name)
+        teacher = args.teacher or BENCH_SETS[name].teacher
         if teacher not in pipes:
             pipes[teacher] = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
         document = run_bench(name, teacher, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter, plan=args.plan,
