@@ -28,7 +28,7 @@ import torch
 
 from fewstep.core.adapter_file import describe, read_header
 from fewstep.training.bench import bench_label, training_data
-from fewstep.training.evaluation import BUNDLED_TEACHER
+from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.evaluation import SPLITS, StudentEntry, TeacherEntry, prompt_set, save_class_grid
 from fewstep.training.data import PROXY_STYLES, balanced_indices, load_proxy_dataset
 from fewstep.training.metrics import FeatureStatistics, get_feature_extractor

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.training.evaluation import BUNDLED_TEACHER
+from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
 from fewstep.training.methods.flash import build_distillation, load_config
 from fewstep.training.pipelines import load_teacher

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from flash_throughput import CAPTIONS, sd15_random_pipeline
 
-from fewstep.training.evaluation import BUNDLED_TEACHER
+from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
 from fewstep.training.methods.gdd import build_distillation, load_config, trained_fraction
 from fewstep.training.pipelines import load_teacher

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fewstep.training.evaluation import BUNDLED_TEACHER
+from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.sun_attention import attach_sun, new_sun_adapter
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from fewstep.training import attributes as A
 from fewstep.training import data as D
-from fewstep.training import bench, evaluation
+from fewstep.training import bench, bundled, evaluation
 from fewstep.training.scores import compare
 
 
@@ -102,8 +102,8 @@ def test_the_attributes_bench_set_runs_on_its_prompts(tmp_path, monkeypatch):
     assert doc["sanity"]["real_train_images"]["colour_accuracy"] > 0.9 > doc["sanity"]["uniform_noise"]["prompt_accuracy"]
     table = (tmp_path / "attributes.md").read_text()
     assert "colour ↑" in table and "position ↑" in table and json.loads((tmp_path / "attributes.json").read_text()) == doc
-    assert bench.BENCH_SETS["attributes"].teacher == evaluation.BUNDLED_ATTRIBUTES_TEACHER
-    assert bench.BENCH_SETS["teacher"].teacher == evaluation.BUNDLED_TEACHER and len(D.PROXY_CLASSES) == 20
+    assert bench.BENCH_SETS["attributes"].teacher == bundled.BUNDLED_ATTRIBUTES_TEACHER
+    assert bench.BENCH_SETS["teacher"].teacher == bundled.BUNDLED_TEACHER and len(D.PROXY_CLASSES) == 20
 
 
 def test_a_bundled_teacher_trains_its_students_on_its_own_data_with_the_proxy_preset(tmp_path, capsys, monkeypatch):
@@ -112,10 +112,24 @@ def test_a_bundled_teacher_trains_its_students_on_its_own_data_with_the_proxy_pr
 
     attributes_teacher = tmp_path / "attributes_teacher"
     attributes_teacher.mkdir()
-    monkeypatch.setitem(evaluation.BUNDLED_TEACHER_DATA, attributes_teacher, "proxy-attributes")
-    assert evaluation.bundled_teacher_data(evaluation.BUNDLED_TEACHER) == "proxy" and is_bundled_lineage(attributes_teacher)
-    assert evaluation.bundled_teacher_data(tmp_path) is None and not is_bundled_lineage(tmp_path)
+    monkeypatch.setitem(bundled.BUNDLED_TEACHER_DATA, attributes_teacher, "proxy-attributes")
+    assert bundled.bundled_teacher_data(bundled.BUNDLED_TEACHER) == "proxy" and is_bundled_lineage(attributes_teacher)
+    assert bundled.bundled_teacher_data(tmp_path) is None and not is_bundled_lineage(tmp_path)
     for teacher, data, preset in ((attributes_teacher, "proxy-attributes", "proxy"), (tmp_path, "proxy", "paper")):
         assert main(["train", "flash", "--teacher", str(teacher), "--run-dir", str(tmp_path / "run"), "--dry-run"]) == 0
         options = json.loads(capsys.readouterr().out)
         assert (options["data"], options["preset"]) == (data, preset)
+
+
+@pytest.mark.skipif(not (bundled.BUNDLED_ATTRIBUTES_TEACHER / "model_index.json").is_file(),
+                    reason="the bundled attributes teacher is not in this checkout")
+def test_the_bundled_attributes_teacher_follows_colour_and_pairs_with_cfg_and_loses_them_without():
+    """The stick separates what CFG buys: without it the bundled teacher's colour, pair and prompt accuracy fall beyond
+    the noise (validation prompts, 8 steps; class accuracy alone needs more samples than a test can afford)."""
+    from fewstep.training.pipelines import load_teacher
+
+    pipe = load_teacher(bundled.BUNDLED_ATTRIBUTES_TEACHER)
+    guided, unguided = (evaluation.evaluate_entry(pipe, evaluation.TeacherEntry(8, cfg_scale), per_class=5, batch_size=100,
+                                                  seed_sets=2, resamples=30, suite=A.SUITE) for cfg_scale in (4.0, 1.0))
+    verdicts = compare(unguided, guided)
+    assert verdicts["colour_accuracy"] == verdicts["pair_accuracy"] == verdicts["prompt_accuracy"] == "worse", verdicts

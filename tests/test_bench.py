@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from fewstep.training import bench, evaluation
+from fewstep.training import bench, bundled, evaluation
 from fewstep.training.cli.measure import BENCH_SET_NAMES
 from fewstep.training.data import PROXY_CLASSES
 from fewstep.training.pipelines import load_teacher
@@ -81,7 +81,7 @@ def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkey
         bench.run_bench("nope", tiny_teacher, out_dir=tmp_path)
 
 
-@pytest.mark.skipif(not (evaluation.BUNDLED_TEACHER / "model_index.json").is_file(), reason="the bundled teacher is not in this checkout")
+@pytest.mark.skipif(not (bundled.BUNDLED_TEACHER / "model_index.json").is_file(), reason="the bundled teacher is not in this checkout")
 def test_quickstart_runs_on_the_bundled_teacher(tmp_path, capsys):
     from fewstep.training.cli import main as cli
 
@@ -90,7 +90,7 @@ def test_quickstart_runs_on_the_bundled_teacher(tmp_path, capsys):
     assert "teacher-25steps-cfg4" in out and "teacher-4steps-cfg4" in out and "flash-quickstart-4steps" in out
     from PIL import Image
 
-    rows = 4 if evaluation.BUNDLED_FLASH.is_file() else 3
+    rows = 4 if bundled.BUNDLED_FLASH.is_file() else 3
     assert Image.open(tmp_path / "grid.png").size == (32 * 20 * 3, 32 * rows * 3)
     assert (tmp_path / "metrics.md").read_text().count("flash-") == rows - 2
     assert (tmp_path / "flash_lora.safetensors").is_file()

@@ -12,7 +12,7 @@ from fewstep.core.adapter_file import AdapterFileError, read_adapter
 from fewstep.core.parameterization import start_noise_scaling
 from fewstep.core.samplers import sample_ddim, sample_dpmpp_2m
 from fewstep.core.schedule import DiscreteSchedule, select_timesteps
-from fewstep.training.evaluation import BUNDLED_FLASH, BUNDLED_TEACHER
+from fewstep.training.bundled import BUNDLED_FLASH, BUNDLED_TEACHER
 from fewstep.training.cli import main
 from fewstep.training.data import CaptionedImages, load_proxy_dataset
 from fewstep.training.diffusers_sampling import CFGDenoiser, UNetDenoiser

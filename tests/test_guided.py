@@ -13,7 +13,7 @@ from fewstep.core.adapter_file import AdapterFileError, read_adapter, write_adap
 from fewstep.core.guidance import cfg_imagen
 from fewstep.core.parameterization import distillation_weight
 from fewstep.training import methods
-from fewstep.training.evaluation import BUNDLED_TEACHER
+from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.cli import main
 from fewstep.training.diffusers_sampling import w_condition
 from fewstep.training.methods import guided as G

@@ -243,7 +243,7 @@ def test_a_snapfusion_round_is_cfg_aware_in_the_share_of_batches_asked(tiny_teac
 def test_a_snapfusion_round_learns_one_step_where_its_teacher_takes_two(proxy_data):
     """On the proxy teacher, one fixed CFG-aware batch (grid points, noise, coin and scales fixed): the student, which
     starts as its teacher, learns to land in one guided DDIM step where the guided teacher lands in two."""
-    from fewstep.training.evaluation import BUNDLED_TEACHER
+    from fewstep.training.bundled import BUNDLED_TEACHER
     from fewstep.training.teacher_data import load_teacher_data
 
     from .test_guided import _fit_fixed_batch

@@ -13,7 +13,7 @@ from fewstep.core.adapter_file import AdapterFileError, read_adapter
 from fewstep.core.guidance import cfg
 from fewstep.core.sun import (SunAdapter, SunFileError, SunLayer, attention_processor_order, from_released_layout,
                               group_layer_tensors)
-from fewstep.training.evaluation import BUNDLED_TEACHER
+from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.cli import main
 from fewstep.training.loop import _param_groups
 from fewstep.training.methods import sun as S
@@ -314,7 +314,7 @@ def test_bundled_adapter_beats_the_teacher_at_equal_cost_and_the_negative_prompt
     """The proxy adapter (`fewstep train sun`, proxy preset): at 4 passes it beats the teacher's 4-step CFG (8 passes),
     and naming the class a neutral prompt gives most as the negative prompt makes it rarer, more so at higher strength."""
     from fewstep.training.bench import negative_prompt_study
-    from fewstep.training.evaluation import BUNDLED_SUN
+    from fewstep.training.bundled import BUNDLED_SUN
     from fewstep.training.evaluation import StudentEntry, TeacherEntry, evaluate_entry
 
     pipe = load_teacher(BUNDLED_TEACHER)

@@ -156,7 +156,8 @@ def test_cli_synth_and_data_free_training(tiny_teacher, tmp_path, capsys):
 
 
 def test_a_fine_tune_of_the_bundled_teacher_takes_its_cfg_default(tiny_teacher, tmp_path):
-    from fewstep.training.evaluation import BUNDLED_TEACHER, DEFAULT_CFG_SCALE
+    from fewstep.training.bundled import BUNDLED_TEACHER
+    from fewstep.training.evaluation import DEFAULT_CFG_SCALE
     from fewstep.training.cli.train import _synth_cfg
 
     child, grandchild, loop = tmp_path / "ft", tmp_path / "ft-of-ft", tmp_path / "loop"

@@ -346,7 +346,7 @@ def test_the_loop_refuses_what_it_cannot_run_with(tmp_path):
 
 
 def test_a_resolution_the_vae_cannot_make_is_a_one_line_error(tmp_path, capsys):
-    from fewstep.training.evaluation import BUNDLED_TEACHER
+    from fewstep.training.bundled import BUNDLED_TEACHER
     from fewstep.training.pipelines import load_teacher
 
     factor = load_teacher(BUNDLED_TEACHER).vae_scale_factor

@@ -23,8 +23,8 @@ import torch
 
 from .data import PROXY_CLASSES
 from . import attributes
-from .evaluation import (BEST_CFG_SCALE, BUNDLED_ATTRIBUTES_TEACHER, BUNDLED_FLASH, BUNDLED_TEACHER, DEFAULT_CFG_SCALE, PROXY,
-                         PromptSuite, StudentEntry, TeacherEntry, bundled_teacher_data, evaluate_entry)
+from .bundled import BUNDLED_ATTRIBUTES_TEACHER, BUNDLED_FLASH, BUNDLED_TEACHER, bundled_teacher_data
+from .evaluation import ATTRIBUTES_BEST_CFG_SCALE, BEST_CFG_SCALE, DEFAULT_CFG_SCALE, PROXY, PromptSuite, StudentEntry, TeacherEntry, evaluate_entry
 from .scores import RESAMPLES, WITHIN_NOISE, Z_95, compare
 from .pipelines import load_teacher
 from .teacher import pipeline_provenance
@@ -99,9 +99,9 @@ def _proxy(*entries: TeacherEntry | StudentEntry) -> BenchSet:
     return BenchSet((*BASELINES, *entries))
 
 
-# The attributes split (attributes.py): its own teacher, trained on it, its prompts and its scores; its best CFG is
-# chosen on validation with the sweep.
-ATTRIBUTE_BASELINES = (TeacherEntry(50),)
+# The attributes split (attributes.py): its own teacher, trained on it, its prompts and its scores; the same two
+# baselines, its best CFG chosen on validation with its own sweep.
+ATTRIBUTE_BASELINES = (TeacherEntry(50), TeacherEntry(50, ATTRIBUTES_BEST_CFG_SCALE))
 
 
 def _attributes(*entries: TeacherEntry | StudentEntry) -> BenchSet:

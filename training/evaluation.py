@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .bundled import BUNDLED_FLASH
 from .data import PROXY_CLASSES
 from .images import save_grid
 from .scores import RESAMPLES, SCORES, score_images
@@ -30,23 +31,16 @@ from .teacher import sample_images
 
 log = logging.getLogger("fewstep")
 
-BUNDLED_TEACHER = Path(__file__).parent / "assets" / "proxy_teacher"
-BUNDLED_FLASH = Path(__file__).parent / "assets" / "proxy_flash_lora.safetensors"
-BUNDLED_SUN = Path(__file__).parent / "assets" / "proxy_sun_adapter.safetensors"
-BUNDLED_ATTRIBUTES_TEACHER = Path(__file__).parent / "assets" / "proxy_attributes_teacher"   # attributes.py's split
-BUNDLED_TEACHER_DATA = {BUNDLED_TEACHER: "proxy", BUNDLED_ATTRIBUTES_TEACHER: "proxy-attributes"}
 DEFAULT_CFG_SCALE = 4.0
 # The teacher's best CFG on the validation split (lowest class FID of `fewstep bench --set cfg --split validation`,
 # bench/results/cfg_validation.json): the teacher baseline at its best, next to CFG 4, in every bench set.
 BEST_CFG_SCALE = 2.0
+# The attributes teacher's (attributes.py) best CFG on validation: the lowest FID (the split has no classifier-space
+# FID) of `fewstep bench --set attributes_cfg --split validation` (bench/results/attributes_cfg_validation.json; 1 to 2
+# lie within noise of each other there, and every accuracy rises with CFG up to 4).
+ATTRIBUTES_BEST_CFG_SCALE = 2.0
 GRID_SEEDS = 4
 SPLITS = {"validation": 0, "test": 1_000_000}   # each split's first seed
-
-
-def bundled_teacher_data(teacher: str | Path) -> str | None:
-    """The dataset (a ``data.load_dataset`` spec) a bundled teacher was trained on; None for any other teacher."""
-    resolved = Path(teacher).resolve()
-    return next((data for path, data in BUNDLED_TEACHER_DATA.items() if path.resolve() == resolved), None)
 
 
 @dataclass(frozen=True)

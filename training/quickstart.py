@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .bench import markdown_table
-from .evaluation import BUNDLED_FLASH, BUNDLED_TEACHER
+from .bundled import BUNDLED_FLASH, BUNDLED_TEACHER
 from .evaluation import StudentEntry, TeacherEntry, evaluate_entry
 from .data import DATA_PACKAGES, require_packages
 from .loop import holding_run_dir

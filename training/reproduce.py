@@ -1,5 +1,5 @@
 """`fewstep bench --reproduce NAME`: retrain a bench set's students from a fresh clone with the options they were
-trained with, then bench them. Only the bundled teacher, classifier and data are needed; the bundled Flash LoRA and SUN
+trained with, then bench them. Only the bundled teachers, classifier and data are needed; the bundled Flash LoRA and SUN
 adapter have recipes too, so that every number a table reports can be regenerated, not only re-scored.
 
 Light to import (the CLI's --help lists the recipes). A recipe is a list of ordinary ``fewstep`` commands, each resumable: rerunning ``--reproduce`` after a stop continues
@@ -9,6 +9,8 @@ where it stopped (a finished training run only re-exports its file). ``{runs}`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from .bundled import BUNDLED_ATTRIBUTES_TEACHER
 
 FLASH_PHASES = ("--phase-steps", "300,300,300,300")   # the bundled LoRA's length: 1,200 steps in the paper's 4 phases
 GUIDED_ROUNDS = (8, 4, 2, 1)
@@ -23,8 +25,9 @@ class Recipe:
     bench: tuple[str, ...]
 
     def commands(self, runs: str) -> list[list[str]]:
-        """Every command, training then bench, with ``{runs}`` filled in."""
-        return [[arg.format(runs=runs) for arg in command] for command in (*self.steps, self.bench)]
+        """Every command, training then bench, with ``{runs}`` (and the bundled ``{attributes_teacher}``) filled in."""
+        return [[arg.format(runs=runs, attributes_teacher=BUNDLED_ATTRIBUTES_TEACHER) for arg in command]
+                for command in (*self.steps, self.bench)]
 
 
 def _adapters(*paths: str) -> tuple[str, ...]:
@@ -50,6 +53,13 @@ RECIPES = {
         (("train", "sun", "--run-dir", "{runs}/sun", "--steps", "1500"),
          ("train", "sun", "--run-dir", "{runs}/sun", "--steps", "2250", "--truncate-prompt-prob", "0.3")),
         ("bench", "--set", "sun", *_adapters("{runs}/sun/sun_adapter.safetensors"))),
+    "attributes": Recipe(
+        "Flash and SUN students of the bundled attributes teacher (training/assets/proxy_attributes_teacher), each on "
+        "that teacher's own data with the proxy preset: Flash 600 steps, SUN 1,500",
+        (("train", "flash", "--teacher", "{attributes_teacher}", "--run-dir", "{runs}/attributes-flash"),
+         ("train", "sun", "--teacher", "{attributes_teacher}", "--run-dir", "{runs}/attributes-sun")),
+        ("bench", "--set", "attributes", *_adapters("{runs}/attributes-flash/flash_lora.safetensors",
+                                                     "{runs}/attributes-sun/sun_adapter.safetensors"))),
     "guided": Recipe(
         "guided distillation: the stage-1 w-conditioned student (2,000 steps), then stage 2's rounds 16 -> 8 -> 4 -> 2 -> 1",
         GUIDED, ("bench", "--set", "guided", *_adapters(*GUIDED_FILES))),

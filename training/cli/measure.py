@@ -173,7 +173,7 @@ def run_eval(args: argparse.Namespace) -> int:
             result["clip_score"] = clip_score(data.images, data.captions, args.clip_model)
     else:
         from ...core.adapter_file import AdapterFileError, read_header, describe
-        from ..evaluation import BUNDLED_TEACHER
+        from ..bundled import BUNDLED_TEACHER
         from ..evaluation import StudentEntry, TeacherEntry, evaluate_entry
         from ..pipelines import load_teacher
 

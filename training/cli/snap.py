@@ -132,7 +132,7 @@ def run_snap_plan(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..evaluation import BUNDLED_TEACHER
+    from ..bundled import BUNDLED_TEACHER
     from ..methods import snap_blocks
     from ..methods.snap_architecture import propose_architecture
     from ..pipelines import TeacherError, load_teacher

@@ -75,7 +75,7 @@ def add_train_finetune(methods) -> None:
 def run_train_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..evaluation import BUNDLED_TEACHER
+    from ..bundled import BUNDLED_TEACHER
     from ..data import check_dataset
     from ..loop import lock_run_dir
     from ..pipelines import TeacherError
@@ -197,7 +197,7 @@ def run_distillation(args: argparse.Namespace, method: str, load_config, overrid
     import dataclasses
     from pathlib import Path
 
-    from ..evaluation import BUNDLED_TEACHER, bundled_teacher_data
+    from ..bundled import BUNDLED_TEACHER, bundled_teacher_data
     from ..data import check_dataset
     from ..loop import lock_run_dir
     from ..pipelines import TeacherError
@@ -311,7 +311,7 @@ def add_synth(subparsers) -> None:
 def run_synth(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..evaluation import BUNDLED_TEACHER
+    from ..bundled import BUNDLED_TEACHER
     from ..pipelines import TeacherError
     from ..synth_sets import SynthError
 
