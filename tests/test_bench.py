@@ -1,5 +1,6 @@
 """`fewstep bench` / `eval` plumbing on a tiny teacher: fixed prompts and seeds, metrics keys, grids, tables."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,16 @@ def test_run_bench_writes_json_markdown_and_grids(tiny_teacher, tmp_path, monkey
     again = bench.run_bench("smoke", tiny_teacher, per_class=2, batch_size=20, out_dir=tmp_path / "again", progress=False,
                             seed_sets=2, resamples=20, samples=samples, pipe=pipe)
     assert [r["fid"] for r in again["results"]] == [r["fid"] for r in doc["results"]]
+    # A rerun into the same folder reuses the rows it saved (a stopped bench continues); other options, another
+    # teacher file or --no-resume score anew.
+    rerun = dict(per_class=2, batch_size=20, out_dir=tmp_path, progress=False, seed_sets=2, resamples=20, pipe=pipe)
+    assert bench.run_bench("smoke", tiny_teacher, **rerun)["results"] == doc["results"]
+    for changed in ({"resamples": 10}, {"resume": False}):
+        with pytest.raises(pytest.fail.Exception, match="sampled again"):
+            bench.run_bench("smoke", tiny_teacher, **{**rerun, **changed})
+    (Path(tiny_teacher) / "model_index.json").write_text((Path(tiny_teacher) / "model_index.json").read_text() + " ")
+    with pytest.raises(pytest.fail.Exception, match="sampled again"):
+        bench.run_bench("smoke", tiny_teacher, **rerun)
     with pytest.raises(pytest.fail.Exception, match="sampled again"):
         bench.run_bench("smoke", tiny_teacher, per_class=2, out_dir=tmp_path, progress=False, split="validation", samples=samples,
                         pipe=pipe)

@@ -11,6 +11,7 @@ configuration.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..core.adapter_file import atomic_write
 from .data import PROXY_CLASSES
 from . import attributes
 from .bundled import BUNDLED_ATTRIBUTES_TEACHER, BUNDLED_FLASH, BUNDLED_TEACHER, bundled_teacher_data
@@ -160,8 +162,10 @@ def run_bench(
     resamples: int = RESAMPLES,           # bootstrap draws per score
     samples: dict | None = None,          # generated images shared with other run_bench calls (the same pipe)
     pipe=None,                            # the loaded teacher (default: load ``teacher``)
+    resume: bool = True,                  # reuse the rows a stopped run already scored with the same inputs
 ) -> dict:
-    """Run a bench set and write its results; returns the JSON document."""
+    """Run a bench set and write its results; returns the JSON document. Each row is saved as it is scored
+    (``<out_dir>/<set>-rows/``), so a stopped bench, rerun, scores only the rows it had not finished."""
     from tqdm.auto import tqdm
 
     from .proxy_classifier import proxy_classifier_metadata
@@ -180,12 +184,22 @@ def run_bench(
         log.warning("no --adapter file for %s: left out", ", ".join(skipped))
     entries = [e for e in entries if e.name not in skipped]
     name = set_name if split == "test" else f"{set_name}_{split}"   # the files' names
-    rows = []
+    rows, teacher_digest = [], files_digest(teacher)
     for entry in tqdm(entries, desc=f"bench {set_name} ({split})", disable=not progress):
+        inputs = {"entry": dataclasses.asdict(entry), "teacher": teacher_digest, "prompts": suite.name, "split": split,
+                  "per_class": per_class, "seed_sets": seed_sets, "resamples": resamples, "batch_size": batch_size,
+                  "adapter": files_digest(entry.adapter) if isinstance(entry, StudentEntry) else None}
+        saved_path = out_dir / f"{name}-rows" / f"{entry.name}.json"
+        saved = json.loads(saved_path.read_text()) if resume and saved_path.exists() else {}
+        if saved.get("inputs") == inputs:
+            log.info("%s: reusing the row scored by an earlier run (%s)", entry.name, saved_path)
+            rows.append(saved["row"])
+            continue
         rows.append(evaluate_entry(pipe, entry, per_class, batch_size, out_dir / f"{name}-grids" / f"{entry.name}.png",
                                    split, seed_sets, resamples, samples, suite))
         if isinstance(entry, StudentEntry):
             rows[-1]["training"] = training_data(entry.adapter)
+        atomic_write(saved_path, lambda tmp: Path(tmp).write_text(json.dumps({"inputs": inputs, "row": rows[-1]}) + "\n"))
         log.info("%s: %s", entry.name, ", ".join(f"{n} {rows[-1][n]}" for n in suite.scores))
     baselines = [r for r in rows if r["name"] in {b.name for b in bench_set.baselines}]
     if resamples:
@@ -215,6 +229,17 @@ def run_bench(
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=1) + "\n")
     (out_dir / f"{name}.md").write_text(markdown_table(document))
     return document
+
+
+def files_digest(path: str | Path) -> str:
+    """SHA-256 over a file, or over a folder's files with their relative paths: what a saved row was scored with."""
+    path, digest = Path(path), hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]:
+        digest.update(str(file.relative_to(path) if path.is_dir() else "").encode())
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def snapfusion_measurements(pipe, entries: Sequence[StudentEntry], plan: str | Path | None) -> dict:

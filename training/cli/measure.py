@@ -63,6 +63,9 @@ def add_bench(subparsers) -> None:
                    "method, GDD's of its variant: the one made for its step count, e.g. one per progressive round, else the "
                    "first; rows with none are left out); flash rows: default the bundled proxy LoRA")
     p.add_argument("--plan", default=None, help="snapfusion: the `fewstep snap plan --out` file whose block table to include")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the rows an earlier run saved in OUT_DIR/<set>-rows/ with the same teacher and adapter files "
+                   "and options (a stopped bench continues; their s / image is that run's); --no-resume scores every row anew")
     p.add_argument("--reproduce", default=None, choices=sorted(RECIPES),
                    help="retrain a set's students with the options they were trained with (the bundled Flash and SUN files "
                    "too; --dry-run lists the commands), then bench them; every step is resumable: rerun to continue")
@@ -101,7 +104,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             pipes[teacher] = load_teacher(teacher, device="cuda" if torch.cuda.is_available() else "cpu")
         document = run_bench(name, teacher, args.per_class, args.batch_size, args.out_dir, adapter=args.adapter, plan=args.plan,
                              split=args.split, seed_sets=args.seed_sets, resamples=args.resamples, samples=samples,
-                             pipe=pipes[teacher])
+                             pipe=pipes[teacher], resume=args.resume)
         print(markdown_table(document), end="")
     return 0
 
