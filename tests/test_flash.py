@@ -16,6 +16,7 @@ from fewstep.training.bundled import BUNDLED_FLASH, BUNDLED_TEACHER
 from fewstep.training.cli import main
 from fewstep.training.data import CaptionedImages, load_proxy_dataset
 from fewstep.training.diffusers_sampling import CFGDenoiser, UNetDenoiser
+from fewstep.training.driver import student_lora_modules
 from fewstep.training.methods import flash as F
 from fewstep.training.pipelines import PromptEncoder, load_teacher
 from fewstep.training.students import AdaptedTeacher
@@ -285,7 +286,7 @@ def test_an_sdxl_lora_on_an_sd15_teacher_is_refused_with_the_reason(trained_tiny
 def test_init_lora_continues_from_a_file(trained_tiny):
     teacher, path = trained_tiny["sd15"]
     model = F.build_distillation(load_teacher(teacher), F.load_config("proxy", **TINY), init_lora=path)
-    exported = F.student_lora_modules(model.student, model.config)
+    exported = student_lora_modules(model.student, model.config)
     original, _ = L.read_lora(read_adapter(path).tensors)
     assert set(exported) == set(original)
     assert all(torch.allclose(exported[m].up.float(), original[m].up.float()) and exported[m].alpha == original[m].alpha for m in original)
@@ -428,7 +429,7 @@ def test_every_trainer_resumes_by_default():
     from fewstep.training.cli import build_parser
 
     parser = build_parser()
-    for kind in ("teacher", "flash"):
+    for kind in ("teacher", "flash", "lcm"):
         assert parser.parse_args(["train", kind]).no_resume is False
         assert parser.parse_args(["train", kind, "--resume"]).no_resume is False
         assert parser.parse_args(["train", kind, "--no-resume"]).no_resume is True

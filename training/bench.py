@@ -76,8 +76,8 @@ def bench_label(metadata) -> str:
         return "snap_nocfg" if (metadata.provenance or {}).get("config", {}).get("cfg_probability") == 0 else "snap"
     if metadata.kind == "gdd_student":
         label = GDD_LABELS.get(metadata.extra.get("variant"), "gdd")
-    else:
-        label = metadata.kind.split("_")[0]
+    else:   # an LCM-LoRA is a consistency LoRA like Flash's: its provenance tells them apart
+        label = "lcm" if (metadata.provenance or {}).get("method") == "lcm" else metadata.kind.split("_")[0]
     return f"{label}_synth" if "synthesized" in (metadata.provenance or {}) else label
 
 

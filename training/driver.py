@@ -15,6 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..core.adapter_file import AdapterMetadata, write_adapter
 from ..core.lora import read_lora, write_lora
 from .options import RunOptions
 from .teacher_data import TeacherData, load_teacher_data
@@ -38,11 +39,12 @@ def provenance(method: str, teacher: str | Path, train_steps: int, data: Teacher
 def fit(model: torch.nn.Module, run_dir: Path, batch_fn, config, desc: str, run: RunOptions, total_steps: Optional[int] = None,
         sample_fn=None, lr_scales: Optional[dict[str, float]] = None) -> torch.nn.Module:
     """The shared loop on ``model(batch, gen)`` with a method config's optimiser options (steps, lr, warmup_steps,
-    grad_clip, ema_decay) and the run's mechanics."""
+    grad_clip, ema_decay, weight_decay where it has one) and the run's mechanics."""
     from .loop import training_loop
 
     return training_loop(run_dir, model, lambda m, b, g: m(b, g), batch_fn, total_steps or config.steps, lr=config.lr,
                          lr_scales=lr_scales, warmup_steps=getattr(config, "warmup_steps", 0), grad_clip=config.grad_clip,
+                         weight_decay=getattr(config, "weight_decay", 0.0),
                          ema_decay=config.ema_decay, sample_fn=sample_fn, desc=desc, **dataclasses.asdict(run))
 
 
@@ -72,6 +74,24 @@ def add_student_lora(unet, config, init: Optional[dict] = None):
     if result.unexpected_keys:
         raise ValueError(f"the initial LoRA does not fit the teacher UNet: {result.unexpected_keys[:3]}")
     return unet
+
+
+def consistency_lora_metadata(config, base: str, prediction: str, sampler: str, timesteps: Sequence[int],
+                              provenance: Optional[dict] = None) -> AdapterMetadata:
+    """What a consistency LoRA's file says (Flash's, LCM's: kind ``flash_lora``, the LCM boundary, no CFG): how the
+    hosts will sample it. ``config`` has ``sample_steps`` and the LoRA options."""
+    return AdapterMetadata(
+        kind="flash_lora", base=base, prediction=prediction, sampler=sampler, steps=config.sample_steps,
+        timesteps=list(timesteps), provenance=provenance or {},
+        extra={"consistency_boundary": True, "rank": config.lora_rank, "alpha": config.alpha,
+               "targets": list(config.lora_targets), "cfg_scale": 1.0},
+    )
+
+
+def export_consistency_lora(student, config, path: str | Path, meta: AdapterMetadata) -> None:
+    """The student's LoRA as one fewstep adapter file: kohya keys in fp16 + ``meta`` (atomic write)."""
+    modules = student_lora_modules(student, config)
+    write_adapter(path, {k: v.to(torch.float16) if v.ndim else v.float() for k, v in write_lora(modules, "kohya").items()}, meta)
 
 
 def student_lora_modules(student, config) -> dict:

@@ -8,7 +8,7 @@ import sys
 from typing import Optional
 
 from ..options import finite, fraction, positive_float, positive_int
-from ..methods import flash, gdd, guided, sun
+from ..methods import flash, gdd, guided, lcm, sun
 from .arguments import (add_method_command, add_run_args, add_teacher_source, announce, method_overrides,
                         mixed_precision)
 
@@ -43,6 +43,7 @@ def add_train(subparsers) -> None:
     p.set_defaults(run=run_train_teacher)
     add_train_finetune(methods)
     add_train_flash(methods)
+    add_train_lcm(methods)
     add_train_guided(methods)
     add_train_sun(methods)
     add_train_gdd(methods)
@@ -114,6 +115,19 @@ def add_train_flash(methods) -> None:
     p.add_argument("--init-lora", default=None, help="continue from this Flash/LCM-style LoRA file (its rank, alpha and targets are kept)")
 
 
+def add_train_lcm(methods) -> None:
+    add_method_command(
+        methods, "lcm", "distil a teacher into an LCM-LoRA (latent consistency distillation: the baseline, 2-8 steps, no CFG)",
+        "Latent consistency distillation into a LoRA (Luo et al. 2023, LCM-LoRA), as diffusers' LCM-LoRA training script "
+        "does it: one DDIM step of the teacher with CFG (scale drawn per sample) between neighbours of an N-step grid, the "
+        "student's LCM boundary output matched to its own (no-grad) output one step on, pseudo-Huber loss. Writes a "
+        "consistency LoRA file (kohya keys + fewstep metadata, LCM sampler and timesteps) that the ComfyUI nodes, the "
+        "A1111 extension and `fewstep bench --adapter` load like a Flash LoRA. Options default to the script's SD1.5 "
+        "setup (--preset paper); --preset proxy matches Flash's proxy preset for a comparison at equal budget.",
+        config_class=lcm.LCMConfig, presets=lcm.PRESETS, out_name="lcm_lora.safetensors", label="LCM",
+        sample_help="steps between 1/2/4-step sample grids (RUN_DIR/samples)", run=run_train_lcm)
+
+
 def add_train_guided(methods) -> None:
     p = add_method_command(
         methods, "guided", "distil a teacher into a student that takes the guidance weight w as input (one pass per step)",
@@ -160,6 +174,11 @@ def run_train_flash(args: argparse.Namespace) -> int:
     return run_distillation(args, "flash", flash.load_config, method_overrides(args, flash.FlashConfig), "flash_lora.safetensors",
                             lambda **kw: flash.train_flash(init_lora=args.init_lora, **kw),
                             "Flash LoRA written to {out}; try: fewstep bench --set flash --adapter {out}")
+
+
+def run_train_lcm(args: argparse.Namespace) -> int:
+    return run_distillation(args, "lcm", lcm.load_config, method_overrides(args, lcm.LCMConfig), "lcm_lora.safetensors",
+                            lcm.train_lcm, "LCM-LoRA written to {out}; try: fewstep eval --adapter {out}")
 
 
 def run_train_guided(args: argparse.Namespace) -> int:

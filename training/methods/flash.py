@@ -28,15 +28,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from ...core.adapter_file import AdapterMetadata, read_adapter, write_adapter
-from ...core.lora import read_lora, write_lora
+from ...core.adapter_file import AdapterMetadata, read_adapter
+from ...core.lora import read_lora
 from ...core.parameterization import diffuse, start_noise_scaling
 from ...core.samplers import sample_dpmpp_2m
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, distillation_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import base_of
 from ..students import sample_student
-from ..driver import add_student_lora, start_run, student_lora_modules, train_and_export
+from ..driver import add_student_lora, consistency_lora_metadata, export_consistency_lora, start_run, train_and_export
 from ..teacher_data import schedule_of, teacher_dtype
 from ..options import CheckpointingOption, LoraOptions, load_options, option, positive_float, replace_options, str_list
 from .gan import GAN_LOSSES, AdversarialDistillation, adversarial_terms, teacher_features
@@ -294,20 +294,13 @@ def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path
 
 def exported_metadata(config: FlashConfig, base: str, prediction: str, provenance: Optional[dict] = None) -> AdapterMetadata:
     """What a Flash student's file says: how the hosts will sample it (and the previews do)."""
-    return AdapterMetadata(
-        kind="flash_lora", base=base, prediction=prediction, sampler=config.sampler, steps=config.sample_steps,
-        timesteps=export_timesteps(config), provenance=provenance or {},
-        extra={"consistency_boundary": True, "rank": config.lora_rank, "alpha": config.alpha,
-               "targets": list(config.lora_targets), "cfg_scale": 1.0},
-    )
+    return consistency_lora_metadata(config, base, prediction, config.sampler, export_timesteps(config), provenance)
 
 
 def export_flash_lora(distillation: FlashDistillation, path: str | Path, base: str, provenance: dict) -> AdapterMetadata:
     """The student's LoRA as one fewstep adapter file: kohya keys + metadata (atomic write)."""
-    config = distillation.config
-    modules = student_lora_modules(distillation.student, config)
-    meta = exported_metadata(config, base, distillation.schedule.prediction_type, provenance)
-    write_adapter(path, {k: v.to(torch.float16) if v.ndim else v.float() for k, v in write_lora(modules, "kohya").items()}, meta)
+    meta = exported_metadata(distillation.config, base, distillation.schedule.prediction_type, provenance)
+    export_consistency_lora(distillation.student, distillation.config, path, meta)
     return meta
 
 
