@@ -375,7 +375,7 @@ def markdown_table(document: dict) -> str:
     lines.append("")
     split = document.get("split")
     layout = (f"{document['samples_per_configuration']} samples per configuration"
-              + (f" ({document['seed_sets']} disjoint seed sets of {document['per_class']} per class, {split} split)"
+              + (f" ({document['seed_sets']} disjoint seed set{'s' if document['seed_sets'] > 1 else ''} of {document['per_class']} per class, {split} split)"
                  if split else ""))
     lines.append(f"{layout}; ± is the 95 % interval from {document.get('resamples', 0)} bootstrap draws over samples; "
                  f"reference: {document['reference']}; classifier accuracy on real held-out images "
