@@ -47,6 +47,54 @@ def test_exported_timesteps_are_the_training_modes():
     assert F.export_timesteps(F.PRESETS["proxy"]) == [999, 749, 499, 249]
 
 
+def test_shared_rollout_start_indices_each_follow_the_phase_mixture():
+    config = F.FlashConfig(teacher_steps=8, pairs_per_rollout=4)
+    gen = torch.Generator().manual_seed(0)
+    for phase in (0, 3):
+        draws = torch.cat([F.start_indices(config, phase, gen) for _ in range(3000)])
+        observed = torch.bincount(draws, minlength=8).double() / len(draws)
+        assert observed.tolist() == pytest.approx(F.start_index_probabilities(config, phase).tolist(), abs=0.015)
+
+
+def test_a_shared_rollout_trains_on_its_own_states_at_a_fraction_of_the_teacher_batch():
+    """pairs_per_rollout 4 on a batch of 8: the teacher's rollout passes carry 2 samples (x2 for CFG), and every
+    student input is a state the rollout passed through, at that state's noise level, for that sample's caption."""
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    config = F.FlashConfig(**{**TINY, "batch_size": 8}, pairs_per_rollout=4, mode_probs=((0.25, 0.25, 0.25, 0.25),) * 4)
+    model = F.build_distillation(pipe, config)
+    teacher_inputs, student_inputs = [], []
+    model.teacher.register_forward_pre_hook(lambda m, a, kw: teacher_inputs.append((a[0], a[1], kw["encoder_hidden_states"])),
+                                            with_kwargs=True)
+    model.student.register_forward_pre_hook(lambda m, a, kw: student_inputs.append((a[0], a[1], kw["encoder_hidden_states"])),
+                                            with_kwargs=True)
+    z = torch.randn(8, 4, 8, 8)
+    captions = [f"a photo of object {i}" for i in range(8)]
+    for seed in range(3):
+        teacher_inputs.clear(), student_inputs.clear()
+        terms = model({"latents": z, "captions": captions, "step": 0}, torch.Generator().manual_seed(seed))
+        assert terms["loss"].shape == (8,)
+        rollout = [(x[:2], t[:2], text[:2]) for x, t, text in teacher_inputs if len(x) == 4]   # the cond half
+        assert rollout, [len(x) for x, *_ in teacher_inputs]
+        x, t, text = student_inputs[0]
+        assert len(x) == 8
+        for pair in range(8):
+            sample = pair % 2
+            assert any(torch.equal(x[pair], rx[sample]) and t[pair] == rt[sample] and torch.equal(text[pair], rtext[sample])
+                       for rx, rt, rtext in rollout), (seed, pair)
+
+
+def test_lazy_dmd_comes_every_interval_steps_at_interval_times_the_weight():
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    config = F.FlashConfig(**TINY, dmd_interval=3, dmd_weights=(0.5,) * 4, adversarial_weights=(0.0,) * 4)
+    model = F.build_distillation(pipe, config)
+    batch = {"latents": torch.randn(4, 4, 8, 8), "captions": ["a photo"] * 4}
+    for step in range(4):
+        terms = model({**batch, "step": step}, torch.Generator().manual_seed(step))
+        assert ("dmd" in terms) == (step % 3 == 0), step
+        expected = terms["distill"] + 1.5 * terms.get("dmd", 0.0) + terms["discriminator"]
+        assert torch.allclose(terms["loss"], expected), step
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match=r"lora_rnak \(did you mean lora_rank\?\)"):
         F.load_config("paper", lora_rnak=4)

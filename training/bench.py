@@ -184,23 +184,10 @@ def run_bench(
         log.warning("no --adapter file for %s: left out", ", ".join(skipped))
     entries = [e for e in entries if e.name not in skipped]
     name = set_name if split == "test" else f"{set_name}_{split}"   # the files' names
-    rows, teacher_digest = [], files_digest(teacher)
-    for entry in tqdm(entries, desc=f"bench {set_name} ({split})", disable=not progress):
-        inputs = {"entry": dataclasses.asdict(entry), "teacher": teacher_digest, "prompts": suite.name, "split": split,
-                  "per_class": per_class, "seed_sets": seed_sets, "resamples": resamples, "batch_size": batch_size,
-                  "adapter": files_digest(entry.adapter) if isinstance(entry, StudentEntry) else None}
-        saved_path = out_dir / f"{name}-rows" / f"{entry.name}.json"
-        saved = json.loads(saved_path.read_text()) if resume and saved_path.exists() else {}
-        if saved.get("inputs") == inputs:
-            log.info("%s: reusing the row scored by an earlier run (%s)", entry.name, saved_path)
-            rows.append(saved["row"])
-            continue
-        rows.append(evaluate_entry(pipe, entry, per_class, batch_size, out_dir / f"{name}-grids" / f"{entry.name}.png",
-                                   split, seed_sets, resamples, samples, suite))
-        if isinstance(entry, StudentEntry):
-            rows[-1]["training"] = training_data(entry.adapter)
-        atomic_write(saved_path, lambda tmp: Path(tmp).write_text(json.dumps({"inputs": inputs, "row": rows[-1]}) + "\n"))
-        log.info("%s: %s", entry.name, ", ".join(f"{n} {rows[-1][n]}" for n in suite.scores))
+    teacher_digest = files_digest(teacher)
+    rows = [scored_row(pipe, entry, out_dir, name, teacher_digest, per_class, batch_size, split, seed_sets, resamples,
+                       samples, suite, resume)
+            for entry in tqdm(entries, desc=f"bench {set_name} ({split})", disable=not progress)]
     baselines = [r for r in rows if r["name"] in {b.name for b in bench_set.baselines}]
     if resamples:
         for row in rows:
@@ -229,6 +216,28 @@ def run_bench(
     (out_dir / f"{name}.json").write_text(json.dumps(document, indent=1) + "\n")
     (out_dir / f"{name}.md").write_text(markdown_table(document))
     return document
+
+
+def scored_row(pipe, entry: TeacherEntry | StudentEntry, out_dir: Path, name: str, teacher_digest: str, per_class: int,
+               batch_size: int, split: str, seed_sets: int, resamples: int, samples: dict | None, suite: PromptSuite,
+               resume: bool = True) -> dict:
+    """``evaluate_entry``'s row, saved as ``<out_dir>/<name>-rows/<entry>.json`` (grid: ``<name>-grids/``) and reused
+    while the teacher's and the adapter's files (by digest), the entry and the layout are the same."""
+    inputs = {"entry": dataclasses.asdict(entry), "teacher": teacher_digest, "prompts": suite.name, "split": split,
+              "per_class": per_class, "seed_sets": seed_sets, "resamples": resamples, "batch_size": batch_size,
+              "adapter": files_digest(entry.adapter) if isinstance(entry, StudentEntry) else None}
+    saved_path = out_dir / f"{name}-rows" / f"{entry.name}.json"
+    saved = json.loads(saved_path.read_text()) if resume and saved_path.exists() else {}
+    if saved.get("inputs") == inputs:
+        log.info("%s: reusing the row scored by an earlier run (%s)", entry.name, saved_path)
+        return saved["row"]
+    row = evaluate_entry(pipe, entry, per_class, batch_size, out_dir / f"{name}-grids" / f"{entry.name}.png",
+                         split, seed_sets, resamples, samples, suite)
+    if isinstance(entry, StudentEntry):
+        row["training"] = training_data(entry.adapter)
+    atomic_write(saved_path, lambda tmp: Path(tmp).write_text(json.dumps({"inputs": inputs, "row": row}) + "\n"))
+    log.info("%s: %s", entry.name, ", ".join(f"{n} {row[n]}" for n in suite.scores))
+    return row
 
 
 def files_digest(path: str | Path) -> str:

@@ -3,7 +3,8 @@
 The student is the teacher UNet plus a LoRA, read through LCM's boundary condition. Each batch:
 
 1. a start index on the teacher's K-step trailing grid is drawn from a Gaussian mixture whose mode
-   probabilities change by phase (early phases favour low noise, later ones pure noise);
+   probabilities change by phase (early phases favour low noise, later ones pure noise); with
+   ``pairs_per_rollout`` h > 1, h indices, and one rollout serves them all (its states at each);
 2. the student predicts x0 from the noised latent in one pass;
 3. the teacher's target is its own no-grad DPM-Solver++(2M) rollout with CFG (scale drawn per batch)
    from the same noisy latent to the end of the grid;
@@ -34,7 +35,7 @@ from ...core.parameterization import diffuse, start_noise_scaling
 from ...core.samplers import sample_dpmpp_2m
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, distillation_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
-from ..pipelines import base_of
+from ..pipelines import base_of, cat_cond
 from ..students import sample_student
 from ..driver import add_student_lora, consistency_lora_metadata, export_consistency_lora, start_run, train_and_export
 from ..teacher_data import schedule_of, teacher_dtype
@@ -59,6 +60,10 @@ class FlashConfig(LoraOptions, CheckpointingOption):
     # Start timesteps: Gaussian mixture over the teacher's K-step grid, mode probabilities per phase.
     teacher_steps: int = option(32, "K: steps of the teacher's DPM-Solver++ grid (trailing)")
     mixture_var: float = 0.5
+    # Start points taken from one teacher rollout (1: the paper's one per rollout). h > 1 rolls out batch/h samples from
+    # the noisiest of h start indices drawn from the phase's mixture and trains on their states at all h: every pair's
+    # start index still follows the mixture, at 1/h of the teacher's rollout cost.
+    pairs_per_rollout: int = option(1, "start points per teacher rollout (1 = the paper; must divide batch_size)")
     phase_steps: tuple[int, ...] = option((5000, 5000, 5000, 5000), "optimiser steps per phase, e.g. 5000,5000,5000,5000")
     mode_probs: tuple[tuple[float, ...], ...] = ((0.0, 0.0, 0.5, 0.5), (0.1, 0.3, 0.3, 0.3),
                                                   (0.25, 0.25, 0.25, 0.25), (0.4, 0.2, 0.2, 0.2))
@@ -73,6 +78,9 @@ class FlashConfig(LoraOptions, CheckpointingOption):
     lpips_crop: int = 64                             # LPIPS on the decoded centre crop of this many latent pixels, as the reference
     distill_weights: tuple[float, ...] = option((1.0, 1.0, 1.0, 1.0), "per-phase distillation weights, e.g. 1,1,1,1")
     dmd_weights: tuple[float, ...] = option((0.0, 0.3, 0.5, 0.7), "per-phase DMD weights")
+    # Lazy DMD, as StyleGAN2's lazy R1: the term (a teacher CFG pass and a student pass) every dmd_interval steps,
+    # weighted by the interval. 1: every step, as the paper.
+    dmd_interval: int = option(1, "steps between DMD terms (weighted by the interval; 1 = every step, the paper)")
     adversarial_weights: tuple[float, ...] = option((0.0, 0.1, 0.2, 0.3), "per-phase GAN weights")
     gan_loss: str = option("lsgan", "GAN objective", choices=GAN_LOSSES)
     gan_timesteps: tuple[int, ...] = (10, 250, 500, 750)
@@ -128,6 +136,10 @@ class FlashConfig(LoraOptions, CheckpointingOption):
             problems.append(f"sampler {self.sampler!r} is not one of {', '.join(FLASH_SAMPLERS)}")
         if self.lora_rank < 1 or self.batch_size < 1 or min(self.phase_steps) < 1:
             problems.append("lora_rank, batch_size and every phase_steps entry must be positive")
+        elif self.dmd_interval < 1:
+            problems.append("dmd_interval must be at least 1")
+        elif self.pairs_per_rollout < 1 or self.batch_size % self.pairs_per_rollout:
+            problems.append(f"pairs_per_rollout ({self.pairs_per_rollout}) must be positive and divide batch_size ({self.batch_size})")
         if problems:
             raise ValueError("invalid Flash configuration: " + "; ".join(problems))
 
@@ -155,6 +167,14 @@ def start_index_probabilities(config: FlashConfig, phase: int) -> torch.Tensor:
     i = torch.arange(k, dtype=torch.float64)
     density = sum(p * torch.exp(-(i - loc) ** 2 / config.mixture_var) for p, loc in zip(probs, locs))
     return density / density.sum()
+
+
+def start_indices(config: FlashConfig, phase: int, gen: torch.Generator) -> torch.Tensor:
+    """``pairs_per_rollout`` grid indices, each drawn from the phase's mixture (independently)."""
+    probs = start_index_probabilities(config, phase)
+    if config.pairs_per_rollout == 1:
+        return torch.multinomial(probs, 1, generator=gen)
+    return torch.multinomial(probs, config.pairs_per_rollout, replacement=True, generator=gen)
 
 
 def export_timesteps(config: FlashConfig) -> list[int]:
@@ -188,32 +208,43 @@ class FlashDistillation(AdversarialDistillation):
     def forward(self, batch: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
         cfg_, z = self.config, batch["latents"]
         phase = cfg_.phase(batch["step"])
-        n, device = z.shape[0], z.device
-        cond, uncond = self.prompts.with_unconditional(batch["captions"])
+        pairs = cfg_.pairs_per_rollout
+        rollouts, device = z.shape[0] // pairs, z.device
+        cond, uncond = self.prompts.with_unconditional(batch["captions"][:rollouts])
         teacher = UNetDenoiser(self.teacher, self.schedule)
 
-        # 1. Start point on the teacher's grid (one index per batch, so the rollout is batched).
-        start = int(torch.multinomial(start_index_probabilities(cfg_, phase), 1, generator=gen))
+        # 1. Start indices on the teacher's grid, one per rollout pair (shared by the batch, so the rollout is batched);
+        # the rollout starts at the noisiest.
+        indices = start_indices(cfg_, phase, gen)
+        start = int(indices.min())
         sigmas = self.grid[start:].to(device)
-        noise = torch.randn(z.shape, generator=gen).to(z)
+        noise = torch.randn((rollouts, *z.shape[1:]), generator=gen).to(z)
         if start == 0:
             x = noise * start_noise_scaling(sigmas[0])     # pure noise, as at inference
         else:
-            t_start = torch.full((n,), int(self.grid_timesteps[start]))
-            x = diffuse(self.schedule, z, noise, t_start) * start_noise_scaling(sigmas[0])
+            t_start = torch.full((rollouts,), int(self.grid_timesteps[start]))
+            x = diffuse(self.schedule, z[:rollouts], noise, t_start) * start_noise_scaling(sigmas[0])
 
-        # 2. The student's one-step x0, through the LCM boundary.
-        student_x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(x, sigmas[0].expand(n), **cond)
-
-        # 3. The teacher's multistep CFG target, computed once.
+        # 2. The teacher's multistep CFG target, computed once, and its states at the pairs' start indices.
+        states = {0: x}
+        keep = (lambda step: states.setdefault(step["i"], step["x"])) if pairs > 1 else None
         with torch.no_grad():
-            target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen)), x, sigmas)
+            target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen)), x, sigmas, callback=keep)
+        if pairs > 1:
+            offsets = (indices - start).tolist()
+            x, target = torch.cat([states[i] for i in offsets]), target.repeat(pairs, 1, 1, 1)
+            cond, uncond = cat_cond(*[cond] * pairs), cat_cond(*[uncond] * pairs)
+        start_sigmas = self.grid[indices].to(device).repeat_interleave(rollouts)
+
+        # 3. The student's one-step x0, through the LCM boundary.
+        student_x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(x, start_sigmas, **cond)
 
         terms = {"distill": self._distill(student_x0, target)}
-        if cfg_.dmd_weights[phase]:
+        dmd_weight = cfg_.dmd_weights[phase] * cfg_.dmd_interval if batch["step"] % cfg_.dmd_interval == 0 else 0.0
+        if dmd_weight:
             terms["dmd"] = self._dmd(student_x0, cond, uncond, teacher, gen)
         terms["adversarial"], terms["discriminator"] = self._adversarial(student_x0, target if cfg_.real_from == "teacher" else z, cond, gen)
-        terms["loss"] = (cfg_.distill_weights[phase] * terms["distill"] + cfg_.dmd_weights[phase] * terms.get("dmd", 0.0)
+        terms["loss"] = (cfg_.distill_weights[phase] * terms["distill"] + dmd_weight * terms.get("dmd", 0.0)
                          + cfg_.adversarial_weights[phase] * terms["adversarial"] + terms["discriminator"])
         return terms
 
@@ -330,7 +361,8 @@ def train_flash(
 
     def export(model):
         export_flash_lora(model, method.out, setup.base, method.provenance(
-            "flash", config.total_steps, ("teacher_steps", "guidance_min", "guidance_max", "distill_loss", "gan_loss")))
+            "flash", config.total_steps, ("teacher_steps", "pairs_per_rollout", "dmd_interval", "guidance_min", "guidance_max",
+                                         "distill_loss", "gan_loss")))
 
     return train_and_export(method, "flash", distillation, export, "flash", total_steps=config.total_steps,
                             sample_fn=sample_fn, lr_scales={"discriminator.": config.disc_lr / config.lr})

@@ -1,0 +1,272 @@
+"""Quality per unit of training compute: every method trained for the same time budgets and scored on the test split.
+
+    python bench/step_cost.py --methods "lcm flash sun gdd"     # first: what a step of each costs, measured together
+    python bench/budget.py                                      # every stage, resumable: rerun to continue
+    OMP_NUM_THREADS=1 python bench/budget.py --methods lcm,sun & OMP_NUM_THREADS=1 python bench/budget.py --methods flash,gdd
+    python bench/budget.py --report                             # gather the scored rows: budget.json, budget.md, budget.png
+
+A budget is minutes of training on the machine `bench/step_cost.py` measured (one run, every method in it, at equal
+batch): a method gets budget / (its seconds per step) optimiser steps, so workers may share the CPU without changing
+anyone's budget. A method is ``lcm``, ``flash``, ``sun``, ``gdd``, or a variant ``NAME=METHOD[option=value,...]`` whose
+step cost `step_cost.py` measured under the same ``METHOD[...]`` spelling. For each method:
+
+1. its learning rate (and its discriminator's, in proportion) is chosen on the validation split: the preset's rate times
+   each ``--lr-factors`` entry, trained for the smallest budget, scored on ``--validation-per-class`` x 20 samples at
+   the method's first step count; the lowest FID wins;
+2. the chosen rate is trained for every budget. Methods with a constant schedule continue one run (the smaller budgets'
+   students are its earlier checkpoints); Flash's phases scale with its budget, so it trains once per budget;
+3. each student is scored on the test split (1,000 samples, 95 % intervals) at its step counts, and every row is compared
+   with LCM's at the same budget and step count (paired bootstrap: better / worse beyond the noise, or within it).
+
+Runs go to runs/budget/, scored rows to bench/results/budget*-rows/ (reused while the files are unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from step_cost import METHODS, parse_method, split_top_level
+from fewstep.training.bench import files_digest, scored_row
+from fewstep.training.bundled import BUNDLED_TEACHER
+from fewstep.training.evaluation import PROXY, StudentEntry
+from fewstep.training.pipelines import load_teacher
+from fewstep.training.scores import compare
+
+log = logging.getLogger("fewstep")
+
+TRAIN = {"lcm": "train_lcm", "flash": "train_flash", "sun": "train_sun", "gdd": "train_gdd"}
+STEP_COUNTS = {"lcm": (4, 2), "flash": (4, 2), "sun": (4,), "gdd": (1,)}   # sampling steps scored; the first picks the rate
+SCORES = ("fid", "fid_classifier", "prompt_accuracy")                        # plotted and summarised
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str        # how rows and runs are named: lcm, flash, flash-shared
+    spec: str        # step_cost's spelling: flash[pairs_per_rollout=4]
+    method: str      # lcm | flash | sun | gdd
+    options: dict
+
+    @classmethod
+    def parse(cls, text: str) -> "Method":
+        name, _, spec = text.partition("=") if "=" in text.split("[")[0] else ("", "", text)
+        method, options = parse_method(spec)
+        return cls(name or method, spec, method, options)
+
+    def config(self, lr_factor: float, steps: int):
+        """The proxy preset with the variant's options, ``lr_factor`` times its rates, trained for ``steps``."""
+        module = METHODS[self.method]
+        base = module.load_config("proxy", **{k: tuple(v) if isinstance(v, list) else v for k, v in self.options.items()})
+        changes = {"lr": base.lr * lr_factor}
+        if hasattr(base, "disc_lr"):
+            changes["disc_lr"] = base.disc_lr * lr_factor
+        if self.method == "flash":   # the phases keep their proportions
+            total = base.total_steps
+            ends = [round(steps * sum(base.phase_steps[:i + 1]) / total) for i in range(len(base.phase_steps))]
+            changes["phase_steps"] = tuple(max(1, b - a) for a, b in zip([0, *ends], ends))
+        else:
+            changes["steps"] = steps
+        return base.replace(**changes)
+
+    @property
+    def nested(self) -> bool:
+        """Whether a longer budget continues the shorter one's run (a schedule that does not depend on the length)."""
+        return self.method != "flash"
+
+
+def budget_steps(method: Method, minutes: float, costs: dict) -> int:
+    if method.spec not in costs:
+        raise SystemExit(f"{costs.get('_file')} has no step cost for {method.spec!r}: run "
+                         f"python bench/step_cost.py --methods \"... {method.spec} ...\" (every method in one run)")
+    return max(1, round(minutes * 60 / costs[method.spec]["seconds_per_step"]))
+
+
+def student(method: Method, lr_factor: float, minutes: float, costs: dict, runs: Path) -> Path:
+    """The student file for a budget, trained (or continued) if it is not there yet."""
+    steps = budget_steps(method, minutes, costs)
+    run = runs / method.name / f"lr{lr_factor:g}"
+    out = run / f"{minutes:g}min.safetensors"
+    if out.exists():
+        return out
+    run_dir = run if method.nested else run / f"{minutes:g}min-run"
+    log.info("%s, lr x%g, %g min: %d steps in %s", method.name, lr_factor, minutes, steps, run_dir)
+    train = getattr(METHODS[method.method], TRAIN[method.method])
+    train(BUNDLED_TEACHER, "proxy", run_dir, out, method.config(lr_factor, steps), checkpoint_every=50, sample_every=0)
+    return out
+
+
+def entries(method: Method, adapter: Path, tag: str) -> list[StudentEntry]:
+    return [StudentEntry(n, adapter=str(adapter), label=f"{method.name}@{tag}") for n in STEP_COUNTS[method.method]]
+
+
+def score(pipe, entry: StudentEntry, split: str, per_class: int, seed_sets: int, results: Path) -> dict:
+    name = "budget" if split == "test" else f"budget_{split}"
+    return scored_row(pipe, entry, results, name, files_digest(BUNDLED_TEACHER), per_class, 250, split, seed_sets,
+                      100, None, PROXY)
+
+
+def chosen_rate(method: Method, args, costs: dict, runs: Path, pipe) -> float:
+    """The learning-rate factor with the lowest validation FID at the smallest budget."""
+    smallest, fids = min(args.budgets), {}
+    for factor in args.lr_factors:
+        adapter = student(method, factor, smallest, costs, runs)
+        row = score(pipe, entries(method, adapter, f"{smallest:g}min-lr{factor:g}")[0], "validation", args.validation_per_class, 1,
+                    args.results)
+        fids[factor] = row["fid"]
+        log.info("%s, lr x%g: validation FID %.2f", method.name, factor, row["fid"])
+    return min(fids, key=fids.get)
+
+
+def run(args) -> None:
+    costs = json.loads(Path(args.step_cost).read_text())
+    costs = {**costs["results"], "_file": args.step_cost}
+    pipe = load_teacher(BUNDLED_TEACHER)
+    runs = Path(args.runs)
+    for method in map(Method.parse, args.methods):
+        factor = chosen_rate(method, args, costs, runs, pipe)
+        for minutes in sorted(args.budgets):
+            adapter = student(method, factor, minutes, costs, runs)
+            for entry in entries(method, adapter, f"{minutes:g}min"):
+                score(pipe, entry, "test", args.test_per_class, 2, args.results)
+
+
+def report(args) -> dict:
+    """budget.json / budget.md / budget.png from the saved test rows (and the validation rows behind each choice)."""
+    costs, results = json.loads(Path(args.step_cost).read_text()), args.results
+    rows, choices = {}, {}
+    for path in sorted((results / "budget-rows").glob("*.json")):
+        row = json.loads(path.read_text())["row"]
+        rows[row["name"]] = row
+    for path in sorted((results / "budget_validation-rows").glob("*.json")):
+        row = json.loads(path.read_text())["row"]
+        label, _, rest = row["label"].partition("@")
+        minutes, _, factor = rest.partition("min-lr")
+        choices.setdefault(label, {})[float(factor)] = row["fid"]
+    table = []
+    for row in rows.values():
+        label, _, minutes = row["label"].partition("@")
+        reference = rows.get(f"lcm@{minutes}-{row['steps']}steps")
+        table.append({
+            "method": label, "budget_minutes": float(minutes.removesuffix("min")), "sampling_steps": row["steps"],
+            "train_steps": row["training"]["train_steps"], "images_seen": row["training"]["images_seen"],
+            **{s: row[s] for s in SCORES}, "intervals": {s: row["intervals"][s] for s in SCORES},
+            "vs_lcm": compare(row, reference) if reference is not None and reference is not row else None,
+            "adapter": row["adapter"],
+        })
+    table.sort(key=lambda r: (r["method"], r["sampling_steps"], r["budget_minutes"]))
+    document = {
+        "what": "each method trained for the same budgets of training time (minutes of the step-cost machine, turned into "
+                "optimiser steps by its measured seconds per step), scored on the test split; vs_lcm: the paired "
+                "comparison with LCM's student of the same budget and step count",
+        "step_cost": {k: {"seconds_per_step": v["seconds_per_step"]} for k, v in costs["results"].items()},
+        "step_cost_machine": costs.get("machine"), "batch_size": costs.get("batch_size"),
+        "learning_rate_choice": {"split": "validation", "samples": args.validation_per_class * 20,
+                                 "budget_minutes": min(args.budgets), "fid_by_lr_factor": choices},
+        "samples_per_row": args.test_per_class * 40, "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "results": table,
+    }
+    (results / "budget.json").write_text(json.dumps(document, indent=1) + "\n")
+    (results / "budget.md").write_text(markdown(table))
+    plot(table, results / "budget.png")
+    print((results / "budget.md").read_text())
+    return document
+
+
+def markdown(table: list[dict]) -> str:
+    lines = ["| method | steps | budget (min) | train steps | FID ↓ | FID, classifier features ↓ | prompt accuracy ↑ | vs LCM |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        cells = [f"{r[s]:.3f} ± {(r['intervals'][s][1] - r['intervals'][s][0]) / 2:.3f}" if s == "prompt_accuracy"
+                 else f"{r[s]:.2f} ± {(r['intervals'][s][1] - r['intervals'][s][0]) / 2:.2f}" for s in SCORES]
+        vs = r["vs_lcm"]
+        verdict = "–" if vs is None else "; ".join(f"{k}: " + ", ".join(n for n in SCORES if vs.get(n) == k)
+                                                  for k in ("better", "worse") if any(vs.get(n) == k for n in SCORES)) or "within noise"
+        lines.append(f"| {r['method']} | {r['sampling_steps']} | {r['budget_minutes']:g} | {r['train_steps']} | " + " | ".join(cells)
+                     + f" | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(table: list[dict], path: Path) -> None:
+    """Score against budget (log scale), one line per method and step count, 95 % intervals as bars; one panel per score."""
+    from PIL import Image, ImageDraw
+
+    series: dict[str, list[dict]] = {}
+    for r in table:
+        series.setdefault(f"{r['method']} {r['sampling_steps']} steps", []).append(r)
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+    width, height, margin = 420, 320, 50
+    image = Image.new("RGB", (width * len(SCORES), height + 20 * (len(series) // 3 + 1)), "white")
+    draw = ImageDraw.Draw(image)
+    budgets = sorted({r["budget_minutes"] for r in table}) or [1.0]
+    lx = [math.log(b) for b in budgets]
+    for panel, score_name in enumerate(SCORES):
+        ox = panel * width
+        values = [v for r in table for v in r["intervals"][score_name]]
+        low, high = (min(values), max(values)) if values else (0.0, 1.0)
+        low, high = low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9)
+        def at(b, v):
+            span = (lx[-1] - lx[0]) or 1.0
+            return (ox + margin + (math.log(b) - lx[0]) / span * (width - 2 * margin) if len(lx) > 1 else ox + width / 2,
+                    height - margin - (v - low) / (high - low) * (height - 2 * margin))
+        draw.rectangle([ox + margin, margin, ox + width - margin, height - margin], outline="black")
+        draw.text((ox + margin, 15), score_name.replace("_", " ") + (" (higher is better)" if score_name == "prompt_accuracy"
+                                                                     else " (lower is better)"), fill="black")
+        for b in budgets:
+            x, _ = at(b, low)
+            draw.text((x - 8, height - margin + 5), f"{b:g}", fill="black")
+        draw.text((ox + width / 2 - 40, height - margin + 20), "budget (minutes)", fill="black")
+        for frac in (0.0, 0.5, 1.0):
+            v = low + frac * (high - low)
+            _, y = at(budgets[0], v)
+            draw.text((ox + 5, y - 6), f"{v:.3g}", fill="black")
+        for colour, (label, rs) in zip(colours * 2, series.items()):
+            rs = sorted(rs, key=lambda r: r["budget_minutes"])
+            points = [at(r["budget_minutes"], r[score_name]) for r in rs]
+            if len(points) > 1:
+                draw.line(points, fill=colour, width=2)
+            for r, (x, y) in zip(rs, points):
+                top, bottom = (at(r["budget_minutes"], v)[1] for v in r["intervals"][score_name])
+                draw.line([(x, top), (x, bottom)], fill=colour)
+                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+    for i, (colour, label) in enumerate(zip(colours * 2, series)):
+        x, y = 10 + (i % 3) * 300, height + 20 * (i // 3)
+        draw.rectangle([x, y + 4, x + 12, y + 12], fill=colour)
+        draw.text((x + 18, y + 2), label, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--methods", default="lcm,flash,sun,gdd",
+                        help="comma-separated; a variant as NAME=METHOD[option=value,...] (step_cost.py's spelling)")
+    parser.add_argument("--budgets", default="5,15,45", help="comma-separated minutes of training on the step-cost machine")
+    parser.add_argument("--lr-factors", default="0.5,1,2", help="learning rates tried on validation, times the preset's")
+    parser.add_argument("--validation-per-class", type=int, default=15, help="validation samples per class for the choice")
+    parser.add_argument("--step-cost", default="bench/results/step_cost.json", help="bench/step_cost.py's output")
+    parser.add_argument("--test-per-class", type=int, default=25, help="test samples per class and seed set (2 seed sets)")
+    parser.add_argument("--runs", default="runs/budget", help="where the training runs go (resumable)")
+    parser.add_argument("--results", type=Path, default=Path("bench/results"), help="where budget.json, .md, .png and the rows go")
+    parser.add_argument("--report", action="store_true", help="only gather the scored rows into budget.json, .md and .png")
+    args = parser.parse_args()
+    args.methods = [m for m in split_top_level(args.methods) if m]
+    args.budgets = [float(b) for b in args.budgets.split(",")]
+    args.lr_factors = [float(f) for f in args.lr_factors.split(",")]
+    if not Path(args.step_cost).is_file():
+        parser.error(f"{args.step_cost} is missing: run python bench/step_cost.py first (every method in one run)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if not args.report:
+        run(args)
+    report(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""bench/budget.py's bookkeeping: method variants, budgets turned into steps, Flash's phases scaled to a budget."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+import budget  # noqa: E402
+import step_cost  # noqa: E402
+
+
+def test_a_variant_keeps_its_name_its_step_cost_spelling_and_its_options():
+    method = budget.Method.parse("shared8=flash[pairs_per_rollout=4,teacher_steps=8,dmd_weights=[0,0,0,0]]")
+    assert (method.name, method.method, method.spec) == ("shared8", "flash", "flash[pairs_per_rollout=4,teacher_steps=8,dmd_weights=[0,0,0,0]]")
+    assert method.options == {"pairs_per_rollout": 4, "teacher_steps": 8, "dmd_weights": [0, 0, 0, 0]}
+    assert budget.Method.parse("lcm") == budget.Method("lcm", "lcm", "lcm", {})
+    assert step_cost.split_top_level("lcm,a=flash[x=1,y=[1,2]],sun") == ["lcm", "a=flash[x=1,y=[1,2]]", "sun"]
+    with pytest.raises(SystemExit, match="METHOD one of"):
+        step_cost.parse_method("flsah")
+
+
+def test_a_budget_is_minutes_over_the_measured_seconds_per_step():
+    costs = {"lcm": {"seconds_per_step": 1.5}, "_file": "cost.json"}
+    assert budget.budget_steps(budget.Method.parse("lcm"), 5, costs) == 200
+    with pytest.raises(SystemExit, match=r"no step cost for 'flash\[pairs_per_rollout=4\]'.*step_cost.py"):
+        budget.budget_steps(budget.Method.parse("flash[pairs_per_rollout=4]"), 5, costs)
+
+
+def test_the_budgets_configs_scale_flash_phases_and_the_rates_and_set_the_others_steps():
+    flash = budget.Method.parse("flash[pairs_per_rollout=4]").config(2.0, 301)
+    preset = step_cost.flash.load_config("proxy")
+    assert sum(flash.phase_steps) == 301 and max(flash.phase_steps) - min(flash.phase_steps) <= 1
+    assert (flash.lr, flash.disc_lr, flash.pairs_per_rollout) == (2 * preset.lr, 2 * preset.disc_lr, 4)
+    lcm = budget.Method.parse("lcm").config(0.5, 200)
+    assert (lcm.steps, lcm.lr) == (200, 0.5 * step_cost.lcm.load_config("proxy").lr)
+    assert budget.Method.parse("sun").nested and not budget.Method.parse("flash").nested
