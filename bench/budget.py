@@ -27,14 +27,13 @@ import argparse
 import json
 import logging
 import math
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from step_cost import METHODS, parse_method, split_top_level
-from fewstep.training.bench import files_digest, scored_row
+from fewstep.training.bench import files_digest, machine_description, scored_row
 from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.evaluation import PROXY, StudentEntry
 from fewstep.training.pipelines import load_teacher
@@ -169,7 +168,7 @@ def report(args) -> dict:
         "step_cost_machine": costs.get("machine"), "batch_size": costs.get("batch_size"),
         "learning_rate_choice": {"split": "validation", "samples": args.validation_per_class * 20,
                                  "budget_minutes": min(args.budgets), "fid_by_lr_factor": choices},
-        "samples_per_row": args.test_per_class * 40, "machine": f"{platform.machine()}, torch {torch.__version__}",
+        "samples_per_row": args.test_per_class * 40, "machine": machine_description(),
         "results": table,
     }
     (results / "budget.json").write_text(json.dumps(document, indent=1) + "\n")

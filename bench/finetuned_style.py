@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from fewstep.core.adapter_file import describe, read_header
-from fewstep.training.bench import bench_label, training_data
+from fewstep.training.bench import bench_label, machine_description, training_data
 from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.evaluation import SPLITS, StudentEntry, TeacherEntry, prompt_set, save_class_grid
 from fewstep.training.data import PROXY_STYLES, balanced_indices, load_proxy_dataset
@@ -123,7 +122,7 @@ def main() -> None:
                 f"{args.style}_fraction_of_heldout_in_style": ceiling,
                 "samples_per_configuration": len(captions), "split": args.split, "seed_sets": args.seed_sets,
                 "resamples": RESAMPLES, "reference": f"the held-out split, {REFERENCE_PER_CLASS} images per class",
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}", "results": rows}
+                "machine": machine_description(), "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"wrote {args.out}")

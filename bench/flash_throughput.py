@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
 from fewstep.training.methods.flash import build_distillation, load_config
 from fewstep.training.pipelines import load_teacher
+from fewstep.training.bench import machine_description
 
 CAPTIONS = ["a handwritten digit three", "a silhouette of a cat", "a handwritten digit seven", "a silhouette of a horse"]
 
@@ -123,8 +123,7 @@ def main() -> None:
         "teacher_steps": config.teacher_steps, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": config.gradient_checkpointing, "timed_steps": args.steps, "results": results,
         "speedup": ratio,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                   f"{'cuda ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
+        "machine": machine_description(device),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

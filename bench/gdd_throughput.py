@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
 from fewstep.training.methods.gdd import build_distillation, load_config, trained_fraction
 from fewstep.training.pipelines import load_teacher
+from fewstep.training.bench import machine_description
 
 
 def seconds_per_step(model, optimizer, batches, step: int, device, dtype) -> float:
@@ -92,8 +92,7 @@ def main() -> None:
         "model": args.model, "latent_size": size, "batch_size": config.batch_size, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": bool(args.gradient_checkpointing), "r1_interval": config.r1_interval,
         "timed_steps": args.steps, "results": results,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                   f"{'cuda ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
+        "machine": machine_description(device),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

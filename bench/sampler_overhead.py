@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from fewstep.core.schedule import DiscreteSchedule, select_timesteps
 from fewstep.core.parameterization import denoise
 from fewstep.training.diffusers_sampling import run_sampler
 from fewstep.training.tiny_models import build_tiny_unet
+from fewstep.training.bench import machine_description
 
 
 def _best_of(fn, repeats: int) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
         results[name] = {"sampler_seconds": s, "overhead_ratio": s / bare_s}
     report = {
         "what": "time of sampler + schedule around a free network, as a fraction of the bare UNet passes; best of repeats, one run",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": machine_description("cpu"),
         "unet": f"tiny sd15, {sum(p.numel() for p in unet.parameters()):,} params",
         "batch": args.batch, "steps": args.steps, "bare_unet_seconds": bare_s, "samplers": results,
     }

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -35,6 +34,7 @@ from fewstep.training.loop import step_generator
 from fewstep.training.methods import flash, gdd, lcm, sun
 from fewstep.training.pipelines import load_teacher
 from fewstep.training.teacher_data import schedule_of
+from fewstep.training.bench import machine_description
 
 TIMED_MODULES = ("teacher", "student", "unet", "discriminator")
 
@@ -226,8 +226,7 @@ def main() -> None:
         "model": args.model, "preset": preset, "latent_size": size, "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing, "timed_steps": args.steps,
         "results": results,
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                   f"{'cuda ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}",
+        "machine": machine_description(device),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 
 from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.sun_attention import attach_sun, new_sun_adapter
+from fewstep.training.bench import machine_description
 
 
 def _timed(fn, device: str) -> float:
@@ -90,8 +90,7 @@ def main() -> None:
     print("SD1.5-size UNet:", json.dumps(results["sd15_random_weights"]), flush=True)
     document = {"what": "one UNet pass: stock attention, SUN add_pos adapter (negative prompt in the adapter), CFG (batch "
                         "doubled); best of the timed rounds, interleaved",
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                           f"{'cuda ' + torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}",
+                "machine": machine_description(device),
                 "dtype": str(dtype).replace("torch.", ""), "repeats": args.repeats, "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(document, indent=2) + "\n")

@@ -201,8 +201,7 @@ def run_bench(
         "sanity": suite.sanity(per_class, seed_sets, resamples),
         "reference": suite.reference,
         "classifier_heldout_accuracy": proxy_classifier_metadata().get("heldout_accuracy"),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-                   f"{'cuda ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}",
+        "machine": machine_description(),
         "results": rows,
     }
     if set_name == "snapfusion":
@@ -238,6 +237,14 @@ def scored_row(pipe, entry: TeacherEntry | StudentEntry, out_dir: Path, name: st
     atomic_write(saved_path, lambda tmp: Path(tmp).write_text(json.dumps({"inputs": inputs, "row": row}) + "\n"))
     log.info("%s: %s", entry.name, ", ".join(f"{n} {row[n]}" for n in suite.scores))
     return row
+
+
+def machine_description(device: str | torch.device | None = None) -> str:
+    """What a result was measured on: architecture, torch threads, torch version, and the GPU's name or "cpu" (the
+    ``device`` it ran on; default: CUDA where there is one)."""
+    cuda = str(device).startswith("cuda") if device is not None else torch.cuda.is_available()
+    return (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu'}")
 
 
 def files_digest(path: str | Path) -> str:
