@@ -215,6 +215,7 @@ def main() -> None:
         if len(parts) > 1:
             report(f"{name} (mean over phases)", results[name])
     for r in results.values():   # forward work in UNet images (teacher, student, SUN's UNet), backward not counted
+        r["steps_per_second"] = 1.0 / r["seconds_per_step"]
         r["unet_images_per_step"] = sum(p["images_per_step"] for n, p in r["passes"].items() if n in ("teacher", "student", "unet"))
     if "lcm" in results:
         for method, r in results.items():
