@@ -1,13 +1,14 @@
 """Quality per unit of training compute: every method trained for the same time budgets and scored on the test split.
 
-    python bench/step_cost.py --methods "lcm flash sun gdd"     # first: what a step of each costs, measured together
+    python bench/step_cost.py --out bench/results/budget_step_cost.json   # first: every method's step priced in one run
     python bench/budget.py                                      # every stage, resumable: rerun to continue
     OMP_NUM_THREADS=1 python bench/budget.py --methods lcm,sun & OMP_NUM_THREADS=1 python bench/budget.py --methods flash,gdd
     python bench/budget.py --report                             # gather the scored rows: budget.json, budget.md, budget.png
 
 A budget is minutes of training on the machine `bench/step_cost.py` measured (one run, every method in it, at equal
 batch): a method gets budget / (its seconds per step) optimiser steps, so workers may share the CPU without changing
-anyone's budget. A method is ``lcm``, ``flash``, ``sun``, ``gdd``, or a variant ``NAME=METHOD[option=value,...]`` whose
+anyone's budget. A variant measured in a later run (``--step-cost`` again) is priced by its ratio to that run's LCM step,
+times the first run's LCM step. A method is ``lcm``, ``flash``, ``sun``, ``gdd``, or a variant ``NAME=METHOD[option=value,...]`` whose
 step cost `step_cost.py` measured under the same ``METHOD[...]`` spelling. For each method:
 
 1. its learning rate (and its discriminator's, in proportion) is chosen on the validation split: the preset's rate times
@@ -80,11 +81,25 @@ class Method:
         return self.method != "flash"
 
 
-def budget_steps(method: Method, minutes: float, costs: dict) -> int:
+def step_costs(files: list[str]) -> dict[str, float]:
+    """Seconds per step by method spec: the first file's, then later files' methods at their ratio to their own LCM step
+    times the first file's LCM step (a file without an LCM row can only be the first)."""
+    costs: dict[str, float] = {}
+    for index, file in enumerate(files):
+        results = json.loads(Path(file).read_text())["results"]
+        if index and "lcm" not in results:
+            raise SystemExit(f"{file} has no lcm row: a later --step-cost file is priced against its own LCM step")
+        scale = costs["lcm"] / results["lcm"]["seconds_per_step"] if index else 1.0
+        for spec, result in results.items():
+            costs.setdefault(spec, result["seconds_per_step"] * scale)
+    return costs
+
+
+def budget_steps(method: Method, minutes: float, costs: dict[str, float]) -> int:
     if method.spec not in costs:
-        raise SystemExit(f"{costs.get('_file')} has no step cost for {method.spec!r}: run "
-                         f"python bench/step_cost.py --methods \"... {method.spec} ...\" (every method in one run)")
-    return max(1, round(minutes * 60 / costs[method.spec]["seconds_per_step"]))
+        raise SystemExit(f"no step cost for {method.spec!r}: run python bench/step_cost.py --methods \"lcm {method.spec}\" "
+                         f"--out FILE and add --step-cost FILE")
+    return max(1, round(minutes * 60 / costs[method.spec]))
 
 
 def student(method: Method, lr_factor: float, minutes: float, costs: dict, runs: Path) -> Path:
@@ -124,8 +139,7 @@ def chosen_rate(method: Method, args, costs: dict, runs: Path, pipe) -> float:
 
 
 def run(args) -> None:
-    costs = json.loads(Path(args.step_cost).read_text())
-    costs = {**costs["results"], "_file": args.step_cost}
+    costs = step_costs(args.step_cost)
     pipe = load_teacher(BUNDLED_TEACHER)
     runs = Path(args.runs)
     for method in map(Method.parse, args.methods):
@@ -138,7 +152,8 @@ def run(args) -> None:
 
 def report(args) -> dict:
     """budget.json / budget.md / budget.png from the saved test rows (and the validation rows behind each choice)."""
-    costs, results = json.loads(Path(args.step_cost).read_text()), args.results
+    costs, results = step_costs(args.step_cost), args.results
+    first = json.loads(Path(args.step_cost[0]).read_text())
     rows, choices = {}, {}
     for path in sorted((results / "budget-rows").glob("*.json")):
         row = json.loads(path.read_text())["row"]
@@ -164,8 +179,8 @@ def report(args) -> dict:
         "what": "each method trained for the same budgets of training time (minutes of the step-cost machine, turned into "
                 "optimiser steps by its measured seconds per step), scored on the test split; vs_lcm: the paired "
                 "comparison with LCM's student of the same budget and step count",
-        "step_cost": {k: {"seconds_per_step": v["seconds_per_step"]} for k, v in costs["results"].items()},
-        "step_cost_machine": costs.get("machine"), "batch_size": costs.get("batch_size"),
+        "seconds_per_step": costs, "step_cost_files": args.step_cost, "step_cost_machine": first.get("machine"),
+        "batch_size": first.get("batch_size"),
         "learning_rate_choice": {"split": "validation", "samples": args.validation_per_class * 20,
                                  "budget_minutes": min(args.budgets), "fid_by_lr_factor": choices},
         "samples_per_row": args.test_per_class * 40, "machine": machine_description(),
@@ -250,7 +265,8 @@ def main() -> None:
     parser.add_argument("--budgets", default="5,15,45", help="comma-separated minutes of training on the step-cost machine")
     parser.add_argument("--lr-factors", default="0.5,1,2", help="learning rates tried on validation, times the preset's")
     parser.add_argument("--validation-per-class", type=int, default=15, help="validation samples per class for the choice")
-    parser.add_argument("--step-cost", default="bench/results/step_cost.json", help="bench/step_cost.py's output")
+    parser.add_argument("--step-cost", action="append", help="bench/step_cost.py's output (default "
+                        "bench/results/budget_step_cost.json); again for variants measured later, priced against their run's LCM")
     parser.add_argument("--test-per-class", type=int, default=25, help="test samples per class and seed set (2 seed sets)")
     parser.add_argument("--runs", default="runs/budget", help="where the training runs go (resumable)")
     parser.add_argument("--results", type=Path, default=Path("bench/results"), help="where budget.json, .md, .png and the rows go")
@@ -259,8 +275,10 @@ def main() -> None:
     args.methods = [m for m in split_top_level(args.methods) if m]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.lr_factors = [float(f) for f in args.lr_factors.split(",")]
-    if not Path(args.step_cost).is_file():
-        parser.error(f"{args.step_cost} is missing: run python bench/step_cost.py first (every method in one run)")
+    args.step_cost = args.step_cost or ["bench/results/budget_step_cost.json"]
+    for file in args.step_cost:
+        if not Path(file).is_file():
+            parser.error(f"{file} is missing: run python bench/step_cost.py first (every method in one run)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if not args.report:
         run(args)

@@ -1,4 +1,5 @@
 """bench/budget.py's bookkeeping: method variants, budgets turned into steps, Flash's phases scaled to a budget."""
+import json
 import sys
 from pathlib import Path
 
@@ -19,8 +20,13 @@ def test_a_variant_keeps_its_name_its_step_cost_spelling_and_its_options():
         step_cost.parse_method("flsah")
 
 
-def test_a_budget_is_minutes_over_the_measured_seconds_per_step():
-    costs = {"lcm": {"seconds_per_step": 1.5}, "_file": "cost.json"}
+def test_a_budget_is_minutes_over_the_measured_seconds_per_step(tmp_path):
+    first, later = tmp_path / "first.json", tmp_path / "later.json"
+    first.write_text(json.dumps({"results": {"lcm": {"seconds_per_step": 1.5}, "flash": {"seconds_per_step": 4.0}}}))
+    later.write_text(json.dumps({"results": {"lcm": {"seconds_per_step": 3.0}, "flash": {"seconds_per_step": 9.0},
+                                             "flash[dmd_interval=4]": {"seconds_per_step": 6.0}}}))
+    costs = budget.step_costs([str(first), str(later)])
+    assert costs == {"lcm": 1.5, "flash": 4.0, "flash[dmd_interval=4]": 3.0}   # the later run priced by its LCM step
     assert budget.budget_steps(budget.Method.parse("lcm"), 5, costs) == 200
     with pytest.raises(SystemExit, match=r"no step cost for 'flash\[pairs_per_rollout=4\]'.*step_cost.py"):
         budget.budget_steps(budget.Method.parse("flash[pairs_per_rollout=4]"), 5, costs)
