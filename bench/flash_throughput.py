@@ -14,9 +14,7 @@ Writes bench/results/flash_throughput.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -24,7 +22,7 @@ from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
 from fewstep.training.methods.flash import build_distillation, load_config
 from fewstep.training.pipelines import load_teacher
-from fewstep.training.bench import machine_description
+from fewstep.training.bench import write_result
 
 CAPTIONS = ["a handwritten digit three", "a silhouette of a cat", "a handwritten digit seven", "a silhouette of a horse"]
 
@@ -123,12 +121,8 @@ def main() -> None:
         "teacher_steps": config.teacher_steps, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": config.gradient_checkpointing, "timed_steps": args.steps, "results": results,
         "speedup": ratio,
-        "machine": machine_description(device),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(document, args.out, device)
 
 
 if __name__ == "__main__":

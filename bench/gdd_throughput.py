@@ -10,9 +10,7 @@ Writes bench/results/gdd_throughput.json (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 from flash_throughput import CAPTIONS, sd15_random_pipeline
@@ -21,7 +19,7 @@ from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
 from fewstep.training.methods.gdd import build_distillation, load_config, trained_fraction
 from fewstep.training.pipelines import load_teacher
-from fewstep.training.bench import machine_description
+from fewstep.training.bench import write_result
 
 
 def seconds_per_step(model, optimizer, batches, step: int, device, dtype) -> float:
@@ -92,12 +90,8 @@ def main() -> None:
         "model": args.model, "latent_size": size, "batch_size": config.batch_size, "mixed_precision": args.mixed_precision,
         "gradient_checkpointing": bool(args.gradient_checkpointing), "r1_interval": config.r1_interval,
         "timed_steps": args.steps, "results": results,
-        "machine": machine_description(device),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(document, args.out, device)
 
 
 if __name__ == "__main__":

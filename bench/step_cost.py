@@ -24,7 +24,6 @@ import copy
 import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
@@ -34,7 +33,7 @@ from fewstep.training.loop import step_generator
 from fewstep.training.methods import flash, gdd, lcm, sun
 from fewstep.training.pipelines import load_teacher
 from fewstep.training.teacher_data import schedule_of
-from fewstep.training.bench import machine_description
+from fewstep.training.bench import write_result
 
 TIMED_MODULES = ("teacher", "student", "unet", "discriminator")
 
@@ -227,12 +226,8 @@ def main() -> None:
         "model": args.model, "preset": preset, "latent_size": size, "batch_size": args.batch_size,
         "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing, "timed_steps": args.steps,
         "results": results,
-        "machine": machine_description(device),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(document, args.out, device)
 
 
 if __name__ == "__main__":

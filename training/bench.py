@@ -247,6 +247,15 @@ def machine_description(device: str | torch.device | None = None) -> str:
             f"{'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu'}")
 
 
+def write_result(document: dict, out: str | Path, device: str | torch.device | None = None) -> Path:
+    """A bench script's JSON, with what it was measured on (``machine_description(device)``), written to ``out``."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**document, "machine": machine_description(device)}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
 def files_digest(path: str | Path) -> str:
     """SHA-256 over a file, or over a folder's files with their relative paths: what a saved row was scored with."""
     path, digest = Path(path), hashlib.sha256()
