@@ -27,6 +27,18 @@ from fewstep.training.bench import write_result
 CAPTIONS = ["a handwritten digit three", "a silhouette of a cat", "a handwritten digit seven", "a silhouette of a horse"]
 
 
+def timing_parser(doc: str, out: str, steps: int, steps_help: str, batch_size: int | None, batch_help: str):
+    """The options every step-timing script shares (model, batch, timed steps, precision, checkpointing, output file)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="proxy", choices=["proxy", "sd15-random"], help="bundled proxy teacher or SD1.5-size random UNet")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=batch_help)
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast for the networks (GPU)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    parser.add_argument("--out", default=out, help="where the JSON goes")
+    return parser
+
+
 def sd15_random_pipeline():
     """SD1.5's UNet and text encoder at full size with random weights (timing only), the real tokenizer, a tiny VAE."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -79,14 +91,8 @@ def measure(model, optimizers, batches, fused: bool, device, dtype) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="proxy", choices=["proxy", "sd15-random"], help="bundled proxy teacher or SD1.5-size random UNet")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's (proxy 32, paper 4)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after one warm-up step each)")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--out", default="bench/results/flash_throughput.json")
-    args = parser.parse_args()
+    args = timing_parser(__doc__, "bench/results/flash_throughput.json", 6, "timed steps per variant (after one warm-up "
+                         "step each)", None, "default: the preset's (proxy 32, paper 4)").parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if args.mixed_precision == "bf16" else torch.float32

@@ -9,11 +9,10 @@ Writes bench/results/gdd_throughput.json (or --out).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
-from flash_throughput import CAPTIONS, sd15_random_pipeline
+from flash_throughput import CAPTIONS, sd15_random_pipeline, timing_parser
 
 from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
@@ -42,14 +41,9 @@ def seconds_per_step(model, optimizer, batches, step: int, device, dtype) -> flo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="proxy", choices=["proxy", "sd15-random"], help="bundled proxy teacher or SD1.5-size random UNet")
-    parser.add_argument("--variants", default="gdd_i,full,lora")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's (proxy 32, paper 8)")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per case (after one warm-up step)")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--out", default="bench/results/gdd_throughput.json")
+    parser = timing_parser(__doc__, "bench/results/gdd_throughput.json", 4, "timed steps per case (after one warm-up step)",
+                           None, "default: the preset's (proxy 32, paper 8)")
+    parser.add_argument("--variants", default="gdd_i,full,lora", help="comma-separated: gdd_i, full, lora")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -19,7 +19,6 @@ Writes bench/results/step_cost.json (or --out). Ratios compare methods measured 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -27,7 +26,7 @@ from collections import defaultdict
 
 import torch
 
-from flash_throughput import CAPTIONS, sd15_random_pipeline
+from flash_throughput import CAPTIONS, sd15_random_pipeline, timing_parser
 from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.loop import step_generator
 from fewstep.training.methods import flash, gdd, lcm, sun
@@ -179,15 +178,10 @@ def report(name: str, r: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="proxy", choices=["proxy", "sd15-random"], help="bundled proxy teacher or SD1.5-size random UNet")
+    parser = timing_parser(__doc__, "bench/results/step_cost.json", 12, "timed steps per method and Flash phase (after one "
+                           "warm-up step)", 32, "images per step, the same for every method")
     parser.add_argument("--methods", default="lcm,flash,sun,gdd",
                         help="space- or comma-separated: lcm, flash, sun, gdd, each optionally with options, flash[teacher_steps=8]")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per step, the same for every method")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps per method and Flash phase (after one warm-up step)")
-    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"])
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--out", default="bench/results/step_cost.json")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
