@@ -126,23 +126,47 @@ def score(pipe, entry: StudentEntry, split: str, per_class: int, seed_sets: int,
                       100, None, PROXY)
 
 
+def validation_rows(method: Method, factor: float, args, costs: dict, runs: Path, pipe, step_counts: int) -> list[dict]:
+    """The student of the smallest budget at ``factor`` times the preset's rate, scored on validation at its first
+    ``step_counts`` step counts."""
+    smallest = min(args.budgets)
+    adapter = student(method, factor, smallest, costs, runs)
+    return [score(pipe, entry, "validation", args.validation_per_class, 1, args.results)
+            for entry in entries(method, adapter, f"{smallest:g}min-lr{factor:g}")[:step_counts]]
+
+
 def chosen_rate(method: Method, args, costs: dict, runs: Path, pipe) -> float:
-    """The learning-rate factor with the lowest validation FID at the smallest budget."""
-    smallest, fids = min(args.budgets), {}
+    """The learning-rate factor with the lowest validation FID at the smallest budget and the method's first step count."""
+    fids = {}
     for factor in args.lr_factors:
-        adapter = student(method, factor, smallest, costs, runs)
-        row = score(pipe, entries(method, adapter, f"{smallest:g}min-lr{factor:g}")[0], "validation", args.validation_per_class, 1,
-                    args.results)
-        fids[factor] = row["fid"]
-        log.info("%s, lr x%g: validation FID %.2f", method.name, factor, row["fid"])
+        fids[factor] = validation_rows(method, factor, args, costs, runs, pipe, 1)[0]["fid"]
+        log.info("%s, lr x%g: validation FID %.2f", method.name, factor, fids[factor])
     return min(fids, key=fids.get)
+
+
+def register(methods: list[Method], results: Path) -> None:
+    """Record what each name means (budget-methods.json): a name reused for other options would mix two runs."""
+    path = results / "budget-methods.json"
+    known = json.loads(path.read_text()) if path.exists() else {}
+    for method in methods:
+        if known.setdefault(method.name, method.spec) != method.spec:
+            raise SystemExit(f"{method.name!r} already names {known[method.name]!r} in {path}: give {method.spec!r} "
+                             f"another name (NAME={method.spec})")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
 
 
 def run(args) -> None:
     costs = step_costs(args.step_cost)
+    methods = [Method.parse(text) for text in args.methods]
+    register(methods, args.results)
     pipe = load_teacher(BUNDLED_TEACHER)
     runs = Path(args.runs)
-    for method in map(Method.parse, args.methods):
+    for method in methods:
+        if args.validation_only:   # an ablation: every step count on validation, nothing on test
+            for factor in args.lr_factors:
+                validation_rows(method, factor, args, costs, runs, pipe, len(STEP_COUNTS[method.method]))
+            continue
         factor = chosen_rate(method, args, costs, runs, pipe)
         for minutes in sorted(args.budgets):
             adapter = student(method, factor, minutes, costs, runs)
@@ -153,8 +177,10 @@ def run(args) -> None:
 def report(args) -> dict:
     """budget.json / budget.md / budget.png from the saved test rows (and the validation rows behind each choice)."""
     costs, results = step_costs(args.step_cost), args.results
+    methods_file = results / "budget-methods.json"
+    methods = json.loads(methods_file.read_text()) if methods_file.exists() else {}
     first = json.loads(Path(args.step_cost[0]).read_text())
-    rows, choices = {}, {}
+    rows, validation = {}, []
     for path in sorted((results / "budget-rows").glob("*.json")):
         row = json.loads(path.read_text())["row"]
         rows[row["name"]] = row
@@ -162,18 +188,16 @@ def report(args) -> dict:
         row = json.loads(path.read_text())["row"]
         label, _, rest = row["label"].partition("@")
         minutes, _, factor = rest.partition("min-lr")
-        choices.setdefault(label, {})[float(factor)] = row["fid"]
+        validation.append({"method": label, "budget_minutes": float(minutes), "lr_factor": float(factor),
+                           **summary(row)})
+    validation.sort(key=lambda r: (r["method"], r["lr_factor"], -r["sampling_steps"]))
     table = []
     for row in rows.values():
         label, _, minutes = row["label"].partition("@")
         reference = rows.get(f"lcm@{minutes}-{row['steps']}steps")
-        table.append({
-            "method": label, "budget_minutes": float(minutes.removesuffix("min")), "sampling_steps": row["steps"],
-            "train_steps": row["training"]["train_steps"], "images_seen": row["training"]["images_seen"],
-            **{s: row[s] for s in SCORES}, "intervals": {s: row["intervals"][s] for s in SCORES},
-            "vs_lcm": compare(row, reference) if reference is not None and reference is not row else None,
-            "adapter": row["adapter"],
-        })
+        table.append({"method": label, "budget_minutes": float(minutes.removesuffix("min")), **summary(row),
+                      "vs_lcm": compare(row, reference) if reference is not None and reference is not row else None,
+                      "adapter": row["adapter"]})
     table.sort(key=lambda r: (r["method"], r["sampling_steps"], r["budget_minutes"]))
     document = {
         "what": "each method trained for the same budgets of training time (minutes of the step-cost machine, turned into "
@@ -181,26 +205,38 @@ def report(args) -> dict:
                 "comparison with LCM's student of the same budget and step count",
         "seconds_per_step": costs, "step_cost_files": args.step_cost, "step_cost_machine": first.get("machine"),
         "batch_size": first.get("batch_size"),
-        "learning_rate_choice": {"split": "validation", "samples": args.validation_per_class * 20,
-                                 "budget_minutes": min(args.budgets), "fid_by_lr_factor": choices},
+        "validation": {"what": "each method's learning-rate choice (the lowest FID at its first step count, smallest "
+                                 "budget) and the ablations, on the validation split", "samples": args.validation_per_class * 20,
+                       "rows": validation},
+        "methods": methods,
         "samples_per_row": args.test_per_class * 40, "machine": machine_description(),
         "results": table,
     }
     (results / "budget.json").write_text(json.dumps(document, indent=1) + "\n")
-    (results / "budget.md").write_text(markdown(table))
+    (results / "budget.md").write_text(markdown(table, "vs LCM") + "\nValidation: learning rates and ablations\n\n"
+                                        + markdown(validation, "lr factor") + "\nMethods\n\n"
+                                        + "".join(f"- {name}: `{spec}`\n" for name, spec in sorted(methods.items())))
     plot(table, results / "budget.png")
     print((results / "budget.md").read_text())
     return document
 
 
-def markdown(table: list[dict]) -> str:
-    lines = ["| method | steps | budget (min) | train steps | FID ↓ | FID, classifier features ↓ | prompt accuracy ↑ | vs LCM |",
+def summary(row: dict) -> dict:
+    """A scored row as the report gives it: scores, intervals and how much training stood behind it."""
+    return {"sampling_steps": row["steps"], "train_steps": row["training"]["train_steps"],
+            "images_seen": row["training"]["images_seen"], **{s: row[s] for s in SCORES},
+            "intervals": {s: row["intervals"][s] for s in SCORES}}
+
+
+def markdown(table: list[dict], last: str) -> str:
+    """One line per row; the last column is the comparison with LCM (test rows) or the learning-rate factor."""
+    lines = [f"| method | steps | budget (min) | train steps | FID ↓ | FID, classifier features ↓ | prompt accuracy ↑ | {last} |",
              "|---|---|---|---|---|---|---|---|"]
     for r in table:
         cells = [f"{r[s]:.3f} ± {(r['intervals'][s][1] - r['intervals'][s][0]) / 2:.3f}" if s == "prompt_accuracy"
                  else f"{r[s]:.2f} ± {(r['intervals'][s][1] - r['intervals'][s][0]) / 2:.2f}" for s in SCORES]
-        vs = r["vs_lcm"]
-        verdict = "–" if vs is None else "; ".join(f"{k}: " + ", ".join(n for n in SCORES if vs.get(n) == k)
+        vs = r.get("vs_lcm")
+        verdict = f"×{r['lr_factor']:g}" if "lr_factor" in r else "–" if vs is None else "; ".join(f"{k}: " + ", ".join(n for n in SCORES if vs.get(n) == k)
                                                   for k in ("better", "worse") if any(vs.get(n) == k for n in SCORES)) or "within noise"
         lines.append(f"| {r['method']} | {r['sampling_steps']} | {r['budget_minutes']:g} | {r['train_steps']} | " + " | ".join(cells)
                      + f" | {verdict} |")
@@ -270,6 +306,8 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=25, help="test samples per class and seed set (2 seed sets)")
     parser.add_argument("--runs", default="runs/budget", help="where the training runs go (resumable)")
     parser.add_argument("--results", type=Path, default=Path("bench/results"), help="where budget.json, .md, .png and the rows go")
+    parser.add_argument("--validation-only", action="store_true", help="ablations: train the smallest budget at each "
+                        "--lr-factors entry and score it on validation at every step count; no test rows")
     parser.add_argument("--report", action="store_true", help="only gather the scored rows into budget.json, .md and .png")
     args = parser.parse_args()
     args.methods = [m for m in split_top_level(args.methods) if m]

@@ -40,3 +40,11 @@ def test_the_budgets_configs_scale_flash_phases_and_the_rates_and_set_the_others
     lcm = budget.Method.parse("lcm").config(0.5, 200)
     assert (lcm.steps, lcm.lr) == (200, 0.5 * step_cost.lcm.load_config("proxy").lr)
     assert budget.Method.parse("sun").nested and not budget.Method.parse("flash").nested
+
+
+def test_a_name_means_one_variant_across_runs(tmp_path):
+    budget.register([budget.Method.parse("lean=flash[teacher_steps=8]"), budget.Method.parse("lcm")], tmp_path)
+    budget.register([budget.Method.parse("lean=flash[teacher_steps=8]")], tmp_path)   # the same again is fine
+    with pytest.raises(SystemExit, match=r"'lean' already names 'flash\[teacher_steps=8\]'.*another name"):
+        budget.register([budget.Method.parse("lean=flash[teacher_steps=4]")], tmp_path)
+    assert json.loads((tmp_path / "budget-methods.json").read_text()) == {"lcm": "lcm", "lean": "flash[teacher_steps=8]"}
