@@ -83,6 +83,41 @@ def test_a_shared_rollout_trains_on_its_own_states_at_a_fraction_of_the_teacher_
                        for rx, rt, rtext in rollout), (seed, pair)
 
 
+def test_student_inputs_are_the_students_own_ddim_step_from_the_rollout_start():
+    """student_inputs 1: a start point past the rollout's first gets x0 + (x_start - x0) sigma_i / sigma_start, the
+    deterministic DDIM step of the student's own x0 from the rollout's start (2-step sampling's second input), at its
+    noise level; a start point at the rollout's start keeps the start."""
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    config = F.FlashConfig(**{**TINY, "batch_size": 8}, pairs_per_rollout=4, student_inputs=1.0, sampler="ddim",
+                           mode_probs=((0.25, 0.25, 0.25, 0.25),) * 4, dmd_weights=(0.0,) * 4)
+    model = F.build_distillation(pipe, config)
+    calls = []
+    model.student.register_forward_pre_hook(lambda m, a, kw: calls.append((a[0], a[1], kw["encoder_hidden_states"])),
+                                            with_kwargs=True)
+    z, captions = torch.randn(8, 4, 8, 8), [f"a photo of object {i}" for i in range(8)]
+    moved = 0
+    for seed in range(4):
+        calls.clear()
+        model({"latents": z, "captions": captions, "step": 0}, torch.Generator().manual_seed(seed))
+        (first, t_first, text_first), (x, t, text) = calls[0], calls[-1]
+        if len(first) == 8:   # every start point drew the rollout's start: nothing to replace
+            continue
+        sigma_start = SD.sigma(t_first[0])
+        start = first * (sigma_start**2 + 1).sqrt()                       # undo the UNet input scaling
+        with torch.no_grad():
+            x0 = UNetDenoiser(model.student, model.schedule, consistency_boundary=True)(
+                start, sigma_start.expand(2), encoder_hidden_states=text_first)
+        for pair in range(8):
+            sample, sigma = pair % 2, SD.sigma(t[pair])
+            expected = start[sample] if t[pair] == t_first[0] else x0[sample] + (start[sample] - x0[sample]) * sigma / sigma_start
+            moved += int(t[pair] != t_first[0])
+            assert torch.allclose(x[pair] * (sigma**2 + 1).sqrt(), expected, atol=1e-4), (seed, pair)
+            assert torch.equal(text[pair], text_first[sample])
+    assert moved >= 4
+    with pytest.raises(ValueError, match="student_inputs .* needs pairs_per_rollout > 1"):
+        F.load_config("paper", student_inputs=0.5)
+
+
 def test_lazy_dmd_comes_every_interval_steps_at_interval_times_the_weight():
     pipe = build_tiny_pipeline("sd15", seed=0)
     config = F.FlashConfig(**TINY, dmd_interval=3, dmd_weights=(0.5,) * 4, adversarial_weights=(0.0,) * 4)

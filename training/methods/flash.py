@@ -4,7 +4,8 @@ The student is the teacher UNet plus a LoRA, read through LCM's boundary conditi
 
 1. a start index on the teacher's K-step trailing grid is drawn from a Gaussian mixture whose mode
    probabilities change by phase (early phases favour low noise, later ones pure noise); with
-   ``pairs_per_rollout`` h > 1, h indices, and one rollout serves them all (its states at each);
+   ``pairs_per_rollout`` h > 1, h indices, and one rollout serves them all (its states at each, or, with
+   ``student_inputs``, the state the student's own sampler step from the rollout's start reaches);
 2. the student predicts x0 from the noised latent in one pass;
 3. the teacher's target is its own no-grad DPM-Solver++(2M) rollout with CFG (scale drawn per batch)
    from the same noisy latent to the end of the grid;
@@ -32,7 +33,7 @@ import torch
 from ...core.adapter_file import AdapterMetadata, read_adapter
 from ...core.lora import read_lora
 from ...core.parameterization import diffuse, start_noise_scaling
-from ...core.samplers import sample_dpmpp_2m
+from ...core.samplers import get_sampler, sample_dpmpp_2m
 from ...core.schedule import NUM_TRAIN_TIMESTEPS, DiscreteSchedule, distillation_timesteps
 from ..diffusers_sampling import CFGDenoiser, UNetDenoiser
 from ..pipelines import base_of, cat_cond
@@ -64,6 +65,11 @@ class FlashConfig(LoraOptions, CheckpointingOption):
     # the noisiest of h start indices drawn from the phase's mixture and trains on their states at all h: every pair's
     # start index still follows the mixture, at 1/h of the teacher's rollout cost.
     pairs_per_rollout: int = option(1, "start points per teacher rollout (1 = the paper; must divide batch_size)")
+    # A few-step sampler feeds its second step the student's own state, not the teacher's: with this probability a
+    # start point past the rollout's first takes the state the exported sampler reaches in one student step from the
+    # rollout's start (exactly 2-step sampling's second input), with the same teacher target.
+    student_inputs: float = option(0.0, "share of shared-rollout start points whose input is the student's own one-step "
+                                   "state (0 = the teacher's state, the paper; needs pairs_per_rollout > 1)")
     phase_steps: tuple[int, ...] = option((5000, 5000, 5000, 5000), "optimiser steps per phase, e.g. 5000,5000,5000,5000")
     mode_probs: tuple[tuple[float, ...], ...] = ((0.0, 0.0, 0.5, 0.5), (0.1, 0.3, 0.3, 0.3),
                                                   (0.25, 0.25, 0.25, 0.25), (0.4, 0.2, 0.2, 0.2))
@@ -136,6 +142,8 @@ class FlashConfig(LoraOptions, CheckpointingOption):
             problems.append(f"sampler {self.sampler!r} is not one of {', '.join(FLASH_SAMPLERS)}")
         if self.lora_rank < 1 or self.batch_size < 1 or min(self.phase_steps) < 1:
             problems.append("lora_rank, batch_size and every phase_steps entry must be positive")
+        elif not 0.0 <= self.student_inputs <= 1.0 or (self.student_inputs and self.pairs_per_rollout == 1):
+            problems.append(f"student_inputs ({self.student_inputs}) must lie in [0, 1] and needs pairs_per_rollout > 1")
         elif self.dmd_interval < 1:
             problems.append("dmd_interval must be at least 1")
         elif self.pairs_per_rollout < 1 or self.batch_size % self.pairs_per_rollout:
@@ -232,7 +240,10 @@ class FlashDistillation(AdversarialDistillation):
             target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen)), x, sigmas, callback=keep)
         if pairs > 1:
             offsets = (indices - start).tolist()
-            x, target = torch.cat([states[i] for i in offsets]), target.repeat(pairs, 1, 1, 1)
+            inputs = [states[i] for i in offsets]
+            if cfg_.student_inputs:
+                inputs = self._student_states(inputs, offsets, sigmas, cond, gen)
+            x, target = torch.cat(inputs), target.repeat(pairs, 1, 1, 1)
             cond, uncond = cat_cond(*[cond] * pairs), cat_cond(*[uncond] * pairs)
         start_sigmas = self.grid[indices].to(device).repeat_interleave(rollouts)
 
@@ -247,6 +258,21 @@ class FlashDistillation(AdversarialDistillation):
         terms["loss"] = (cfg_.distill_weights[phase] * terms["distill"] + dmd_weight * terms.get("dmd", 0.0)
                          + cfg_.adversarial_weights[phase] * terms["adversarial"] + terms["discriminator"])
         return terms
+
+    def _student_states(self, inputs: list, offsets: list, sigmas: torch.Tensor, cond: dict, gen: torch.Generator) -> list:
+        """``inputs`` with each state past the rollout's start replaced, with probability ``student_inputs``, by where
+        the exported sampler takes the student in one step from the start (no gradient)."""
+        start = inputs[offsets.index(0)] if 0 in offsets else None
+        chosen = (torch.rand(len(offsets), generator=gen) < self.config.student_inputs).tolist()
+        if start is None or not any(c and o for c, o in zip(chosen, offsets)):
+            return inputs
+        with torch.no_grad():
+            x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(
+                start, sigmas[0].expand(len(start)), **cond)
+        sampler = get_sampler(self.config.sampler)
+        noise = lambda sigma, sigma_next: torch.randn(start.shape, generator=gen).to(start)   # noqa: E731
+        return [sampler(lambda x, sigma, **_: x0, start, sigmas[[0, o]], noise_sampler=noise) if c and o else state
+                for state, o, c in zip(inputs, offsets, chosen)]
 
     def _guidance_scale(self, gen: torch.Generator) -> float:
         """The teacher's CFG scale, uniform in [guidance_min, guidance_max] (diffusers convention)."""
@@ -361,8 +387,8 @@ def train_flash(
 
     def export(model):
         export_flash_lora(model, method.out, setup.base, method.provenance(
-            "flash", config.total_steps, ("teacher_steps", "pairs_per_rollout", "dmd_interval", "guidance_min", "guidance_max",
-                                         "distill_loss", "gan_loss")))
+            "flash", config.total_steps, ("teacher_steps", "pairs_per_rollout", "student_inputs", "dmd_interval",
+                                          "guidance_min", "guidance_max", "distill_loss", "gan_loss")))
 
     return train_and_export(method, "flash", distillation, export, "flash", total_steps=config.total_steps,
                             sample_fn=sample_fn, lr_scales={"discriminator.": config.disc_lr / config.lr})
