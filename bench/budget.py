@@ -159,6 +159,10 @@ def register(methods: list[Method], results: Path) -> None:
 def run(args) -> None:
     costs = step_costs(args.step_cost)
     methods = [Method.parse(text) for text in args.methods]
+    if args.priced_as:   # ablations whose extra work is below the timing noise: the same steps as the variant they change
+        if args.priced_as not in costs:
+            raise SystemExit(f"--priced-as {args.priced_as!r}: no step cost for it in {', '.join(args.step_cost)}")
+        costs.update({method.spec: costs[args.priced_as] for method in methods})
     register(methods, args.results)
     pipe = load_teacher(BUNDLED_TEACHER)
     runs = Path(args.runs)
@@ -308,6 +312,8 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench/results"), help="where budget.json, .md, .png and the rows go")
     parser.add_argument("--validation-only", action="store_true", help="ablations: train the smallest budget at each "
                         "--lr-factors entry and score it on validation at every step count; no test rows")
+    parser.add_argument("--priced-as", help="price every --methods entry as this measured spec (ablations that add "
+                        "less work than the timing noise get the same optimiser steps as the variant they change)")
     parser.add_argument("--report", action="store_true", help="only gather the scored rows into budget.json, .md and .png")
     args = parser.parse_args()
     args.methods = [m for m in split_top_level(args.methods) if m]
