@@ -242,7 +242,7 @@ class FlashDistillation(AdversarialDistillation):
             offsets = (indices - start).tolist()
             inputs = [states[i] for i in offsets]
             if cfg_.student_inputs:
-                inputs = self._student_states(inputs, offsets, sigmas, cond, gen)
+                inputs = self._student_states(states[0], inputs, offsets, sigmas, cond, gen)
             x, target = torch.cat(inputs), target.repeat(pairs, 1, 1, 1)
             cond, uncond = cat_cond(*[cond] * pairs), cat_cond(*[uncond] * pairs)
         start_sigmas = self.grid[indices].to(device).repeat_interleave(rollouts)
@@ -259,12 +259,12 @@ class FlashDistillation(AdversarialDistillation):
                          + cfg_.adversarial_weights[phase] * terms["adversarial"] + terms["discriminator"])
         return terms
 
-    def _student_states(self, inputs: list, offsets: list, sigmas: torch.Tensor, cond: dict, gen: torch.Generator) -> list:
-        """``inputs`` with each state past the rollout's start replaced, with probability ``student_inputs``, by where
-        the exported sampler takes the student in one step from the start (no gradient)."""
-        start = inputs[offsets.index(0)] if 0 in offsets else None
+    def _student_states(self, start: torch.Tensor, inputs: list, offsets: list, sigmas: torch.Tensor, cond: dict,
+                        gen: torch.Generator) -> list:
+        """``inputs`` with each state past the rollout's ``start`` replaced, with probability ``student_inputs``, by
+        where the exported sampler takes the student in one step from the start (no gradient)."""
         chosen = (torch.rand(len(offsets), generator=gen) < self.config.student_inputs).tolist()
-        if start is None or not any(c and o for c, o in zip(chosen, offsets)):
+        if not any(c and o for c, o in zip(chosen, offsets)):
             return inputs
         with torch.no_grad():
             x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(
