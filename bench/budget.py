@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from step_cost import METHODS, parse_method, split_top_level
+from fewstep.core.samplers import get_sampler
 from fewstep.training.bench import files_digest, machine_description, scored_row
 from fewstep.training.bundled import BUNDLED_TEACHER
 from fewstep.training.evaluation import PROXY, StudentEntry
@@ -116,8 +117,10 @@ def student(method: Method, lr_factor: float, minutes: float, costs: dict, runs:
     return out
 
 
-def entries(method: Method, adapter: Path, tag: str) -> list[StudentEntry]:
-    return [StudentEntry(n, adapter=str(adapter), label=f"{method.name}@{tag}") for n in STEP_COUNTS[method.method]]
+def entries(method: Method, adapter: Path, tag: str, step_counts=None, sampler=None) -> list[StudentEntry]:
+    """Rows for a student file: the method's step counts (or ``step_counts``), its file's sampler (or ``sampler``)."""
+    return [StudentEntry(n, adapter=str(adapter), label=f"{method.name}@{tag}", sampler=sampler)
+            for n in step_counts or STEP_COUNTS[method.method]]
 
 
 def score(pipe, entry: StudentEntry, split: str, per_class: int, seed_sets: int, results: Path) -> dict:
@@ -126,20 +129,21 @@ def score(pipe, entry: StudentEntry, split: str, per_class: int, seed_sets: int,
                       100, None, PROXY)
 
 
-def validation_rows(method: Method, factor: float, args, costs: dict, runs: Path, pipe, step_counts: int) -> list[dict]:
-    """The student of the smallest budget at ``factor`` times the preset's rate, scored on validation at its first
-    ``step_counts`` step counts."""
+def validation_rows(method: Method, factor: float, args, costs: dict, runs: Path, pipe, step_counts=None,
+                    sampler=None) -> list[dict]:
+    """The student of the smallest budget at ``factor`` times the preset's rate, scored on validation at
+    ``step_counts`` (default: the method's), with ``sampler`` (default: its file's)."""
     smallest = min(args.budgets)
     adapter = student(method, factor, smallest, costs, runs)
     return [score(pipe, entry, "validation", args.validation_per_class, 1, args.results)
-            for entry in entries(method, adapter, f"{smallest:g}min-lr{factor:g}")[:step_counts]]
+            for entry in entries(method, adapter, f"{smallest:g}min-lr{factor:g}", step_counts, sampler)]
 
 
 def chosen_rate(method: Method, args, costs: dict, runs: Path, pipe) -> float:
     """The learning-rate factor with the lowest validation FID at the smallest budget and the method's first step count."""
     fids = {}
     for factor in args.lr_factors:
-        fids[factor] = validation_rows(method, factor, args, costs, runs, pipe, 1)[0]["fid"]
+        fids[factor] = validation_rows(method, factor, args, costs, runs, pipe, STEP_COUNTS[method.method][:1])[0]["fid"]
         log.info("%s, lr x%g: validation FID %.2f", method.name, factor, fids[factor])
     return min(fids, key=fids.get)
 
@@ -169,7 +173,7 @@ def run(args) -> None:
     for method in methods:
         if args.validation_only:   # an ablation: every step count on validation, nothing on test
             for factor in args.lr_factors:
-                validation_rows(method, factor, args, costs, runs, pipe, len(STEP_COUNTS[method.method]))
+                validation_rows(method, factor, args, costs, runs, pipe, args.step_counts, args.sampler)
             continue
         factor = chosen_rate(method, args, costs, runs, pipe)
         for minutes in sorted(args.budgets):
@@ -192,8 +196,8 @@ def report(args) -> dict:
         row = json.loads(path.read_text())["row"]
         label, _, rest = row["label"].partition("@")
         minutes, _, factor = rest.partition("min-lr")
-        validation.append({"method": label, "budget_minutes": float(minutes), "lr_factor": float(factor),
-                           **summary(row)})
+        validation.append({"method": label + (f" ({row['sampler']} sampler)" if row["sampler"] else ""),
+                           "budget_minutes": float(minutes), "lr_factor": float(factor), **summary(row)})
     validation.sort(key=lambda r: (r["method"], r["lr_factor"], -r["sampling_steps"]))
     table = []
     for row in rows.values():
@@ -312,6 +316,10 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("bench/results"), help="where budget.json, .md, .png and the rows go")
     parser.add_argument("--validation-only", action="store_true", help="ablations: train the smallest budget at each "
                         "--lr-factors entry and score it on validation at every step count; no test rows")
+    parser.add_argument("--step-counts", help="with --validation-only: the sampling step counts scored, comma-separated "
+                        "(default: the method's: 4,2 for LCM and Flash, 4 for SUN, 1 for GDD)")
+    parser.add_argument("--sampler", help="with --validation-only: score with this sampler instead of the file's "
+                        "(consistency, ddim, ...)")
     parser.add_argument("--priced-as", help="price every --methods entry as this measured spec (ablations that add "
                         "less work than the timing noise get the same optimiser steps as the variant they change)")
     parser.add_argument("--report", action="store_true", help="only gather the scored rows into budget.json, .md and .png")
@@ -319,6 +327,14 @@ def main() -> None:
     args.methods = [m for m in split_top_level(args.methods) if m]
     args.budgets = [float(b) for b in args.budgets.split(",")]
     args.lr_factors = [float(f) for f in args.lr_factors.split(",")]
+    args.step_counts = [int(n) for n in args.step_counts.split(",")] if args.step_counts else None
+    if (args.step_counts or args.sampler) and not args.validation_only:
+        parser.error("--step-counts and --sampler score ablation rows: they need --validation-only")
+    if args.sampler:
+        try:
+            get_sampler(args.sampler)
+        except ValueError as exc:
+            parser.error(f"--sampler: {exc}")
     args.step_cost = args.step_cost or ["bench/results/budget_step_cost.json"]
     for file in args.step_cost:
         if not Path(file).is_file():

@@ -48,3 +48,14 @@ def test_a_name_means_one_variant_across_runs(tmp_path):
     with pytest.raises(SystemExit, match=r"'lean' already names 'flash\[teacher_steps=8\]'.*another name"):
         budget.register([budget.Method.parse("lean=flash[teacher_steps=4]")], tmp_path)
     assert json.loads((tmp_path / "budget-methods.json").read_text()) == {"lcm": "lcm", "lean": "flash[teacher_steps=8]"}
+
+
+def test_ablation_rows_take_other_step_counts_and_samplers(monkeypatch):
+    method = budget.Method.parse("lcm")
+    default = budget.entries(method, Path("a.safetensors"), "5min-lr1")
+    assert [(e.steps, e.sampler, e.label) for e in default] == [(4, None, "lcm@5min-lr1"), (2, None, "lcm@5min-lr1")]
+    other = budget.entries(method, Path("a.safetensors"), "5min-lr1", [1], "ddim")
+    assert [(e.steps, e.sampler, e.name) for e in other] == [(1, "ddim", "lcm@5min-lr1-1steps-ddim")]
+    monkeypatch.setattr(sys, "argv", ["budget.py", "--sampler", "ddim"])
+    with pytest.raises(SystemExit):   # only ablation rows may change how a student is sampled
+        budget.main()
