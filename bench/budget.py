@@ -8,7 +8,7 @@
 A budget is minutes of training on the machine `bench/step_cost.py` measured (one run, every method in it, at equal
 batch): a method gets budget / (its seconds per step) optimiser steps, so workers may share the CPU without changing
 anyone's budget. A variant measured in a later run (``--step-cost`` again) is priced by its ratio to that run's LCM step,
-times the first run's LCM step. A method is ``lcm``, ``flash``, ``sun``, ``gdd``, or a variant ``NAME=METHOD[option=value,...]`` whose
+times the first run's LCM step (or, with ``--priced-against SPEC``, by its ratio to SPEC timed in the same run). A method is ``lcm``, ``flash``, ``sun``, ``gdd``, or a variant ``NAME=METHOD[option=value,...]`` whose
 step cost `step_cost.py` measured under the same ``METHOD[...]`` spelling. For each method:
 
 1. its learning rate (and its discriminator's, in proportion) is chosen on the validation split: the preset's rate times
@@ -96,6 +96,16 @@ def step_costs(files: list[str]) -> dict[str, float]:
     return costs
 
 
+def priced_against(costs: dict[str, float], files: list[str], spec: str, reference: str) -> float:
+    """``spec``'s seconds per step as ``reference``'s price times their ratio in the last run that measured both (a ratio
+    between neighbouring variants timed side by side is steadier than either's ratio to LCM under a busy CPU)."""
+    for file in reversed(files):
+        results = json.loads(Path(file).read_text())["results"]
+        if spec in results and reference in results:
+            return costs[reference] * results[spec]["seconds_per_step"] / results[reference]["seconds_per_step"]
+    raise SystemExit(f"--priced-against {reference!r}: no --step-cost file measured it beside {spec!r}")
+
+
 def budget_steps(method: Method, minutes: float, costs: dict[str, float]) -> int:
     if method.spec not in costs:
         raise SystemExit(f"no step cost for {method.spec!r}: run python bench/step_cost.py --methods \"lcm {method.spec}\" "
@@ -167,6 +177,10 @@ def run(args) -> None:
         if args.priced_as not in costs:
             raise SystemExit(f"--priced-as {args.priced_as!r}: no step cost for it in {', '.join(args.step_cost)}")
         costs.update({method.spec: costs[args.priced_as] for method in methods})
+    if args.priced_against:
+        if args.priced_against not in costs:
+            raise SystemExit(f"--priced-against {args.priced_against!r}: no step cost for it in {', '.join(args.step_cost)}")
+        costs.update({m.spec: priced_against(costs, args.step_cost, m.spec, args.priced_against) for m in methods})
     register(methods, args.results)
     pipe = load_teacher(BUNDLED_TEACHER)
     runs = Path(args.runs)
@@ -322,6 +336,9 @@ def main() -> None:
                         "(consistency, ddim, ...)")
     parser.add_argument("--priced-as", help="price every --methods entry as this measured spec (ablations that add "
                         "less work than the timing noise get the same optimiser steps as the variant they change)")
+    parser.add_argument("--priced-against", help="price every --methods entry by its ratio to this spec in the "
+                        "--step-cost run that timed both, times this spec's price (variants whose extra work is real "
+                        "but whose ratio to LCM is noisy)")
     parser.add_argument("--report", action="store_true", help="only gather the scored rows into budget.json, .md and .png")
     args = parser.parse_args()
     args.methods = [m for m in split_top_level(args.methods) if m]

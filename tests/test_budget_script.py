@@ -28,6 +28,10 @@ def test_a_budget_is_minutes_over_the_measured_seconds_per_step(tmp_path):
     costs = budget.step_costs([str(first), str(later)])
     assert costs == {"lcm": 1.5, "flash": 4.0, "flash[dmd_interval=4]": 3.0}   # the later run priced by its LCM step
     assert budget.budget_steps(budget.Method.parse("lcm"), 5, costs) == 200
+    # against a neighbour timed in the same run: 4.0 s times 6 / 9
+    assert budget.priced_against(costs, [str(first), str(later)], "flash[dmd_interval=4]", "flash") == pytest.approx(8 / 3)
+    with pytest.raises(SystemExit, match="no --step-cost file measured it beside"):
+        budget.priced_against(costs, [str(first), str(later)], "flash[dmd_interval=4]", "sun")
     with pytest.raises(SystemExit, match=r"no step cost for 'flash\[pairs_per_rollout=4\]'.*step_cost.py"):
         budget.budget_steps(budget.Method.parse("flash[pairs_per_rollout=4]"), 5, costs)
 
