@@ -266,51 +266,55 @@ def markdown(table: list[dict], last: str) -> str:
 
 
 def plot(table: list[dict], path: Path) -> None:
-    """Score against budget (log scale), one line per method and step count, 95 % intervals as bars; one panel per score."""
+    """Score against budget (log scale): one row of panels per sampling step count (one per score), one line per method
+    in the same colour in every row, 95 % intervals as bars."""
     from PIL import Image, ImageDraw
 
-    series: dict[str, list[dict]] = {}
-    for r in table:
-        series.setdefault(f"{r['method']} {r['sampling_steps']} steps", []).append(r)
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
-    width, height, margin = 420, 320, 50
-    image = Image.new("RGB", (width * len(SCORES), height + 20 * (len(series) // 3 + 1)), "white")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+               "#bcbd22", "#000000", "#aec7e8"]
+    methods = sorted({r["method"] for r in table})
+    colour = {m: colours[i % len(colours)] for i, m in enumerate(methods)}
+    step_counts = sorted({r["sampling_steps"] for r in table}, reverse=True) or [1]
+    width, height, margin, legend = 420, 300, 50, 20 * (len(methods) // 4 + 1)
+    image = Image.new("RGB", (width * len(SCORES), height * len(step_counts) + legend), "white")
     draw = ImageDraw.Draw(image)
     budgets = sorted({r["budget_minutes"] for r in table}) or [1.0]
     lx = [math.log(b) for b in budgets]
-    for panel, score_name in enumerate(SCORES):
-        ox = panel * width
-        values = [v for r in table for v in r["intervals"][score_name]]
-        low, high = (min(values), max(values)) if values else (0.0, 1.0)
-        low, high = low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9)
-        def at(b, v):
-            span = (lx[-1] - lx[0]) or 1.0
-            return (ox + margin + (math.log(b) - lx[0]) / span * (width - 2 * margin) if len(lx) > 1 else ox + width / 2,
-                    height - margin - (v - low) / (high - low) * (height - 2 * margin))
-        draw.rectangle([ox + margin, margin, ox + width - margin, height - margin], outline="black")
-        draw.text((ox + margin, 15), score_name.replace("_", " ") + (" (higher is better)" if score_name == "prompt_accuracy"
-                                                                     else " (lower is better)"), fill="black")
-        for b in budgets:
-            x, _ = at(b, low)
-            draw.text((x - 8, height - margin + 5), f"{b:g}", fill="black")
-        draw.text((ox + width / 2 - 40, height - margin + 20), "budget (minutes)", fill="black")
-        for frac in (0.0, 0.5, 1.0):
-            v = low + frac * (high - low)
-            _, y = at(budgets[0], v)
-            draw.text((ox + 5, y - 6), f"{v:.3g}", fill="black")
-        for colour, (label, rs) in zip(colours * 2, series.items()):
-            rs = sorted(rs, key=lambda r: r["budget_minutes"])
-            points = [at(r["budget_minutes"], r[score_name]) for r in rs]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for r, (x, y) in zip(rs, points):
-                top, bottom = (at(r["budget_minutes"], v)[1] for v in r["intervals"][score_name])
-                draw.line([(x, top), (x, bottom)], fill=colour)
-                draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-    for i, (colour, label) in enumerate(zip(colours * 2, series)):
-        x, y = 10 + (i % 3) * 300, height + 20 * (i // 3)
-        draw.rectangle([x, y + 4, x + 12, y + 12], fill=colour)
-        draw.text((x + 18, y + 2), label, fill="black")
+    for row, steps in enumerate(step_counts):
+        rows = [r for r in table if r["sampling_steps"] == steps]
+        for panel, score_name in enumerate(SCORES):
+            ox, oy = panel * width, row * height
+            values = [v for r in rows for v in r["intervals"][score_name]]
+            low, high = (min(values), max(values)) if values else (0.0, 1.0)
+            low, high = low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9)
+
+            def at(b, v):
+                span = (lx[-1] - lx[0]) or 1.0
+                return (ox + margin + (math.log(b) - lx[0]) / span * (width - 2 * margin) if len(lx) > 1 else ox + width / 2,
+                        oy + height - margin - (v - low) / (high - low) * (height - 2 * margin))
+            draw.rectangle([ox + margin, oy + margin, ox + width - margin, oy + height - margin], outline="black")
+            better = "higher" if score_name == "prompt_accuracy" else "lower"
+            draw.text((ox + margin, oy + 15), f"{steps} steps: {score_name.replace('_', ' ')} ({better} is better)", fill="black")
+            for b in budgets:
+                x, _ = at(b, low)
+                draw.text((x - 8, oy + height - margin + 5), f"{b:g}", fill="black")
+            draw.text((ox + width / 2 - 40, oy + height - margin + 20), "budget (minutes)", fill="black")
+            for frac in (0.0, 0.5, 1.0):
+                v = low + frac * (high - low)
+                draw.text((ox + 5, at(budgets[0], v)[1] - 6), f"{v:.3g}", fill="black")
+            for method in methods:
+                rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["budget_minutes"])
+                points = [at(r["budget_minutes"], r[score_name]) for r in rs]
+                if len(points) > 1:
+                    draw.line(points, fill=colour[method], width=2)
+                for r, (x, y) in zip(rs, points):
+                    top, bottom = (at(r["budget_minutes"], v)[1] for v in r["intervals"][score_name])
+                    draw.line([(x, top), (x, bottom)], fill=colour[method])
+                    draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour[method])
+    for i, method in enumerate(methods):
+        x, y = 10 + (i % 4) * 300, height * len(step_counts) + 20 * (i // 4)
+        draw.rectangle([x, y + 4, x + 12, y + 12], fill=colour[method])
+        draw.text((x + 18, y + 2), method, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path)
 

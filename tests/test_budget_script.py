@@ -63,3 +63,35 @@ def test_ablation_rows_take_other_step_counts_and_samplers(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["budget.py", "--sampler", "ddim"])
     with pytest.raises(SystemExit):   # only ablation rows may change how a student is sampled
         budget.main()
+
+
+def _row(label, steps, fid, split="test", sampler=None, spread=0.1):
+    replicates = {s: [fid + spread * k for k in (-1, 0, 1)] if s == "fid" else [0.5, 0.5, 0.5] for s in budget.SCORES}
+    name = f"{label}-{steps}steps" + (f"-{sampler}" if sampler else "")
+    return {"row": {"name": name, "label": label, "steps": steps, "sampler": sampler, "split": split, "samples": 3,
+                    "adapter": f"{label}.safetensors", "fid": fid, "fid_classifier": 0.5, "prompt_accuracy": 0.5,
+                    "intervals": {s: [fid - 1, fid + 1] if s == "fid" else [0.4, 0.6] for s in budget.SCORES},
+                    "replicates": replicates, "per_seed_set": {s: [fid] if s == "fid" else [0.5] for s in budget.SCORES},
+                    "training": {"train_steps": 10, "images_seen": 320}}}
+
+
+def test_the_report_compares_each_row_with_lcm_at_its_budget_and_names_ablation_samplers(tmp_path):
+    from PIL import Image
+
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"batch_size": 32, "results": {"lcm": {"seconds_per_step": 1.0}}}))
+    rows = {"budget-rows": [_row("lcm@5min", 4, 40.0), _row("lcm@5min", 2, 41.0), _row("flash@5min", 4, 30.0),
+                            _row("flash@5min", 2, 41.05, spread=1.0), _row("gdd@5min", 1, 80.0)],
+            "budget_validation-rows": [_row("flash@5min-lr2", 2, 45.0, "validation", "consistency")]}
+    for folder, saved in rows.items():
+        (tmp_path / folder).mkdir()
+        for row in saved:
+            (tmp_path / folder / f"{row['row']['name']}.json").write_text(json.dumps(row))
+    args = type("Args", (), {"step_cost": [str(cost)], "results": tmp_path, "validation_per_class": 15,
+                             "test_per_class": 25})()
+    document = budget.report(args)
+    verdicts = {(r["method"], r["sampling_steps"]): r["vs_lcm"] for r in document["results"]}
+    assert verdicts[("flash", 4)]["fid"] == "better" and verdicts[("flash", 2)]["fid"] == "within noise"
+    assert verdicts[("lcm", 4)] is None and verdicts[("gdd", 1)] is None   # no 1-step LCM row to compare with
+    assert document["validation"]["rows"][0]["method"] == "flash (consistency sampler)"
+    assert Image.open(tmp_path / "budget.png").height > 3 * 300   # a row of panels per step count: 4, 2 and 1
