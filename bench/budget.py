@@ -338,9 +338,10 @@ def main() -> None:
                         "(default: the method's: 4,2 for LCM and Flash, 4 for SUN, 1 for GDD)")
     parser.add_argument("--sampler", help="with --validation-only: score with this sampler instead of the file's "
                         "(consistency, ddim, ...)")
-    parser.add_argument("--priced-as", help="price every --methods entry as this measured spec (ablations that add "
+    pricing = parser.add_mutually_exclusive_group()
+    pricing.add_argument("--priced-as", help="price every --methods entry as this measured spec (ablations that add "
                         "less work than the timing noise get the same optimiser steps as the variant they change)")
-    parser.add_argument("--priced-against", help="price every --methods entry by its ratio to this spec in the "
+    pricing.add_argument("--priced-against", help="price every --methods entry by its ratio to this spec in the "
                         "--step-cost run that timed both, times this spec's price (variants whose extra work is real "
                         "but whose ratio to LCM is noisy)")
     parser.add_argument("--report", action="store_true", help="only gather the scored rows into budget.json, .md and .png")
