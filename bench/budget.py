@@ -19,7 +19,8 @@ step cost `step_cost.py` measured under the same ``METHOD[...]`` spelling. For e
 3. each student is scored on the test split (1,000 samples, 95 % intervals) at its step counts, and every row is compared
    with LCM's at the same budget and step count (paired bootstrap: better / worse beyond the noise, or within it).
 
-Runs go to runs/budget/, scored rows to bench/results/budget*-rows/ (reused while the files are unchanged).
+Runs go to runs/budget/, scored rows to bench/results/budget*-rows/ (committed: reused while the files are unchanged).
+The report keeps the rows of the earlier budget.json that no row file here replaces, marked as carried over.
 """
 
 from __future__ import annotations
@@ -212,7 +213,6 @@ def report(args) -> dict:
         minutes, _, factor = rest.partition("min-lr")
         validation.append({"method": label + (f" ({row['sampler']} sampler)" if row["sampler"] else ""),
                            "budget_minutes": float(minutes), "lr_factor": float(factor), **summary(row)})
-    validation.sort(key=lambda r: (r["method"], r["lr_factor"], -r["sampling_steps"]))
     table = []
     for row in rows.values():
         label, _, minutes = row["label"].partition("@")
@@ -220,6 +220,13 @@ def report(args) -> dict:
         table.append({"method": label, "budget_minutes": float(minutes.removesuffix("min")), **summary(row),
                       "vs_lcm": compare(row, reference) if reference is not None and reference is not row else None,
                       "adapter": row["adapter"]})
+    earlier = results / "budget.json"
+    if earlier.exists():   # rows scored where their row files are not (another session's machine): kept as they were
+        before = json.loads(earlier.read_text())
+        table += carried(before["results"], table, ("method", "budget_minutes", "sampling_steps"))
+        validation += carried(before["validation"]["rows"], validation,
+                              ("method", "budget_minutes", "lr_factor", "sampling_steps"))
+    validation.sort(key=lambda r: (r["method"], r["lr_factor"], -r["sampling_steps"]))
     table.sort(key=lambda r: (r["method"], r["sampling_steps"], r["budget_minutes"]))
     document = {
         "what": "each method trained for the same budgets of training time (minutes of the step-cost machine, turned into "
@@ -243,6 +250,13 @@ def report(args) -> dict:
     return document
 
 
+def carried(earlier: list[dict], current: list[dict], key: tuple[str, ...]) -> list[dict]:
+    """The rows of an earlier report that no scored row file here replaces, marked ``carried``: the report of a machine
+    that lacks some row files keeps what another one measured."""
+    present = {tuple(r[k] for k in key) for r in current}
+    return [{**r, "carried": True} for r in earlier if tuple(r[k] for k in key) not in present]
+
+
 def summary(row: dict) -> dict:
     """A scored row as the report gives it: scores, intervals and how much training stood behind it."""
     return {"sampling_steps": row["steps"], "train_steps": row["training"]["train_steps"],
@@ -260,8 +274,10 @@ def markdown(table: list[dict], last: str) -> str:
         vs = r.get("vs_lcm")
         verdict = f"×{r['lr_factor']:g}" if "lr_factor" in r else "–" if vs is None else "; ".join(f"{k}: " + ", ".join(n for n in SCORES if vs.get(n) == k)
                                                   for k in ("better", "worse") if any(vs.get(n) == k for n in SCORES)) or "within noise"
-        lines.append(f"| {r['method']} | {r['sampling_steps']} | {r['budget_minutes']:g} | {r['train_steps']} | " + " | ".join(cells)
+        lines.append(f"| {r['method']}{' *' if r.get('carried') else ''} | {r['sampling_steps']} | {r['budget_minutes']:g} | {r['train_steps']} | " + " | ".join(cells)
                      + f" | {verdict} |")
+    if any(r.get("carried") for r in table):
+        lines.append("\n\\* from the earlier budget.json: its row file is not on this machine")
     return "\n".join(lines) + "\n"
 
 

@@ -95,3 +95,21 @@ def test_the_report_compares_each_row_with_lcm_at_its_budget_and_names_ablation_
     assert verdicts[("lcm", 4)] is None and verdicts[("gdd", 1)] is None   # no 1-step LCM row to compare with
     assert document["validation"]["rows"][0]["method"] == "flash (consistency sampler)"
     assert Image.open(tmp_path / "budget.png").height > 3 * 300   # a row of panels per step count: 4, 2 and 1
+
+
+def test_the_report_keeps_earlier_rows_whose_files_are_not_here_and_replaces_the_rest(tmp_path):
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"batch_size": 32, "results": {"lcm": {"seconds_per_step": 1.0}}}))
+    rows_dir = tmp_path / "budget-rows"
+    rows_dir.mkdir()
+    for row in (_row("lcm@5min", 4, 40.0), _row("lcm@45min", 4, 38.0)):
+        (rows_dir / f"{row['row']['name']}.json").write_text(json.dumps(row))
+    args = type("Args", (), {"step_cost": [str(cost)], "results": tmp_path, "validation_per_class": 15,
+                             "test_per_class": 25})()
+    budget.report(args)
+    (rows_dir / "lcm@45min-4steps.json").unlink()                  # another machine scored it
+    (rows_dir / "lcm@5min-4steps.json").write_text(json.dumps(_row("lcm@5min", 4, 39.0)))   # rescored here
+    document = budget.report(args)
+    fids = {r["budget_minutes"]: (r["fid"], r.get("carried", False)) for r in document["results"]}
+    assert fids == {5.0: (39.0, False), 45.0: (38.0, True)}
+    assert "* from the earlier budget.json" in (tmp_path / "budget.md").read_text()
