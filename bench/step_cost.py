@@ -34,7 +34,7 @@ from fewstep.training.pipelines import load_teacher
 from fewstep.training.teacher_data import schedule_of
 from fewstep.training.bench import write_result
 
-TIMED_MODULES = ("teacher", "student", "unet", "discriminator")
+TIMED_MODULES = ("teacher", "student", "fake_score", "unet", "discriminator")
 
 
 METHODS = {"lcm": lcm, "flash": flash, "sun": sun, "gdd": gdd}

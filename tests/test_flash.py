@@ -130,6 +130,39 @@ def test_lazy_dmd_comes_every_interval_steps_at_interval_times_the_weight():
         assert torch.allclose(terms["loss"], expected), step
 
 
+def test_dmd2_fake_score_learns_every_step_and_the_student_every_interval_without_a_rollout():
+    """fake_score separate, generator_interval 3, no distillation: the student gets gradient only every third step;
+    the fake score (the teacher at first) gets the denoising loss every step and stands in for the student in DMD;
+    with nothing reading it, the teacher's multistep rollout is never run."""
+    pipe = build_tiny_pipeline("sd15", seed=0)
+    config = F.FlashConfig(**TINY, fake_score="separate", generator_interval=3, distill_weights=(0.0,) * 4,
+                           dmd_weights=(1.0,) * 4, adversarial_weights=(0.1,) * 4)
+    model = F.build_distillation(pipe, config)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.randn(2, 77, pipe.text_encoder.config.hidden_size)
+    assert torch.equal(model.fake_score(x, t, text).sample, model.teacher(x, t, text).sample)
+    teacher_batches, fake_calls = [], []
+    model.teacher.register_forward_pre_hook(lambda m, a: teacher_batches.append(len(a[0])))
+    model.fake_score.register_forward_pre_hook(lambda m, a: fake_calls.append(len(a[0])))
+    batch = {"latents": torch.randn(4, 4, 8, 8), "captions": ["a photo"] * 4}
+    for step in range(4):
+        teacher_batches.clear(), fake_calls.clear()
+        terms = model({**batch, "step": step}, torch.Generator().manual_seed(step))
+        model.zero_grad(set_to_none=True)
+        terms["loss"].mean().backward()
+        student_grads = [p.grad for p in model.student.parameters() if p.requires_grad]
+        fake_grads = [p.grad for p in model.fake_score.parameters() if p.requires_grad]
+        generator_step = step % 3 == 0
+        assert "distill" not in terms and ("dmd" in terms) == generator_step, step
+        assert all(g is not None for g in student_grads) == generator_step, step
+        assert all(g is None for g in student_grads) != generator_step, step
+        assert all(g is not None for g in fake_grads), step
+        # DMD: one fake-score pass beside its own loss's; the teacher: CFG (2x batch) for DMD, features (2x) for the head
+        assert fake_calls == [4, 4] if generator_step else fake_calls == [4], (step, fake_calls)
+        assert sorted(teacher_batches) == ([8, 8] if generator_step else [8]), (step, teacher_batches)
+    with pytest.raises(ValueError, match="generator_interval > 1 needs fake_score 'separate'"):
+        F.load_config("paper", generator_interval=5)
+
+
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match=r"lora_rnak \(did you mean lora_rank\?\)"):
         F.load_config("paper", lora_rnak=4)
@@ -162,10 +195,11 @@ def _tiny_teacher(tmp_path, base="sd15"):
 TINY = dict(lora_rank=4, teacher_steps=8, phase_steps=(2, 2, 2, 2), batch_size=4, lr=1e-3, disc_lr=1e-3)
 
 
-@pytest.mark.parametrize("base", ["sd15", "sdxl"])
-def test_kill_and_resume_gives_the_uninterrupted_result(base, tmp_path, proxy_data):
+@pytest.mark.parametrize("base,options", [("sd15", {}), ("sdxl", {}),
+                                          ("sd15", {"fake_score": "separate", "generator_interval": 2})])
+def test_kill_and_resume_gives_the_uninterrupted_result(base, options, tmp_path, proxy_data):
     teacher = _tiny_teacher(tmp_path, base)
-    config = F.load_config("proxy", **TINY)
+    config = F.load_config("proxy", **TINY, **options)
     kw = dict(sample_every=0, checkpoint_every=3, progress=False)
     F.train_flash(teacher, proxy_data, tmp_path / "straight", tmp_path / "a.safetensors", config, **kw)
     assert F.train_flash(teacher, proxy_data, tmp_path / "killed", tmp_path / "b.safetensors", config, stop_after=5, **kw) is None

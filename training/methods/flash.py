@@ -13,6 +13,10 @@ The student is the teacher UNet plus a LoRA, read through LCM's boundary conditi
    gradient, as fake score) + adversarial term, with per-phase weights; the discriminator is a small head
    on the frozen teacher's mid-block features of noised student outputs and noised real latents.
 
+The DMD2 variant (Yin et al. 2024b; ``fake_score="separate"``) replaces the student-as-fake-score with a separate
+LoRA on the teacher, trained every step by denoising the student's outputs, while the student steps only every
+``generator_interval`` steps (the two time-scale rule); with zero distillation weights no teacher rollout is run.
+
 Unlike the reference implementation, the teacher rollout and the teacher features are computed once
 per batch and shared by the generator and discriminator updates: one backward pass trains both,
 because the generator's adversarial term reads the head through detached parameters and the head's
@@ -47,6 +51,7 @@ log = logging.getLogger("fewstep")
 
 DISTILL_LOSSES = ("l2", "l1", "huber", "lpips")
 REAL_SOURCES = ("data", "teacher")
+FAKE_SCORES = ("student", "separate")
 # How the exported student steps: the paper's LCM re-noising, or DDIM, which keeps the step on one deterministic
 # trajectory (the student learnt where the teacher's DPM-Solver++ trajectory ends from points on it).
 FLASH_SAMPLERS = ("consistency", "ddim")
@@ -87,6 +92,12 @@ class FlashConfig(LoraOptions, CheckpointingOption):
     # Lazy DMD, as StyleGAN2's lazy R1: the term (a teacher CFG pass and a student pass) every dmd_interval steps,
     # weighted by the interval. 1: every step, as the paper.
     dmd_interval: int = option(1, "steps between DMD terms (weighted by the interval; 1 = every step, the paper)")
+    # DMD's fake score: the student read without its boundary (the paper), or DMD2's separate LoRA on another copy of
+    # the teacher, trained on the student's outputs every step (one more UNet in memory).
+    fake_score: str = option("student", "DMD's fake score: the student itself (the paper) or a separate LoRA trained on "
+                             "the student's outputs (DMD2)", choices=FAKE_SCORES)
+    generator_interval: int = option(1, "optimiser steps per student update; the separate fake score and the "
+                                     "discriminator learn every step (DMD2's two time-scale rule: 5)")
     adversarial_weights: tuple[float, ...] = option((0.0, 0.1, 0.2, 0.3), "per-phase GAN weights")
     gan_loss: str = option("lsgan", "GAN objective", choices=GAN_LOSSES)
     gan_timesteps: tuple[int, ...] = (10, 250, 500, 750)
@@ -144,8 +155,13 @@ class FlashConfig(LoraOptions, CheckpointingOption):
             problems.append("lora_rank, batch_size and every phase_steps entry must be positive")
         elif not 0.0 <= self.student_inputs <= 1.0 or (self.student_inputs and self.pairs_per_rollout == 1):
             problems.append(f"student_inputs ({self.student_inputs}) must lie in [0, 1] and needs pairs_per_rollout > 1")
-        elif self.dmd_interval < 1:
-            problems.append("dmd_interval must be at least 1")
+        elif self.dmd_interval < 1 or self.generator_interval < 1:
+            problems.append("dmd_interval and generator_interval must be at least 1")
+        elif self.fake_score not in FAKE_SCORES:
+            problems.append(f"fake_score {self.fake_score!r} is not one of {', '.join(FAKE_SCORES)}")
+        elif self.generator_interval > 1 and self.fake_score != "separate":
+            problems.append("generator_interval > 1 needs fake_score 'separate' (only a separate fake score learns "
+                            "between student updates)")
         elif self.pairs_per_rollout < 1 or self.batch_size % self.pairs_per_rollout:
             problems.append(f"pairs_per_rollout ({self.pairs_per_rollout}) must be positive and divide batch_size ({self.batch_size})")
         if problems:
@@ -198,8 +214,10 @@ class FlashDistillation(AdversarialDistillation):
     head have ``requires_grad``.
     """
 
-    def __init__(self, pipe, student, teacher, config: FlashConfig, schedule: DiscreteSchedule):
+    def __init__(self, pipe, student, teacher, config: FlashConfig, schedule: DiscreteSchedule,
+                 fake_score: Optional[torch.nn.Module] = None):
         super().__init__(pipe, student, teacher, config, schedule)
+        self.fake_score = fake_score
         if config.distill_loss == "lpips":
             from ..lpips import LPIPS
 
@@ -233,11 +251,15 @@ class FlashDistillation(AdversarialDistillation):
             t_start = torch.full((rollouts,), int(self.grid_timesteps[start]))
             x = diffuse(self.schedule, z[:rollouts], noise, t_start) * start_noise_scaling(sigmas[0])
 
-        # 2. The teacher's multistep CFG target, computed once, and its states at the pairs' start indices.
+        # 2. The teacher's multistep CFG target, computed once, and its states at the pairs' start indices (skipped when
+        # nothing reads it: DMD2's zero distillation weight).
         states = {0: x}
         keep = (lambda step: states.setdefault(step["i"], step["x"])) if pairs > 1 else None
-        with torch.no_grad():
-            target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen)), x, sigmas, callback=keep)
+        target = None
+        if pairs > 1 or cfg_.distill_weights[phase] or cfg_.real_from == "teacher":
+            with torch.no_grad():
+                target = sample_dpmpp_2m(CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen)), x, sigmas,
+                                         callback=keep)
         if pairs > 1:
             offsets = (indices - start).tolist()
             inputs = [states[i] for i in offsets]
@@ -247,16 +269,23 @@ class FlashDistillation(AdversarialDistillation):
             cond, uncond = cat_cond(*[cond] * pairs), cat_cond(*[uncond] * pairs)
         start_sigmas = self.grid[indices].to(device).repeat_interleave(rollouts)
 
-        # 3. The student's one-step x0, through the LCM boundary.
-        student_x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(x, start_sigmas, **cond)
+        # 3. The student's one-step x0, through the LCM boundary (without gradient between DMD2's student updates: its
+        # LoRA then gets no gradient, and AdamW leaves it alone).
+        generator_step = batch["step"] % cfg_.generator_interval == 0
+        with torch.set_grad_enabled(generator_step and torch.is_grad_enabled()):
+            student_x0 = UNetDenoiser(self.student, self.schedule, consistency_boundary=True)(x, start_sigmas, **cond)
 
-        terms = {"distill": self._distill(student_x0, target)}
-        dmd_weight = cfg_.dmd_weights[phase] * cfg_.dmd_interval if batch["step"] % cfg_.dmd_interval == 0 else 0.0
+        terms = {} if target is None else {"distill": self._distill(student_x0, target)}
+        dmd_step = generator_step and batch["step"] // cfg_.generator_interval % cfg_.dmd_interval == 0
+        dmd_weight = cfg_.dmd_weights[phase] * cfg_.dmd_interval if dmd_step else 0.0
         if dmd_weight:
             terms["dmd"] = self._dmd(student_x0, cond, uncond, teacher, gen)
         terms["adversarial"], terms["discriminator"] = self._adversarial(student_x0, target if cfg_.real_from == "teacher" else z, cond, gen)
-        terms["loss"] = (cfg_.distill_weights[phase] * terms["distill"] + dmd_weight * terms.get("dmd", 0.0)
-                         + cfg_.adversarial_weights[phase] * terms["adversarial"] + terms["discriminator"])
+        if self.fake_score is not None:
+            terms["fake_score"] = self._fake_score_loss(student_x0.detach(), cond, gen)
+        terms["loss"] = (cfg_.distill_weights[phase] * terms.get("distill", 0.0) + dmd_weight * terms.get("dmd", 0.0)
+                         + cfg_.adversarial_weights[phase] * terms["adversarial"] + terms["discriminator"]
+                         + terms.get("fake_score", 0.0))
         return terms
 
     def _student_states(self, start: torch.Tensor, inputs: list, offsets: list, sigmas: torch.Tensor, cond: dict,
@@ -296,19 +325,30 @@ class FlashDistillation(AdversarialDistillation):
         crop = latents[..., top:top + size, left:left + size] / self.vae.config.scaling_factor
         return self.vae.decode(crop.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
+    def _noised(self, x0: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0 noised at a uniform training timestep, its sigma, the noise), in the samplers' sigma form."""
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (x0.shape[0],), generator=gen)
+        sigma = self.schedule.sigmas[t].to(x0)
+        noise = torch.randn(x0.shape, generator=gen).to(x0)
+        return x0 + noise * sigma.view(-1, 1, 1, 1), sigma, noise
+
     def _dmd(self, student_x0, cond, uncond, teacher, gen) -> torch.Tensor:
         """Distribution matching: move x0 along (fake x0 - real x0) at a random noise level, normalised per sample."""
-        n = student_x0.shape[0]
-        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (n,), generator=gen)
-        sigma = self.schedule.sigmas[t].to(student_x0)
-        noise = torch.randn(student_x0.shape, generator=gen).to(student_x0)
         with torch.no_grad():
-            x = student_x0.detach() + noise * sigma.view(-1, 1, 1, 1)
+            x, sigma, _ = self._noised(student_x0.detach(), gen)
             real = CFGDenoiser(teacher, cond, uncond, self._guidance_scale(gen))(x, sigma)
-            fake = UNetDenoiser(self.student, self.schedule)(x, sigma, **cond)
+            fake = UNetDenoiser(self.student if self.fake_score is None else self.fake_score, self.schedule)(x, sigma, **cond)
             weight = 1.0 / ((student_x0 - real).abs().flatten(1).mean(1) + 1e-5)
             goal = student_x0 - weight.view(-1, 1, 1, 1) * (fake - real)
         return (student_x0.float() - goal.float()).pow(2).flatten(1).mean(1)
+
+    def _fake_score_loss(self, student_x0: torch.Tensor, cond: dict, gen: torch.Generator) -> torch.Tensor:
+        """DMD2's fake score learns the student's distribution: the teacher's denoising loss (epsilon MSE) on the
+        student's noised outputs."""
+        x, sigma, noise = self._noised(student_x0, gen)
+        x0 = UNetDenoiser(self.fake_score, self.schedule)(x, sigma, **cond)
+        eps = (x - x0.float()) / sigma.view(-1, 1, 1, 1)
+        return (eps - noise).pow(2).flatten(1).mean(1)
 
     def _adversarial(self, student_x0, real, cond, gen) -> tuple[torch.Tensor, torch.Tensor]:
         """(generator term, discriminator term), both per sample, from one teacher feature pass."""
@@ -342,11 +382,14 @@ def build_distillation(pipe, config: FlashConfig, init_lora: Optional[str | Path
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         student = add_student_lora(copy.deepcopy(teacher), config, init)
-        if config.gradient_checkpointing:
-            student.enable_gradient_checkpointing()
+        # DMD2's fake score starts as the teacher (its LoRA's up projections start at zero).
+        fake_score = add_student_lora(copy.deepcopy(teacher), config) if config.fake_score == "separate" else None
+        for unet in (student, fake_score):
+            if unet is not None and config.gradient_checkpointing:
+                unet.enable_gradient_checkpointing()
         if teacher.dtype != teacher_dtype:
             teacher.to(teacher_dtype)
-        return FlashDistillation(pipe, student, teacher, config, schedule_of(pipe))
+        return FlashDistillation(pipe, student, teacher, config, schedule_of(pipe), fake_score)
 
 
 def exported_metadata(config: FlashConfig, base: str, prediction: str, provenance: Optional[dict] = None) -> AdapterMetadata:
@@ -388,7 +431,8 @@ def train_flash(
     def export(model):
         export_flash_lora(model, method.out, setup.base, method.provenance(
             "flash", config.total_steps, ("teacher_steps", "pairs_per_rollout", "student_inputs", "dmd_interval",
-                                          "guidance_min", "guidance_max", "distill_loss", "gan_loss")))
+                                          "fake_score", "generator_interval", "guidance_min", "guidance_max",
+                                          "distill_loss", "gan_loss")))
 
     return train_and_export(method, "flash", distillation, export, "flash", total_steps=config.total_steps,
                             sample_fn=sample_fn, lr_scales={"discriminator.": config.disc_lr / config.lr})
