@@ -45,7 +45,8 @@ from fewstep.training.scores import compare
 log = logging.getLogger("fewstep")
 
 TRAIN = {"lcm": "train_lcm", "flash": "train_flash", "sun": "train_sun", "gdd": "train_gdd"}
-STEP_COUNTS = {"lcm": (4, 2), "flash": (4, 2), "sun": (4,), "gdd": (1,)}   # sampling steps scored; the first picks the rate
+# Sampling steps scored; the first picks the rate. LCM and Flash at 1 step too: the row GDD's is compared with.
+STEP_COUNTS = {"lcm": (4, 2, 1), "flash": (4, 2, 1), "sun": (4,), "gdd": (1,)}
 SCORES = ("fid", "fid_classifier", "prompt_accuracy")                        # plotted and summarised
 
 
@@ -351,7 +352,7 @@ def main() -> None:
     parser.add_argument("--validation-only", action="store_true", help="ablations: train the smallest budget at each "
                         "--lr-factors entry and score it on validation at every step count; no test rows")
     parser.add_argument("--step-counts", help="with --validation-only: the sampling step counts scored, comma-separated "
-                        "(default: the method's: 4,2 for LCM and Flash, 4 for SUN, 1 for GDD)")
+                        "(default: the method's: 4,2,1 for LCM and Flash, 4 for SUN, 1 for GDD)")
     parser.add_argument("--sampler", help="with --validation-only: score with this sampler instead of the file's "
                         "(consistency, ddim, ...)")
     pricing = parser.add_mutually_exclusive_group()

@@ -57,7 +57,7 @@ def test_a_name_means_one_variant_across_runs(tmp_path):
 def test_ablation_rows_take_other_step_counts_and_samplers(monkeypatch):
     method = budget.Method.parse("lcm")
     default = budget.entries(method, Path("a.safetensors"), "5min-lr1")
-    assert [(e.steps, e.sampler, e.label) for e in default] == [(4, None, "lcm@5min-lr1"), (2, None, "lcm@5min-lr1")]
+    assert [(e.steps, e.sampler, e.label) for e in default] == [(n, None, "lcm@5min-lr1") for n in (4, 2, 1)]
     other = budget.entries(method, Path("a.safetensors"), "5min-lr1", [1], "ddim")
     assert [(e.steps, e.sampler, e.name) for e in other] == [(1, "ddim", "lcm@5min-lr1-1steps-ddim")]
     monkeypatch.setattr(sys, "argv", ["budget.py", "--sampler", "ddim"])
@@ -113,3 +113,15 @@ def test_the_report_keeps_earlier_rows_whose_files_are_not_here_and_replaces_the
     fids = {r["budget_minutes"]: (r["fid"], r.get("carried", False)) for r in document["results"]}
     assert fids == {5.0: (39.0, False), 45.0: (38.0, True)}
     assert "* from the earlier budget.json" in (tmp_path / "budget.md").read_text()
+
+
+def test_gdd_is_compared_with_lcm_at_one_step(tmp_path):
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({"batch_size": 32, "results": {"lcm": {"seconds_per_step": 1.0}}}))
+    (tmp_path / "budget-rows").mkdir()
+    for row in (_row("lcm@5min", 1, 80.0), _row("gdd@5min", 1, 60.0)):
+        (tmp_path / "budget-rows" / f"{row['row']['name']}.json").write_text(json.dumps(row))
+    args = type("Args", (), {"step_cost": [str(cost)], "results": tmp_path, "validation_per_class": 15,
+                             "test_per_class": 25})()
+    verdicts = {r["method"]: r["vs_lcm"] for r in budget.report(args)["results"]}
+    assert verdicts["gdd"]["fid"] == "better" and verdicts["lcm"] is None
